@@ -1,0 +1,111 @@
+"""Prefect flow that runs the DVC pipeline stage by stage.
+
+DVC owns caching (content hashes of deps, params and outs); Prefect owns orchestration: one task per stage in DAG
+order, retries, logs, and a markdown artifact with what ran and the metrics. Prefect's own result cache is off
+(NO_CACHE): it would hash a Path by its string, not its contents.
+
+    python -m flows.pipeline                 # temporary local Prefect server, or PREFECT_API_URL if set
+    python -m flows.pipeline --stage teacher # up to and including one stage
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+_RAN = re.compile(r"Running stage '([^']+)'")
+
+
+def stage_order(repo: Path, target: str | None = None) -> list[str]:
+    """Stages in dependency order (upstream first), optionally only those `target` needs."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        graph = dvc_repo.index.graph  # edges point from a stage to the stages it depends on
+        order = [s.name for s in reversed(list(nx.topological_sort(graph)))]
+        if target is None:
+            return order
+        by_name = {s.name: s for s in graph.nodes}
+        if target not in by_name:
+            raise ValueError(f"unknown stage {target!r}; stages in dvc.yaml: {', '.join(order)}")
+        needed = {target} | {s.name for s in nx.descendants(graph, by_name[target])}
+        return [s for s in order if s in needed]
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
+      task_run_name="dvc repro {stage}")
+def run_stage(stage: str, repo: str, force: bool = False) -> dict:
+    """`dvc repro --single-item <stage>`: upstream stages already ran as earlier tasks of this flow."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    seconds = round(time.perf_counter() - start, 2)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip() and "\r" not in line:
+            logger.info("%s", line)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
+        raise RuntimeError(f"stage {stage!r} failed (exit {proc.returncode}):\n{tail}")
+    status = "ran" if stage in _RAN.findall(proc.stdout) else "skipped"
+    logger.info("stage %s %s in %.1fs", stage, status, seconds)
+    return {"stage": stage, "status": status, "seconds": seconds}
+
+
+def headline_metrics(repo: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((repo / "metrics").glob("*.json")):
+        data = json.loads(path.read_text())
+        out[path.stem] = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool))}
+    return out
+
+
+def render_markdown(results: list[dict], metrics: dict[str, dict]) -> str:
+    lines = ["# moe2dense pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    for name, values in metrics.items():
+        lines += ["", f"## metrics/{name}.json", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(values.items())]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="moe2dense-pipeline", log_prints=True)
+def pipeline(repo: str = str(REPO), stage: str | None = None, force: bool = False) -> list[dict]:
+    """Run the DVC stages in DAG order as Prefect tasks and publish a markdown summary artifact."""
+    root = Path(repo).resolve()
+    results = [run_stage(s, str(root), force) for s in stage_order(root, stage)]
+    create_markdown_artifact(key="moe2dense-pipeline", markdown=render_markdown(results, headline_metrics(root)),
+                             description="Stages run or skipped by DVC, and the headline metrics")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the moe2dense DVC pipeline as a Prefect flow")
+    parser.add_argument("--repo", default=str(REPO), help="repository root holding dvc.yaml (default: this repo)")
+    parser.add_argument("--stage", help="run only up to this stage")
+    parser.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
+    args = parser.parse_args(argv)
+    results = pipeline(repo=args.repo, stage=args.stage, force=args.force)
+    for r in results:
+        print(f"{r['stage']:>12}: {r['status']} ({r['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Corpus sources, deterministic splits, tokenizer and packing into Parquet."""

