@@ -1,0 +1,196 @@
+"""`Adapter`: a `FamilySpec` bound to one config. The only class; every family goes through the same methods.
+
+`model` arguments are the *ForCausalLM (or its base model); tensor-mapping key names are the *ForCausalLM ones
+("model.layers.{i}...."), as in its state_dict() and in its safetensors files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedConfig
+
+from . import experts as X
+from .errors import UnsupportedModelError
+from .experts import ExpertWeights, SharedExpert
+from .routing import RouterParams, Routing, route_logits
+from .spec import FamilySpec
+
+
+@dataclass(frozen=True)
+class Adapter:
+    spec: FamilySpec
+    num_experts: int
+    top_k: int
+    num_layers: int
+    intermediate_size: int
+    moe_layers: list[int]
+    dense_layers: list[int]
+    router_params: RouterParams
+    act_params: tuple[float, float]  # (swiglu_alpha, swiglu_limit), used by gpt_oss_clamped only
+
+    @classmethod
+    def from_config(cls, spec: FamilySpec, config: PreTrainedConfig) -> Adapter:
+        if spec.layout.act == "swiglu" and getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+            raise UnsupportedModelError(f"{spec.model_type} with hidden_act={config.hidden_act!r}: only SwiGLU experts")
+        router = spec.router
+        grouped = router.group_score is not None
+        if router.group_methods is not None:
+            method = getattr(config, "topk_method", None)
+            if method != "greedy" and method not in router.group_methods:
+                allowed = ("greedy", *router.group_methods)
+                raise UnsupportedModelError(f"{spec.model_type} topk_method={method!r}; supported: {allowed}")
+            grouped = method != "greedy"  # under greedy transformers ignores n_group
+        n_layers = config.num_hidden_layers
+        moe = [i for i in range(n_layers) if spec.is_moe_layer(config, i)]
+        return cls(
+            spec=spec,
+            num_experts=getattr(config, spec.num_experts_attr),
+            top_k=config.num_experts_per_tok,
+            num_layers=n_layers,
+            intermediate_size=getattr(config, spec.intermediate_attr),
+            moe_layers=moe,
+            dense_layers=[i for i in range(n_layers) if i not in moe],
+            router_params=RouterParams(
+                top_k=config.num_experts_per_tok,
+                renorm=spec.renorm if isinstance(spec.renorm, bool) else bool(getattr(config, spec.renorm)),
+                scale=float(getattr(config, spec.scaling_attr)) if spec.scaling_attr else 1.0,
+                n_group=config.n_group if grouped else None,
+                topk_group=config.topk_group if grouped else None,
+            ),
+            act_params=(
+                float(getattr(config, "swiglu_alpha", X.GPT_OSS_ALPHA)),
+                float(getattr(config, "swiglu_limit", X.GPT_OSS_LIMIT)),
+            ),
+        )
+
+    # -- facts ------------------------------------------------------------------------------------------------------
+    @property
+    def model_type(self) -> str:
+        return self.spec.model_type
+
+    @property
+    def dense_model_type(self) -> str:
+        return self.spec.dense_model_type
+
+    @property
+    def renormalizes(self) -> bool:
+        return self.router_params.renorm
+
+    @property
+    def routed_scaling_factor(self) -> float:
+        return self.router_params.scale
+
+    # -- modules ----------------------------------------------------------------------------------------------------
+    def _block(self, model: nn.Module, layer: int) -> nn.Module:
+        return getattr(model.base_model.layers[layer], self.spec.block_attr)
+
+    def mlp(self, model: nn.Module, layer: int) -> nn.Module:
+        if layer not in self.moe_layers:
+            raise ValueError(f"layer {layer} of this {self.model_type} model is dense; MoE layers: {self.moe_layers}")
+        return self._block(model, layer)
+
+    def router_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """Its forward hook sees the routing input as args[0] ([T, H] or [B, S, H]: reshape to [-1, H])."""
+        return getattr(self.mlp(model, layer), self.spec.router_attr)
+
+    def block_forward(self, model: nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The MoE block's output for x [T, H] (gpt_oss's extra router-scores output dropped)."""
+        out = self.mlp(model, layer)(x[None])
+        return (out[0] if self.spec.block_returns_tuple else out)[0]
+
+    # -- routing ----------------------------------------------------------------------------------------------------
+    def router_logits(self, model: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Raw logits [T, E] in fp32, computed in the dtype the model's router uses (so selection matches it)."""
+        router = self.router_module(model, layer)
+        weight, bias = router.weight, getattr(router, "bias", None)  # only gpt_oss's router has a bias
+        hidden = hidden.reshape(-1, weight.shape[1])
+        if self.spec.router.fp32_logits:
+            return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        return F.linear(hidden.to(weight.dtype), weight, bias).float()
+
+    def route(self, model: nn.Module, layer: int, logits: torch.Tensor) -> Routing:
+        attr = self.spec.router.bias_attr
+        bias = getattr(self.router_module(model, layer), attr) if attr else None
+        return route_logits(logits, self.spec.router, self.router_params, bias)
+
+    # -- routed experts ---------------------------------------------------------------------------------------------
+    def expert_weights(self, model: nn.Module, layer: int, e: int) -> ExpertWeights:
+        return X.fused_expert(self._fused_params(model, layer), e, self.spec.layout, self.act_params)
+
+    def expert_weights_from_tensors(self, tensors: Mapping[str, torch.Tensor], layer: int, e: int) -> ExpertWeights:
+        """Expert e from a state dict / safetensors mapping, fused (in-memory) or per-expert (on-disk) keys."""
+        fused = self._fused_names(layer)
+        if fused[0] in tensors:
+            return X.fused_expert(
+                {n: tensors[key] for n, key in zip(self._fused, fused)}, e, self.spec.layout, self.act_params
+            )
+        names = self._per_expert_names(layer, e)
+        if names and names[0] in tensors:
+            gate, up, down = (tensors[n] for n in names)
+            return ExpertWeights(gate=gate, up=up, down=down, act=self.spec.layout.act)
+        raise KeyError(f"no experts of layer {layer} in the mapping: looked for {fused[0]!r} and {names[:1]}")
+
+    def expert_tensor_names(self, layer: int, available: Collection[str] | None = None) -> list[str]:
+        """Key names holding layer `layer`'s routed experts. Without `available`: every candidate of both layouts;
+        with it (e.g. a safetensors index's keys): the complete layout found there."""
+        fused = self._fused_names(layer)
+        per = [n for e in range(self.num_experts) for n in self._per_expert_names(layer, e)]
+        if available is None:
+            return fused + per
+        available = set(available)
+        for names in (fused, per):
+            if names and available.issuperset(names):
+                return names
+        raise KeyError(f"layer {layer}'s experts are in neither layout; expected e.g. {fused[0]!r} or {per[:1]}")
+
+    def all_expert_outputs(
+        self, model: nn.Module, layer: int, x: torch.Tensor, experts: Sequence[int] | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """f_e(x) for every expert (or `experts`) on x [T, H] -> [E', T, H], in the weights' dtype."""
+        return X.all_expert_outputs(self._fused_params(model, layer), x, self.spec.layout, self.act_params, experts)
+
+    @staticmethod
+    def expert_forward(w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        return X.expert_forward(w, x)
+
+    # -- shared experts and dense layers ----------------------------------------------------------------------------
+    def shared_experts(self, model: nn.Module, layer: int) -> list[SharedExpert]:
+        if self.spec.shared_attr is None:
+            return []
+        block = self.mlp(model, layer)
+        gate = getattr(block, self.spec.shared_gate_attr).weight.detach()[0] if self.spec.shared_gate_attr else None
+        return [SharedExpert(X.mlp_weights(getattr(block, self.spec.shared_attr)), gate)]
+
+    @staticmethod
+    def shared_gate(shared: SharedExpert, x: torch.Tensor) -> torch.Tensor:
+        """The factor [T] the block multiplies the shared expert's output by."""
+        if shared.gate_weight is None:
+            return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        return torch.sigmoid(x @ shared.gate_weight.to(x.dtype))
+
+    def dense_mlp_weights(self, model: nn.Module, layer: int) -> ExpertWeights | None:
+        """The SwiGLU MLP of an originally dense layer (deepseek's first_k_dense_replace); None for MoE layers."""
+        return None if layer in self.moe_layers else X.mlp_weights(self._block(model, layer))
+
+    # -- helpers ----------------------------------------------------------------------------------------------------
+    @property
+    def _fused(self) -> tuple[str, ...]:
+        return X.FUSED if self.spec.layout.has_bias else X.FUSED[:2]
+
+    def _fused_params(self, model: nn.Module, layer: int) -> dict[str, torch.Tensor]:
+        experts = self.mlp(model, layer).experts
+        return {n: getattr(experts, n) for n in self._fused}
+
+    def _fused_names(self, layer: int) -> list[str]:
+        return [f"model.layers.{layer}.{self.spec.block_attr}.experts.{n}" for n in self._fused]
+
+    def _per_expert_names(self, layer: int, e: int) -> list[str]:
+        if self.spec.disk_expert_prefix is None:
+            return []
+        prefix = f"model.layers.{layer}.{self.spec.disk_expert_prefix}.{e}."
+        return [f"{prefix}{proj}.weight" for proj in self.spec.disk_proj_names]

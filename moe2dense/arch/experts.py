@@ -1,0 +1,136 @@
+"""Expert weights in one canonical form, the expert function f_e, and the vectorised all-experts pass.
+
+Canonical form (nn.Linear convention): gate, up [I, H]; down [H, I]; f(x) = down(act(gate(x), up(x))).
+Tensors taken from a model are detached views of its parameters: clone before modifying them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spec import ExpertLayout
+
+GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    act: str = "swiglu"  # "swiglu": silu(gate) * up; "gpt_oss_clamped": see `activate`
+    # gpt_oss_clamped parameters (config.swiglu_alpha / swiglu_limit), carried so f_e is self-contained.
+    swiglu_alpha: float = GPT_OSS_ALPHA
+    swiglu_limit: float = GPT_OSS_LIMIT
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    weights: ExpertWeights
+    gate_weight: torch.Tensor | None  # [H]: output scaled by sigmoid(x . gate_weight); None: ungated
+
+
+def activate(act: str, gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    if act == "swiglu":
+        return F.silu(gate) * up
+    if act == "gpt_oss_clamped":
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * gate * torch.sigmoid(gate * alpha)
+    raise ValueError(f"unknown expert activation {act!r}")
+
+
+def expert_forward(w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    """f_e(x) for x [T, H] -> [T, H], before the routing weight."""
+    h = activate(w.act, F.linear(x, w.gate, w.gate_bias), F.linear(x, w.up, w.up_bias), w.swiglu_alpha, w.swiglu_limit)
+    return F.linear(h, w.down, w.down_bias)
+
+
+def mlp_weights(mlp: nn.Module) -> ExpertWeights:
+    """A dense SwiGLU MLP (gate_proj / up_proj / down_proj Linears): shared experts and originally dense layers."""
+    return ExpertWeights(
+        gate=mlp.gate_proj.weight.detach(),
+        up=mlp.up_proj.weight.detach(),
+        down=mlp.down_proj.weight.detach(),
+        gate_bias=_detach(mlp.gate_proj.bias),
+        up_bias=_detach(mlp.up_proj.bias),
+        down_bias=_detach(mlp.down_proj.bias),
+    )
+
+
+def split_gate_up(t: torch.Tensor, layout: ExpertLayout, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a fused gate/up tensor along `dim` (the 2I axis)."""
+    if not layout.interleaved:
+        return t.chunk(2, dim=dim)
+    dim = dim % t.dim()
+    lead = (slice(None),) * dim
+    return t[(*lead, slice(0, None, 2))], t[(*lead, slice(1, None, 2))]
+
+
+# Names of the fused expert tensors, identical as module attributes and as state-dict keys under "...experts.".
+FUSED = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
+def fused_expert(
+    fused: dict[str, torch.Tensor], e: int, layout: ExpertLayout, act_params: tuple[float, float]
+) -> ExpertWeights:
+    """Expert e from the fused 3-D tensors (keyed by `FUSED` names; biases only where the layout has them)."""
+    gu, d = fused["gate_up_proj"][e].detach(), fused["down_proj"][e].detach()
+    if layout.transposed:
+        gu, d = gu.T, d.T
+    gate, up = split_gate_up(gu, layout, dim=0)
+    gate_b = up_b = down_b = None
+    if layout.has_bias:
+        gate_b, up_b = split_gate_up(fused["gate_up_proj_bias"][e].detach(), layout, dim=0)
+        down_b = fused["down_proj_bias"][e].detach()
+    alpha, limit = act_params
+    return ExpertWeights(gate, up, d, gate_b, up_b, down_b, act=layout.act, swiglu_alpha=alpha, swiglu_limit=limit)
+
+
+def all_expert_outputs(
+    fused: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    layout: ExpertLayout,
+    act_params: tuple[float, float],
+    subset: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """f_e(x) for every expert (or `subset`) on every token x [T, H] -> [E', T, H].
+
+    Two batched matmuls over the fused weights instead of E small ones; runs in the weights' dtype, as the model.
+    """
+    w = {n: t.detach() for n, t in fused.items()}
+    if subset is not None:
+        idx = torch.as_tensor(subset, dtype=torch.long, device=w["down_proj"].device)
+        w = {n: t[idx] for n, t in w.items()}
+    gate_up, down = w["gate_up_proj"], w["down_proj"]
+    h = torch.matmul(x.to(gate_up.dtype), gate_up if layout.transposed else gate_up.transpose(1, 2))  # [E', T, 2I]
+    if layout.has_bias:
+        h = h + w["gate_up_proj_bias"][:, None, :]
+    h = activate(layout.act, *split_gate_up(h, layout, dim=-1), *act_params)
+    out = torch.matmul(h, down if layout.transposed else down.transpose(1, 2))  # [E', T, H]
+    return out + w["down_proj_bias"][:, None, :] if layout.has_bias else out
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+__all__ = [
+    "FUSED",
+    "ExpertWeights",
+    "SharedExpert",
+    "activate",
+    "all_expert_outputs",
+    "expert_forward",
+    "fused_expert",
+    "mlp_weights",
+    "split_gate_up",
+]

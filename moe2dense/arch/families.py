@@ -1,0 +1,101 @@
+"""One spec per supported MoE family (transformers 5.x module names; see DESIGN.md "Architectures")."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .spec import ExpertLayout, FamilySpec, RouterSpec
+
+
+def _qwen_sparse_step(config: PreTrainedConfig, layer: int) -> bool:
+    # Qwen MoE decoder layers: dense MLP for mlp_only_layers and off the decoder_sparse_step grid.
+    return (
+        layer not in (config.mlp_only_layers or [])
+        and config.num_experts > 0
+        and (layer + 1) % config.decoder_sparse_step == 0
+    )
+
+
+def _after_first_k_dense(config: PreTrainedConfig, layer: int) -> bool:
+    return layer >= (config.first_k_dense_replace or 0)
+
+
+def _all_layers(config: PreTrainedConfig, layer: int) -> bool:
+    return True
+
+
+FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec(
+        model_type="qwen3_moe",
+        dense_model_type="qwen3",
+        num_experts_attr="num_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_qwen_sparse_step,
+        renorm="norm_topk_prob",
+    ),
+    FamilySpec(
+        model_type="qwen2_moe",
+        dense_model_type="qwen2",
+        num_experts_attr="num_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_qwen_sparse_step,
+        renorm="norm_topk_prob",
+        shared_attr="shared_expert",
+        shared_gate_attr="shared_expert_gate",
+    ),
+    FamilySpec(
+        model_type="olmoe",
+        dense_model_type="olmoe",
+        num_experts_attr="num_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm="norm_topk_prob",
+    ),
+    FamilySpec(
+        model_type="mixtral",
+        dense_model_type="mistral",
+        num_experts_attr="num_local_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm=True,
+        # Mixtral checkpoints keep the original names; from_pretrained renames block_sparse_moe -> mlp.
+        disk_expert_prefix="block_sparse_moe.experts",
+        disk_proj_names=("w1", "w3", "w2"),
+    ),
+    FamilySpec(
+        model_type="deepseek_v2",
+        dense_model_type="deepseek_v2",
+        num_experts_attr="n_routed_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_after_first_k_dense,
+        renorm=False,  # transformers' DeepseekV2TopkRouter ignores norm_topk_prob
+        scaling_attr="routed_scaling_factor",
+        router=RouterSpec(group_score="max", group_methods=("group_limited_greedy",), fp32_logits=True),
+        shared_attr="shared_experts",
+    ),
+    FamilySpec(
+        model_type="deepseek_v3",
+        dense_model_type="deepseek_v3",
+        num_experts_attr="n_routed_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_after_first_k_dense,
+        renorm="norm_topk_prob",
+        scaling_attr="routed_scaling_factor",
+        router=RouterSpec(
+            score="sigmoid", group_score="top2_sum", bias_attr="e_score_correction_bias", fp32_logits=True
+        ),
+        shared_attr="shared_experts",
+    ),
+    FamilySpec(
+        model_type="gpt_oss",
+        dense_model_type="gpt_oss",
+        num_experts_attr="num_local_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm=True,  # softmax over the top-k logits
+        layout=ExpertLayout(transposed=True, interleaved=True, has_bias=True, act="gpt_oss_clamped"),
+        router_attr="router",
+        block_returns_tuple=True,
+        disk_expert_prefix=None,  # saved fused, exactly as in memory
+    ),
+)

@@ -1,0 +1,50 @@
+"""`get_adapter(config)`: the registry of supported families, keyed by config.model_type."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from .adapter import Adapter
+from .errors import QuantizedModelError, UnsupportedModelError
+from .families import FAMILIES
+
+_REGISTRY = {spec.model_type: spec for spec in FAMILIES}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
+
+# How to get full-precision expert weights, by quantization_config.quant_method.
+_DEQUANTIZE_HINTS = {
+    "mxfp4": "from transformers import Mxfp4Config; AutoModelForCausalLM.from_pretrained(path, "
+    "quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16)",
+    "fp8": "from transformers import FineGrainedFP8Config; "
+    "AutoModelForCausalLM.from_pretrained(path, quantization_config=FineGrainedFP8Config(dequantize=True))",
+    "compressed-tensors": "from transformers import CompressedTensorsConfig; "
+    "AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True))",
+}
+
+
+def get_adapter(config: PreTrainedConfig | PreTrainedModel) -> Adapter:
+    """The adapter for a config (or a model, whose config is used)."""
+    if isinstance(config, PreTrainedModel):
+        config = config.config
+    model_type = getattr(config, "model_type", None)
+    spec = _REGISTRY.get(model_type)
+    if spec is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    _reject_quantized(config)
+    return Adapter.from_config(spec, config)
+
+
+def _reject_quantized(config: PreTrainedConfig) -> None:
+    qc = getattr(config, "quantization_config", None)
+    if not qc:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "unknown")
+    method = str(getattr(method, "value", method))  # QuantizationMethod is a str Enum
+    hint = _DEQUANTIZE_HINTS.get(method, "load it dequantized with its quantization config's dequantize option")
+    raise QuantizedModelError(
+        f"this {config.model_type} checkpoint is quantized ({method}); moe2dense needs full-precision experts. "
+        f"Dequantize at load time ({hint}), then save_pretrained a bf16 copy and use that directory as the teacher."
+    )
+

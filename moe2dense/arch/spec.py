@@ -1,0 +1,72 @@
+"""Declarative description of an MoE family: what differs between families is data, not code.
+
+A `FamilySpec` names where the router, experts and shared experts live (in memory and on disk), how the router turns
+logits into a top-k choice, how the fused expert tensors are laid out, and which config fields hold the sizes.
+The generic code in `routing`, `experts` and `adapter` reads nothing family-specific outside these fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import PreTrainedConfig
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How logits become p_t and S_t.
+
+    score:         p_t = softmax(logits) or sigmoid(logits).
+    group_score:   only experts of the `topk_group` best of `n_group` groups are eligible; a group scores its best
+                   expert ("max", deepseek_v2) or the sum of its two best ("top2_sum", deepseek_v3).
+    group_methods: config.topk_method values that turn group limiting on, "greedy" being the only other one
+                   allowed (deepseek_v2); None: always on (deepseek_v3's router has no topk_method switch).
+    bias_attr:     router buffer added to p_t for *selection only* (deepseek_v3's e_score_correction_bias).
+    """
+
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    group_score: Literal["max", "top2_sum"] | None = None
+    group_methods: tuple[str, ...] | None = None
+    bias_attr: str | None = None
+    # deepseek routers cast hidden states and weight to fp32 before the matmul; the others run in the model dtype.
+    fp32_logits: bool = False
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """The fused 3-D expert tensors in memory (the flags mirror transformers' `use_experts_implementation`).
+
+    Default: gate_up_proj (E, 2I, H) with gate rows then up rows, down_proj (E, H, I), no biases.
+    gpt_oss: gate_up_proj (E, H, 2I) with gate/up interleaved along 2I, down_proj (E, I, H), plus biases.
+    """
+
+    transposed: bool = False
+    interleaved: bool = False
+    has_bias: bool = False
+    act: Literal["swiglu", "gpt_oss_clamped"] = "swiglu"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    model_type: str
+    dense_model_type: str
+    num_experts_attr: str  # config field holding E
+    intermediate_attr: str  # config field holding the routed expert's I
+    is_moe_layer: Callable[[PreTrainedConfig, int], bool]
+    # True/False, or the config field that decides whether applied top-k weights are renormalised to sum to 1.
+    renorm: bool | str
+    scaling_attr: str | None = None  # config field multiplying the applied weights (routed_scaling_factor)
+    router: RouterSpec = RouterSpec()
+    layout: ExpertLayout = ExpertLayout()
+    block_attr: str = "mlp"  # decoder-layer attribute holding the MoE block
+    router_attr: str = "gate"  # MoE-block attribute holding the router
+    block_returns_tuple: bool = False  # gpt_oss's block returns (hidden, router_scores)
+    # Per-expert layout that save_pretrained writes: "{prefix}.{e}.{proj}.weight" for (gate, up, down) projections;
+    # None where the family is stored fused on disk too.
+    disk_expert_prefix: str | None = "mlp.experts"
+    disk_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # Shared experts: the block attribute holding a SwiGLU MLP, and its sigmoid gate (None: ungated).
+    shared_attr: str | None = None
+    shared_gate_attr: str | None = None

@@ -1,0 +1,261 @@
+"""Adapters agree with the transformers models they describe: routing, block output, weights on disk and in memory.
+
+Each family: a tiny random model -> save_pretrained -> from_pretrained, one forward pass with hooks on every MoE
+block and router, then every check below compares the adapter against what the model itself computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import CONFIGS, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, Mxfp4Config, Qwen3MoeConfig
+
+from moe2dense.arch import (
+    SUPPORTED_MODEL_TYPES,
+    Adapter,
+    ExpertWeights,
+    QuantizedModelError,
+    UnsupportedModelError,
+    expert_forward,
+    get_adapter,
+)
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@dataclass
+class Captured:
+    name: str
+    model: torch.nn.Module
+    adapter: Adapter
+    disk: dict[str, torch.Tensor]  # the safetensors file as save_pretrained wrote it
+    router_in: dict[int, torch.Tensor]  # [T, H] per MoE layer
+    router_out: dict[int, tuple]  # (logits, weights, index) as the model's router returned them
+    router_logits: dict[int, torch.Tensor]  # from output_router_logits=True
+    block_in: dict[int, torch.Tensor]  # [T, H] per layer (MoE and dense)
+    block_out: dict[int, torch.Tensor]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def cap(request, tmp_path_factory) -> Captured:
+    name = request.param
+    path = tmp_path_factory.mktemp(name)
+    tiny_model(name).save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        disk = {k: f.get_tensor(k) for k in f.keys()}
+    adapter = get_adapter(model.config)
+    hidden = model.config.hidden_size
+    c = Captured(name, model, adapter, disk, {}, {}, {}, {}, {})
+
+    def on_router(layer):
+        def hook(module, args, out):
+            c.router_in[layer] = args[0].reshape(-1, hidden).detach()
+            c.router_out[layer] = tuple(t.detach() for t in out)
+
+        return hook
+
+    def on_block(layer):
+        def hook(module, args, out):
+            c.block_in[layer] = args[0].reshape(-1, hidden).detach()
+            c.block_out[layer] = (out[0] if isinstance(out, tuple) else out).reshape(-1, hidden).detach()
+
+        return hook
+
+    handles = [adapter.router_module(model, i).register_forward_hook(on_router(i)) for i in adapter.moe_layers]
+    handles += [layer.mlp.register_forward_hook(on_block(i)) for i, layer in enumerate(model.model.layers)]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = model(torch.randint(0, model.config.vocab_size, (2, 16)), output_router_logits=True)
+    for h in handles:
+        h.remove()
+    c.router_logits = dict(zip(adapter.moe_layers, out.router_logits, strict=True))
+    return c
+
+
+def _sorted(index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each token's selection by expert id (deepseek's topk is unsorted)."""
+    index, order = index.sort(-1)
+    return index, weights.gather(-1, order)
+
+
+def _same_weights(a: ExpertWeights, b: ExpertWeights) -> None:
+    for f in fields(ExpertWeights):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            torch.testing.assert_close(x, y, atol=0, rtol=0, msg=f.name)
+        else:
+            assert x == y, f.name
+
+
+def test_routing_matches_model(cap: Captured):
+    ad, model = cap.adapter, cap.model
+    assert ad.moe_layers and set(ad.moe_layers) == set(cap.router_in)
+    for layer in ad.moe_layers:
+        logits = ad.router_logits(model, layer, cap.router_in[layer])
+        torch.testing.assert_close(logits, cap.router_out[layer][0].float(), **TOL)
+        torch.testing.assert_close(logits, cap.router_logits[layer].float(), **TOL)
+        r = ad.route(model, layer, logits)
+        assert r.probs.shape == (logits.shape[0], ad.num_experts) and r.index.shape == r.weights.shape
+        expected = torch.sigmoid(logits) if ad.model_type == "deepseek_v3" else logits.softmax(-1)
+        torch.testing.assert_close(r.probs, expected, **TOL)
+        got_i, got_w = _sorted(r.index, r.weights)
+        want_i, want_w = _sorted(cap.router_out[layer][2], cap.router_out[layer][1].float())
+        assert torch.equal(got_i, want_i)
+        torch.testing.assert_close(got_w, want_w, **TOL)
+        if ad.renormalizes:
+            torch.testing.assert_close(r.weights.sum(-1), torch.full_like(r.weights[:, 0], ad.routed_scaling_factor))
+        # Grouping / the correction bias must actually change the choice here, or the test proves nothing about them.
+        if ad.router_params.n_group or ad.spec.router.bias_attr:
+            greedy = r.probs.topk(ad.top_k, -1).indices.sort(-1).values
+            assert not torch.equal(greedy, got_i)
+
+
+def test_block_output_is_weighted_sum_of_experts(cap: Captured):
+    ad, model = cap.adapter, cap.model
+    for layer in ad.moe_layers:
+        x, y = cap.block_in[layer], cap.block_out[layer]
+        r = ad.route(model, layer, ad.router_logits(model, layer, x))
+        f = torch.stack([expert_forward(ad.expert_weights(model, layer, e), x) for e in range(ad.num_experts)])
+        recon = (r.weights[..., None] * f[r.index, torch.arange(x.shape[0])[:, None]]).sum(1)
+        for shared in ad.shared_experts(model, layer):
+            recon = recon + ad.shared_gate(shared, x)[:, None] * ad.expert_forward(shared.weights, x)
+        torch.testing.assert_close(recon, y, **TOL)
+        with torch.no_grad():
+            torch.testing.assert_close(ad.block_forward(model, layer, x), y, **TOL)
+        assert ad.dense_mlp_weights(model, layer) is None
+    for layer in ad.dense_layers:
+        dense = ad.dense_mlp_weights(model, layer)
+        torch.testing.assert_close(expert_forward(dense, cap.block_in[layer]), cap.block_out[layer], **TOL)
+
+
+def test_shared_experts_kind(cap: Captured):
+    ad, model = cap.adapter, cap.model
+    shared = ad.shared_experts(model, ad.moe_layers[0])
+    kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated"}.get(ad.model_type)
+    assert len(shared) == (kind is not None)
+    if kind:
+        assert (shared[0].gate_weight is not None) == (kind == "gated")
+
+
+def test_expert_weights_from_disk_and_state_dict(cap: Captured):
+    ad, model = cap.adapter, cap.model
+    state = model.state_dict()
+    for layer in ad.moe_layers:
+        disk_names = ad.expert_tensor_names(layer, cap.disk.keys())
+        assert disk_names and set(disk_names) <= set(ad.expert_tensor_names(layer))
+        assert ad.expert_tensor_names(layer, state.keys()) == [n for n in ad.expert_tensor_names(layer) if n in state]
+        for e in range(ad.num_experts):
+            mem = ad.expert_weights(model, layer, e)
+            assert mem.gate.shape == mem.up.shape == (ad.intermediate_size, model.config.hidden_size)
+            assert mem.down.shape == (model.config.hidden_size, ad.intermediate_size)
+            _same_weights(ad.expert_weights_from_tensors(cap.disk, layer, e), mem)
+            _same_weights(ad.expert_weights_from_tensors(state, layer, e), mem)
+    with pytest.raises(KeyError):
+        ad.expert_weights_from_tensors({}, ad.moe_layers[0], 0)
+
+
+def test_all_expert_outputs_matches_loop(cap: Captured):
+    ad, model = cap.adapter, cap.model
+    layer = ad.moe_layers[-1]
+    x = cap.block_in[layer]
+    loop = torch.stack([expert_forward(ad.expert_weights(model, layer, e), x) for e in range(ad.num_experts)])
+    with torch.no_grad():
+        torch.testing.assert_close(ad.all_expert_outputs(model, layer, x), loop, **TOL)
+        torch.testing.assert_close(ad.all_expert_outputs(model, layer, x, experts=[5, 2]), loop[[5, 2]], **TOL)
+
+
+def test_layout_matches_transformers_flags(cap: Captured):
+    """The spec's layout flags agree with those transformers' @use_experts_implementation sets on the module."""
+    ad = cap.adapter
+    experts = ad.mlp(cap.model, ad.moe_layers[0]).experts
+    layout = ad.spec.layout
+    assert (experts.is_transposed, experts.is_concatenated, experts.has_bias) == (
+        layout.transposed,
+        not layout.interleaved,
+        layout.has_bias,
+    )
+
+
+def test_gpt_oss_clamp_is_exercised():
+    """The tiny gpt_oss model pushes gate pre-activations past swiglu_limit, so the block test covers the clamp."""
+    model = tiny_model("gpt_oss")
+    ad = get_adapter(model.config)
+    w = ad.expert_weights(model, 0, 0)
+    x = torch.randn(64, model.config.hidden_size)
+    assert w.act == "gpt_oss_clamped" and (x @ w.gate.T + w.gate_bias).abs().max() > ad.act_params[1]
+
+
+EXPECTED = {  # name: (model_type, dense_model_type, E, k, I, renormalizes, scaling, moe_layers)
+    "qwen3_moe": ("qwen3_moe", "qwen3", 8, 2, 16, True, 1.0, [0, 1]),
+    "qwen2_moe": ("qwen2_moe", "qwen2", 8, 2, 16, False, 1.0, [0, 1]),
+    "olmoe": ("olmoe", "olmoe", 8, 2, 16, False, 1.0, [0, 1]),
+    "mixtral": ("mixtral", "mistral", 8, 2, 16, True, 1.0, [0, 1]),
+    "deepseek_v2": ("deepseek_v2", "deepseek_v2", 8, 2, 16, False, 1.5, [1, 2]),
+    "deepseek_v2_greedy": ("deepseek_v2", "deepseek_v2", 8, 2, 16, False, 1.0, [1, 2]),
+    "deepseek_v3": ("deepseek_v3", "deepseek_v3", 8, 2, 16, True, 1.5, [1, 2]),
+    "gpt_oss": ("gpt_oss", "gpt_oss", 8, 2, 16, True, 1.0, [0, 1]),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_adapter_facts(name):
+    ad = get_adapter(tiny_config(name))
+    got = (
+        ad.model_type,
+        ad.dense_model_type,
+        ad.num_experts,
+        ad.top_k,
+        ad.intermediate_size,
+        ad.renormalizes,
+        ad.routed_scaling_factor,
+        ad.moe_layers,
+    )
+    assert got == EXPECTED[name]
+    assert ad.dense_layers == [i for i in range(ad.num_layers) if i not in ad.moe_layers]
+    assert (ad.router_params.n_group is not None) == (name in ("deepseek_v2", "deepseek_v3"))
+
+
+def test_qwen_sparse_step_and_mlp_only_layers():
+    config = tiny_config("qwen3_moe")
+    config.num_hidden_layers, config.decoder_sparse_step, config.mlp_only_layers = 6, 2, [3]
+    ad = get_adapter(config)
+    assert (ad.moe_layers, ad.dense_layers) == ([1, 5], [0, 2, 3, 4])
+
+
+def test_unsupported_model_type_lists_supported():
+    with pytest.raises(UnsupportedModelError) as err:
+        get_adapter(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=64))
+    assert "llama" in str(err.value) and all(t in str(err.value) for t in SUPPORTED_MODEL_TYPES)
+
+
+def test_unsupported_variants():
+    with pytest.raises(UnsupportedModelError, match="hidden_act"):
+        get_adapter(Qwen3MoeConfig(hidden_act="gelu"))
+    config = tiny_config("deepseek_v2")
+    config.topk_method = "noaux_tc"  # transformers' DeepseekV2TopkRouter has no such branch
+    with pytest.raises(UnsupportedModelError, match="topk_method"):
+        get_adapter(config)
+
+
+@pytest.mark.parametrize(
+    "quantization_config", [{"quant_method": "mxfp4", "modules_to_not_convert": ["router"]}, Mxfp4Config()]
+)
+def test_quantized_gpt_oss_is_rejected_with_dequantize_hint(quantization_config):
+    config = GptOssConfig(num_hidden_layers=1)
+    config.quantization_config = quantization_config
+    with pytest.raises(QuantizedModelError) as err:
+        get_adapter(config)
+    assert "mxfp4" in str(err.value) and "Mxfp4Config(dequantize=True)" in str(err.value)
+    assert "bf16 copy" in str(err.value)
+
+
+def test_any_quantization_config_is_rejected():
+    config = tiny_config("deepseek_v3")
+    config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    with pytest.raises(QuantizedModelError, match=r"FineGrainedFP8Config\(dequantize=True\)"):
+        get_adapter(config)

@@ -1,0 +1,101 @@
+"""Tiny random MoE configs/models for tests: one factory per family, no downloads.
+
+Every family has 8 routed experts, top-k 2 and hidden size 32, so a forward pass takes milliseconds on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
+    GptOssConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    PreTrainedConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+_COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# DeepSeek uses multi-head latent attention; keep its low-rank dims tiny as well.
+_MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+
+
+def _deepseek(cls, **kw) -> PreTrainedConfig:
+    base = dict(
+        _COMMON,
+        **_MLA,
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.5,
+    )
+    return cls(**{**base, **kw})
+
+
+CONFIGS = {
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        **_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=8, norm_topk_prob=True
+    ),
+    "qwen2_moe": lambda: Qwen2MoeConfig(
+        **_COMMON,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_experts=8,
+        norm_topk_prob=False,
+    ),
+    "olmoe": lambda: OlmoeConfig(**_COMMON, intermediate_size=16, num_experts=8, norm_topk_prob=False),
+    "mixtral": lambda: MixtralConfig(**_COMMON, head_dim=8, intermediate_size=16, num_local_experts=8),
+    # topk_group=1 so group-limited selection differs from greedy (with k=2, two groups would always agree).
+    "deepseek_v2": lambda: _deepseek(DeepseekV2Config, topk_method="group_limited_greedy", n_group=4, topk_group=1),
+    "deepseek_v2_greedy": lambda: _deepseek(DeepseekV2Config, topk_method="greedy", routed_scaling_factor=1.0),
+    "deepseek_v3": lambda: _deepseek(DeepseekV3Config, n_group=4, topk_group=2, norm_topk_prob=True),
+    "gpt_oss": lambda: GptOssConfig(
+        **_COMMON,
+        head_dim=8,
+        intermediate_size=16,
+        num_local_experts=8,
+        sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+}
+
+
+def tiny_config(name: str) -> PreTrainedConfig:
+    """A tiny config by family name (`deepseek_v2_greedy` is the greedy top-k variant of deepseek_v2)."""
+    return CONFIGS[name]()
+
+
+@torch.no_grad()
+def tiny_model(name: str, seed: int = 0):
+    """A tiny fp32 *ForCausalLM with random weights, perturbed where the default init would hide a code path."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32).eval()
+    for name_, p in model.named_parameters():
+        if name_.endswith("_bias") and ".experts." in name_:
+            p.normal_(0.0, 0.1)  # gpt_oss inits expert biases to zero
+        if name_.endswith("experts.gate_up_proj") and model.config.model_type == "gpt_oss":
+            p.mul_(100.0)  # push pre-activations past swiglu_limit so the clamp is exercised
+    for name_, b in model.named_buffers():
+        if name_.endswith("e_score_correction_bias"):
+            b.normal_(0.0, 0.3)  # bias changes selection but not the applied weights
+    return model
