@@ -45,4 +45,4 @@ bench: $(STAMP)
 	python bench/dvc_noop.py
 
 clean:
-	rm -rf data/prepared models metrics plots reports calibration
+	rm -rf data/prepared models metrics plots reports calibration scores selection

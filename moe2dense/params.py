@@ -174,9 +174,43 @@ class TeacherParams(Section):
         return v
 
 
+# ---------------------------------------------------------------- calibrate / score / select
+SCORE_METHODS = ("sf", "pp", "cp", "ean", "reap", "acp", "do_acp")  # mirrors moe2dense.scoring.METHODS
+ScoreMethod = Literal["sf", "pp", "cp", "ean", "reap", "acp", "do_acp"]
+
+
+class CalibrateParams(Section):
+    max_sequences: int = Field(0, ge=0)  # 0 = the whole calibration split (paper, real models: 512 x 2048 tokens)
+    batch_size: int = Field(8, ge=1)
+    store_probs: bool = False  # also store full router probabilities per token (float16; E columns per token)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # teacher weights during capture
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    token_chunk: int = Field(4096, ge=64)  # tokens per all-experts block: bounds the (E, chunk, H) buffer
+    row_group_rows: int = Field(65_536, ge=256)
+
+
+class ScoreParams(Section):
+    method: ScoreMethod = "do_acp"  # the method `select` uses
+    methods: list[ScoreMethod] = Field(default_factory=lambda: list(SCORE_METHODS), min_length=1)  # all computed
+    do_acp_lambda: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _method_is_computed(self) -> "ScoreParams":
+        if self.method not in self.methods:
+            raise ValueError(f"score.method {self.method!r} must be one of score.methods {self.methods}")
+        return self
+
+
+class SelectParams(Section):
+    experts: int = Field(4, ge=1)  # K experts kept per layer; k <= K <= E is checked against the teacher
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
+    calibrate: CalibrateParams = CalibrateParams()
+    score: ScoreParams = ScoreParams()
+    select: SelectParams = SelectParams()
 
 
 # ---------------------------------------------------------------- loading and error messages

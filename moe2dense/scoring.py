@@ -217,3 +217,19 @@ def required_capture(methods) -> set[str]:
     """Calibration passes needed to score `methods` (a subset of CAPTURES). Routing is always included: it is
     nearly free, and reap, acp and do_acp divide by its selection counts."""
     return {"routing"} | {_scorer(m).needs for m in methods}
+
+
+def scores_frame(stats_by_layer: dict[int, LayerStats], methods, options: dict[str, dict] | None = None):
+    """Long table of every layer's scores: polars DataFrame (layer, expert, method, score)."""
+    import polars as pl
+
+    parts = []
+    for layer, stats in sorted(stats_by_layer.items()):
+        for method, values in score_all(stats, list(methods), options).items():
+            parts.append(pl.DataFrame({
+                "layer": pl.Series([layer] * stats.num_experts, dtype=pl.Int32),
+                "expert": pl.Series(range(stats.num_experts), dtype=pl.Int32),
+                "method": pl.Series([method] * stats.num_experts, dtype=pl.Utf8),
+                "score": pl.Series(values.tolist(), dtype=pl.Float64),
+            }))
+    return pl.concat(parts)

@@ -7,7 +7,7 @@ from torch import Tensor
 from moe2dense.scoring import DO_ACP_LAMBDA, SCORERS, LayerStats, do_acp_kernel, greedy_map, score
 
 
-def _check_budget(K: int, k: int, E: int) -> None:
+def check_budget(K: int, k: int, E: int) -> None:
     if not 1 <= k <= E:
         raise ValueError(f"router top-k = {k} must be in [1, {E}] (E = {E} experts)")
     if not k <= K <= E:
@@ -29,7 +29,7 @@ def selection_order(
         raise ValueError(f"score.method = {method!r} is not a known scoring method; choose one of {tuple(SCORERS)}")
     stats = scores_or_stats if isinstance(scores_or_stats, LayerStats) else None
     E = stats.num_experts if stats is not None else scores_or_stats.shape[0]
-    _check_budget(K, k, E)
+    check_budget(K, k, E)
     if method == "do_acp":
         if stats is None:
             raise ValueError("do_acp selects by greedy MAP on the layer kernel: pass LayerStats, not scores")
@@ -46,3 +46,16 @@ def select_experts(
 ) -> Tensor:
     """The K selected expert ids, sorted ascending (LongTensor[K]). See `selection_order` for the rule."""
     return selection_order(method, scores_or_stats, K, k, lam=lam).sort().values
+
+
+def select_layers(
+    method: str, stats_by_layer: dict[int, LayerStats], K: int, k: int, *, lam: float = DO_ACP_LAMBDA
+) -> dict[int, list[int]]:
+    """Selection order (best first) of every MoE layer: layer -> K expert ids."""
+    return {layer: selection_order(method, s, K, k, lam=lam).tolist() for layer, s in sorted(stats_by_layer.items())}
+
+
+def routed_mass_kept(stats: LayerStats, experts: list[int]) -> float:
+    """Share of the calibration routing weight (sum of applied g_{t,e}) that the kept experts carried."""
+    total = float(stats.weight_sum.sum())
+    return float(stats.weight_sum[list(experts)].sum()) / total if total > 0 else 0.0

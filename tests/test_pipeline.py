@@ -14,6 +14,9 @@ from conftest import copy_pipeline_repo, dvc
 pytestmark = pytest.mark.slow
 
 
+ALL_STAGES = {"prepare", "teacher", "calibrate", "score", "select"}
+
+
 def ran(proc) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", proc.stdout))
 
@@ -33,7 +36,7 @@ def set_param(repo, dotted: str, value) -> None:
 def repo(tmp_path_factory, smoke_params):
     repo = copy_pipeline_repo(tmp_path_factory.mktemp("pipeline"), smoke_params)
     first = dvc(repo, "repro")
-    assert ran(first) == {"prepare", "teacher"}, first.stdout
+    assert ran(first) == ALL_STAGES, first.stdout
     return repo
 
 
@@ -63,8 +66,11 @@ def test_repro_is_cached_and_reruns_only_what_a_param_touches(repo):
     assert ran(again) == set(), again.stdout
     set_param(repo, "teacher.train.lr", 0.004)
     third = dvc(repo, "repro")
-    assert ran(third) == {"teacher"}, third.stdout
+    assert ran(third) == ALL_STAGES - {"prepare"}, third.stdout
     assert "Stage 'prepare' didn't change" in third.stdout
+    set_param(repo, "select.experts", 6)  # downstream-only change: calibration and scores are reused
+    fourth = dvc(repo, "repro")
+    assert ran(fourth) == {"select"}, fourth.stdout
 
 
 def test_prefect_flow_runs_stages_and_publishes_artifact(repo, prefect_harness):
@@ -73,7 +79,8 @@ def test_prefect_flow_runs_stages_and_publishes_artifact(repo, prefect_harness):
     dvc(repo, "repro")
     set_param(repo, "teacher.seed", 1)
     results = pipeline(repo=str(repo))
-    assert [(r["stage"], r["status"]) for r in results] == [("prepare", "skipped"), ("teacher", "ran")]
+    assert [(r["stage"], r["status"]) for r in results] == [
+        ("prepare", "skipped"), ("teacher", "ran"), ("calibrate", "ran"), ("score", "ran"), ("select", "ran")]
     art = read_artifact("moe2dense-pipeline")
     assert art["type"] == "markdown"
     assert "| prepare | skipped |" in art["data"] and "| teacher | ran |" in art["data"] and "perplexity" in art["data"]

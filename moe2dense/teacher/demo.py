@@ -117,10 +117,10 @@ def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress
         log.tokens += ids.numel()
         bar.update(ids.numel())
         if step % t.log_every == 0 or step == steps - 1:
-            ce_v = float(ce)
-            log.rows.append({"step": step, "tokens": log.tokens, "loss": round(ce_v, 5), "aux_loss": round(float(aux), 5),
+            ce_v, aux_v = ce.item(), aux.item()  # the only host syncs, once every log_every steps
+            log.rows.append({"step": step, "tokens": log.tokens, "loss": round(ce_v, 5), "aux_loss": round(aux_v, 5),
                              "lr": lr_at(step, steps, t)})
-            bar.set_postfix(loss=f"{ce_v:.3f}", aux=f"{float(aux):.3f}")
+            bar.set_postfix(loss=f"{ce_v:.3f}", aux=f"{aux_v:.3f}")
     log.seconds = time.perf_counter() - start
     bar.close()
     model.eval()

@@ -1,0 +1,44 @@
+"""Stage `calibrate`: run the teacher over the calibration split and capture routing (+ expert outputs when a
+scoring method needs them) to Parquet under calibration/."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from stages._runner import run
+from moe2dense.arch import get_adapter
+from moe2dense.calibrate.capture import calibration_batches, capture
+from moe2dense.io import atomic_dir, write_json
+from moe2dense.params import load_params
+from moe2dense.scoring import required_capture
+from moe2dense.selection import check_budget
+from moe2dense.teacher.load import load_teacher, teacher_config
+
+PACKED = "data/prepared/packed/calibration.parquet"
+OUT = "calibration"
+METRICS = "metrics/calibrate.json"
+
+
+def main() -> None:
+    params = load_params()
+    c = params.calibrate
+    adapter = get_adapter(teacher_config())
+    check_budget(params.select.experts, adapter.top_k, adapter.num_experts)  # fail now, not after calibration
+    needs = required_capture(params.score.methods)
+    model = load_teacher(dtype=c.dtype, device=c.device)
+    batches = calibration_batches(PACKED, c.batch_size, max_sequences=c.max_sequences or None)
+    start = time.perf_counter()
+    with atomic_dir(OUT) as out:
+        stats = capture(model, batches, out, needs=needs, store_probs=c.store_probs, row_group_rows=c.row_group_rows,
+                        token_chunk=c.token_chunk)
+    seconds = time.perf_counter() - start
+    n_tokens = next(iter(stats.values())).n_tokens
+    write_json(METRICS, {"tokens": n_tokens, "moe_layers": len(stats), "passes": sorted(needs),
+                         "tokens_per_s": round(n_tokens / seconds, 1), "store_probs": c.store_probs})
+    logging.info("captured %d tokens x %d MoE layers (%s) at %.0f tokens/s", n_tokens, len(stats),
+                 ", ".join(sorted(needs)), n_tokens / seconds)
+
+
+if __name__ == "__main__":
+    run("calibrate", main)
