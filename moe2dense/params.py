@@ -180,7 +180,7 @@ ScoreMethod = Literal["sf", "pp", "cp", "ean", "reap", "acp", "do_acp"]
 
 
 class CalibrateParams(Section):
-    max_sequences: int = Field(0, ge=0)  # 0 = the whole calibration split (paper, real models: 512 x 2048 tokens)
+    max_tokens: int = Field(0, ge=0)  # 0 = the whole calibration split (paper, real models: 512 x 2048 tokens)
     batch_size: int = Field(8, ge=1)
     store_probs: bool = False  # also store full router probabilities per token (float16; E columns per token)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # teacher weights during capture

@@ -27,7 +27,7 @@ def main() -> None:
     check_budget(params.select.experts, adapter.top_k, adapter.num_experts)  # fail now, not after calibration
     needs = required_capture(params.score.methods)
     model = load_teacher(dtype=c.dtype, device=c.device)
-    batches = calibration_batches(PACKED, c.batch_size, max_sequences=c.max_sequences or None)
+    batches = calibration_batches(PACKED, c.batch_size, max_tokens=c.max_tokens or None)
     start = time.perf_counter()
     with atomic_dir(OUT) as out:
         stats = capture(model, batches, out, needs=needs, store_probs=c.store_probs, row_group_rows=c.row_group_rows,

@@ -73,7 +73,7 @@ def packed_tokens(path: str | Path) -> np.ndarray:
     pf = pq.ParquetFile(str(path))
     seq_len = pf.schema_arrow.field("input_ids").type.list_size
     col = pf.read(columns=["input_ids"]).column("input_ids").combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).astype(np.int32).reshape(-1, seq_len)
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.int32).reshape(-1, seq_len)
 
 
 def iter_packed_batches(path: str | Path, batch_rows: int, columns: tuple[str, ...] = ("input_ids", "domain")):
@@ -81,6 +81,7 @@ def iter_packed_batches(path: str | Path, batch_rows: int, columns: tuple[str, .
     pf = pq.ParquetFile(str(path))
     seq_len = pf.schema_arrow.field("input_ids").type.list_size
     for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
-        ids = batch.column("input_ids").values.to_numpy(zero_copy_only=False).reshape(-1, seq_len)
+        # flatten(), not .values: a batch that straddles row groups is a slice, and .values ignores its offset
+        ids = batch.column("input_ids").flatten().to_numpy(zero_copy_only=False).reshape(-1, seq_len)
         domains = batch.column("domain").to_pylist() if "domain" in columns else None
         yield ids.astype(np.int64), domains

@@ -1,0 +1,301 @@
+"""Capture routing and expert-output statistics of a frozen MoE teacher over calibration tokens.
+
+One forward hook per MoE layer on the router module sees the hidden states entering the router and the routing the
+router returned, `(logits, top-k weights, top-k index)` (DESIGN.md "Architectures"). For each batch it adds the
+`LayerStats` sums in float64 (p_t = the family's softmax or sigmoid of the logits) and streams one Parquet row
+per token to `routing/layer=<L>/` (layout in `store`). The expert-output passes run only when a
+scoring method needs them (`scoring.required_capture`):
+
+- "routed_outputs": ||f_e(x_t)|| for each routed pair (t, e), each expert run on its own tokens only;
+- "all_outputs":    every expert on every token in blocks of `token_chunk` tokens (bounded [E, chunk, H] buffer),
+                    adding norms, squared norms and the Gram matrix; routed norms are then read off the same block.
+
+Nothing is kept per token in RAM: the accumulators are O(E^2) per layer and the routing writer holds at most one
+row group plus one batch, so memory does not grow with the number of calibration tokens.
+
+Teachers larger than RAM (or GPU memory) would be captured layer by layer: load layer L's weights, run the stored
+hidden states of every calibration batch through it, keep its outputs for layer L + 1 on disk. This module runs the
+whole model at once, which covers the demo teacher and real teachers that fit on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moe2dense.arch import Adapter, get_adapter
+from moe2dense.calibrate.store import RoutingWriter, write_meta, write_stats
+from moe2dense.data.packing import iter_packed_batches
+from moe2dense.scoring import CAPTURES, LayerStats
+
+F64 = torch.float64
+
+
+class _Batch:
+    """Per-token row labels of the batch being run, shared by every layer's hook."""
+
+    def __init__(self, first_seq: int, n_rows: int, seq_len: int, domains: list[str]):
+        self.n_tokens = n_rows * seq_len
+        self.seq = np.repeat(np.arange(first_seq, first_seq + n_rows, dtype=np.int32), seq_len)
+        self.pos = np.tile(np.arange(seq_len, dtype=np.int32), n_rows)
+        # One string when the batch has one domain (the common case for domain-packed data): no per-token array.
+        self.domain = domains[0] if len(set(domains)) == 1 else np.repeat(np.asarray(domains, dtype=str), seq_len)
+
+
+class _WriterThreads:
+    """Runs the routing writers' appends on background threads so building and compressing Parquet row groups
+    (pyarrow releases the GIL) overlaps the teacher's forward, and the layers' row groups are written in parallel.
+    Writer i always runs on thread i % threads, so each writer gets its appends in order. At most `max_pending`
+    appends are queued (memory stays bounded); a writer error is raised in the capture thread at the next submit
+    or at `join`."""
+
+    def __init__(self, threads: int, max_pending: int):
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix="moe2dense-routing-writer") for _ in range(threads)]
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, writer_index: int, fn: Callable, *args) -> None:
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._threads[writer_index % len(self._threads)].submit(fn, *args))
+
+    def join(self) -> None:
+        """Wait for every queued append (re-raising the first error) and stop the threads."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            for t in self._threads:
+                t.shutdown(wait=True, cancel_futures=True)
+
+
+class _LayerCapture:
+    """Forward hook of one MoE layer's router: accumulates that layer's `LayerStats` sums and routing rows."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, layer: int, writer: RoutingWriter, submit: Callable,
+                 needs: set[str], store_probs: bool, token_chunk: int, device: torch.device):
+        self.model, self.adapter, self.layer, self.writer, self.submit = model, adapter, layer, writer, submit
+        self.store_probs, self.token_chunk = store_probs, token_chunk
+        self.routed, self.all = "routed_outputs" in needs, "all_outputs" in needs
+        E = adapter.num_experts
+        zeros = lambda *shape: torch.zeros(*shape, dtype=F64, device=device)  # noqa: E731
+        self.count, self.prob_sum, self.prob_sum_selected, self.weight_sum = (zeros(E) for _ in range(4))
+        self.norm_sum_routed = self.gnorm_sum_routed = self.norm_sum_all = self.sqnorm_sum_all = self.gram = None
+        if self.routed:
+            self.norm_sum_routed, self.gnorm_sum_routed = zeros(E), zeros(E)
+        if self.all:
+            self.norm_sum_all, self.sqnorm_sum_all, self.gram = zeros(E), zeros(E), zeros(E, E)
+        # Views of the fused expert tensors, built once; only the routed-only pass loops over experts.
+        self._experts = [adapter.expert_weights(model, layer, e) for e in range(E)] if self.routed and not self.all \
+            else None
+        self._softmax = adapter.spec.router.score == "softmax"
+        self.batch: _Batch | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        batch, E, k = self.batch, self.adapter.num_experts, self.adapter.top_k
+        x = args[0].reshape(-1, args[0].shape[-1]).detach()
+        if x.shape[0] != batch.n_tokens:
+            raise RuntimeError(f"layer {self.layer}: router saw {x.shape[0]} tokens, the batch has {batch.n_tokens}")
+        # The router's own (logits, top-k weights, top-k index): the model's choice itself, at no extra cost;
+        # p_t is the family's score of the logits (test_capture checks both against the model for every family).
+        logits, weights, index = (t.detach() for t in output[:3])
+        logits = logits.reshape(-1, E).float()
+        probs = logits.softmax(-1) if self._softmax else logits.sigmoid()
+        index, weights = index.reshape(-1, k).long(), weights.reshape(-1, k).float()
+        flat = index.reshape(-1)
+        self.count += torch.bincount(flat, minlength=E)
+        self.prob_sum += probs.sum(0, dtype=F64)
+        self.prob_sum_selected.index_add_(0, flat, probs.gather(1, index).reshape(-1).to(F64))
+        self.weight_sum.index_add_(0, flat, weights.reshape(-1).to(F64))
+        if self.all:
+            self._all_experts(x, index, weights)
+        elif self.routed:
+            self._routed_experts(x, index, weights)
+        # Copies the model will never touch again (the writer reads them on its own thread).
+        self.submit(self.writer.append, batch.seq, batch.pos, batch.domain, index.to("cpu", torch.int16),
+                    weights.to("cpu", torch.float32, copy=True), probs.to("cpu", torch.float16) if self.store_probs
+                    else None)
+
+    def _add_routed(self, experts: torch.Tensor, norms: torch.Tensor, weights: torch.Tensor) -> None:
+        self.norm_sum_routed.index_add_(0, experts, norms.to(F64))
+        self.gnorm_sum_routed.index_add_(0, experts, (weights * norms).to(F64))
+
+    def _routed_experts(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        """||f_e(x_t)|| for the routed pairs: pairs sorted by expert, one matmul chain per expert on its tokens
+        (the model's own grouped compute), a single host sync for the group boundaries."""
+        flat = index.reshape(-1)
+        experts, order = flat.sort(stable=True)
+        tokens = order // index.shape[1]
+        ends = torch.bincount(flat, minlength=self.adapter.num_experts).cumsum(0).tolist()
+        norms = torch.empty(flat.shape[0], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                out = self.adapter.expert_forward(self._experts[e], x[tokens[start:end]])
+                norms[start:end] = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
+            start = end
+        self._add_routed(experts, norms, weights.reshape(-1)[order])
+
+    def _all_experts(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        """Every expert on every token, `token_chunk` tokens at a time; routed norms come from the same block."""
+        E = self.adapter.num_experts
+        for s in range(0, x.shape[0], self.token_chunk):
+            out = self.adapter.all_expert_outputs(self.model, self.layer, x[s:s + self.token_chunk])  # [E, c, H]
+            norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)  # [E, c]
+            self.norm_sum_all += norms.sum(1, dtype=F64)
+            self.sqnorm_sum_all += norms.to(F64).square().sum(1)
+            # fp32 product per block (half-precision outputs would lose digits over c*H terms), float64 running sum.
+            flat = out.reshape(E, -1).float()
+            self.gram += (flat @ flat.T).to(F64)
+            if self.routed:
+                idx = index[s:s + self.token_chunk]
+                self._add_routed(idx.reshape(-1), norms.T.gather(1, idx).reshape(-1),
+                                 weights[s:s + self.token_chunk].reshape(-1))
+
+    def stats(self, n_tokens: int) -> LayerStats:
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return LayerStats(
+            n_tokens=n_tokens, top_k=self.adapter.top_k, count=cpu(self.count), prob_sum=cpu(self.prob_sum),
+            prob_sum_selected=cpu(self.prob_sum_selected), weight_sum=cpu(self.weight_sum),
+            norm_sum_routed=cpu(self.norm_sum_routed), gnorm_sum_routed=cpu(self.gnorm_sum_routed),
+            norm_sum_all=cpu(self.norm_sum_all), sqnorm_sum_all=cpu(self.sqnorm_sum_all), gram=cpu(self.gram),
+        )
+
+
+@contextlib.contextmanager
+def _arrow_system_allocator():
+    """Route pyarrow allocations through the system allocator while capturing. pyarrow's default mimalloc pool
+    hands freed pages back to the OS ~10 ms after a free, so every row-group flush (seconds apart) page-faults its
+    working memory back in: flushes ran ~3x slower inside the capture loop than alone (0.16 s vs 0.05 s per
+    65,536-row group on the 2-core demo VM). The previous default pool is restored afterwards."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def _check_needs(needs: Iterable[str]) -> set[str]:
+    needs = set(needs)
+    if unknown := needs - set(CAPTURES):
+        raise ValueError(f"unknown capture pass(es) {sorted(unknown)}; known: {CAPTURES}")
+    return needs | {"routing"}  # routing is always captured: every score divides by its counts
+
+
+def capture(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor | np.ndarray, list[str]]],
+    out_root: str | Path,
+    *,
+    needs: set[str],
+    store_probs: bool = False,
+    row_group_rows: int = 65536,
+    token_chunk: int = 4096,
+    progress: bool = True,
+) -> dict[int, LayerStats]:
+    """Run the teacher over `batches` of (ids [B, S], domains [B]) and write a calibration run under `out_root`.
+
+    `needs` is a subset of `scoring.CAPTURES` (see `required_capture`); "routing" is always added. Writes
+    routing Parquet, per-layer stats and meta.json (see `store`), and returns layer -> LayerStats. `out_root` is
+    expected to be a temp dir that the caller renames on success; on error no routing file is published.
+    `model` is a *ForCausalLM or its base model; only the base model runs (the LM head is not needed).
+    """
+    needs = _check_needs(needs)
+    if token_chunk < 1:
+        raise ValueError(f"token_chunk must be >= 1, got {token_chunk}")
+    adapter = get_adapter(model)
+    out_root = Path(out_root)
+    device = next(model.parameters()).device
+    hidden_model = model.base_model
+    layers: dict[int, _LayerCapture] = {}
+    writers: list[RoutingWriter] = []
+    n_moe = len(adapter.moe_layers)
+    threads = _WriterThreads(min(n_moe, os.cpu_count() or 1), max_pending=2 * n_moe)  # ~one batch in flight
+    handles = []
+    was_training = model.training
+    n_tokens = n_sequences = 0
+    domain_tokens: Counter[str] = Counter()
+    bar = tqdm(desc="calibrate", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
+    pool = contextlib.ExitStack()
+    try:
+        pool.enter_context(_arrow_system_allocator())
+        model.eval()
+        for slot, layer in enumerate(adapter.moe_layers):
+            writer = RoutingWriter(out_root, layer, adapter.top_k, adapter.num_experts, store_probs, row_group_rows)
+            writers.append(writer)
+            layers[layer] = cap = _LayerCapture(model, adapter, layer, writer, partial(threads.submit, slot), needs,
+                                                store_probs, token_chunk, device)
+            handles.append(adapter.router_module(model, layer).register_forward_hook(cap))
+        with torch.no_grad():
+            for ids, domains in batches:
+                ids = torch.as_tensor(ids, dtype=torch.long)
+                B, S = ids.shape
+                if len(domains) != B:
+                    raise ValueError(f"batch of {B} sequences has {len(domains)} domain labels")
+                batch = _Batch(n_sequences, B, S, list(domains))
+                for cap in layers.values():
+                    cap.batch = batch
+                hidden_model(input_ids=ids.to(device), use_cache=False)
+                n_tokens, n_sequences = n_tokens + B * S, n_sequences + B
+                for d in domains:
+                    domain_tokens[d] += S
+                bar.update(B * S)
+        if n_tokens == 0:
+            raise ValueError("no calibration tokens: the batches were empty")
+        threads.join()
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error being raised already says what went wrong
+            threads.join()
+        for writer in writers:
+            writer.abort()
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        bar.close()
+        pool.close()
+
+    stats = {layer: cap.stats(n_tokens) for layer, cap in layers.items()}
+    for layer, s in stats.items():
+        write_stats(out_root, layer, s)
+    write_meta(out_root, {
+        "model_type": adapter.model_type,
+        "num_experts": adapter.num_experts,
+        "top_k": adapter.top_k,
+        "moe_layers": adapter.moe_layers,
+        "n_tokens": n_tokens,
+        "n_sequences": n_sequences,
+        "needs": [c for c in CAPTURES if c in needs],
+        "store_probs": store_probs,
+        "domains": dict(sorted(domain_tokens.items())),  # domain -> calibration tokens
+    })
+    return stats
+
+
+def calibration_batches(packed_path: str | Path, batch_rows: int, max_tokens: int | None = None
+                        ) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """(ids [n, seq_len] int64, domains) batches from a packed Parquet file, whole sequences only, stopping before
+    `max_tokens` would be exceeded (None: the whole file)."""
+    remaining = max_tokens
+    for ids, domains in iter_packed_batches(packed_path, batch_rows):
+        if remaining is not None:
+            rows = min(len(ids), remaining // ids.shape[1])
+            if rows == 0:
+                return
+            ids, domains = ids[:rows], domains[:rows]
+            remaining -= ids.size
+        yield ids, domains

@@ -1,0 +1,102 @@
+"""prepare -> teacher -> calibrate -> score -> select on a saved tiny checkpoint of every supported family, run
+through the stage entry points exactly as DVC calls them (in-process to keep the suite fast)."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import yaml
+
+from conftest import REPO
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+
+
+def make_checkpoint(family: str, path):
+    """A tiny random checkpoint of `family` with a byte-level BPE tokenizer of its own, as a user's dir would be."""
+    import torch
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from moe2dense.data.tokenizer import train_bpe
+
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    tok = train_bpe(["In the beginning God created the heaven and the earth. def f(x): return x"] * 30,
+                    vocab_size=300, min_frequency=1, out_dir=path)
+    config.vocab_size = len(tok)
+    config.eos_token_id, config.bos_token_id, config.pad_token_id = tok.eos_token_id, tok.eos_token_id, None
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return config
+
+
+def small_params(tmp_path, ckpt, experts: int) -> dict:
+    """Smoke params over a small user corpus (kind: files), so each family runs in seconds."""
+    import random
+
+    rng = random.Random(0)
+    words = ("the expert router token layer dense model sparse gate weight value light earth water king "
+             "def return class import self lambda yield").split()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(120)),
+                                            "topic": ("prose", "code")[i % 2]}) for i in range(200)))
+    params = yaml.safe_load((REPO / "tests" / "smoke_params.yaml").read_text())
+    params["prepare"]["corpus"] = [{"kind": "files", "paths": [str(corpus)], "domain_column": "topic"}]
+    params["prepare"]["seq_len"] = 32
+    params["teacher"]["source"] = str(ckpt)
+    params["select"]["experts"] = experts
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    return work
+
+
+def run_stages(workdir, monkeypatch, names):
+    import importlib
+
+    monkeypatch.chdir(workdir)
+    for name in names:
+        importlib.import_module(f"stages.{name}").main()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_select_on_every_family(family, tmp_path, monkeypatch):
+    from moe2dense.arch import get_adapter
+
+    ckpt = tmp_path / "ckpt"
+    config = make_checkpoint(family, ckpt)
+    adapter = get_adapter(config)
+    work = small_params(tmp_path, ckpt, experts=adapter.top_k + 1)
+
+    run_stages(work, monkeypatch, ["prepare", "teacher", "calibrate", "score", "select"])
+
+    teacher = json.loads((work / "metrics/teacher.json").read_text())
+    assert teacher["trained"] is False and teacher["model_type"] == config.model_type
+    assert not list((work / "models/teacher").glob("*.safetensors"))  # recorded, not copied
+    scores = pl.read_parquet(work / "scores/scores.parquet")
+    assert scores.height == len(adapter.moe_layers) * adapter.num_experts * 7
+    assert set(scores["layer"].unique()) == set(adapter.moe_layers)
+    sel = json.loads((work / "selection/selection.json").read_text())
+    assert sel["method"] == "do_acp" and sel["top_k"] == adapter.top_k and sel["num_experts"] == adapter.num_experts
+    assert sorted(int(layer) for layer in sel["layers"]) == adapter.moe_layers
+    for entry in sel["layers"].values():
+        assert len(set(entry["experts"])) == adapter.top_k + 1 and 0 < entry["routed_mass_kept"] <= 1
+    for plot in ("score_distributions.png", "usage_by_domain.png", "selection_heatmap.png"):
+        assert (work / "plots" / plot).stat().st_size > 5000
+
+
+def test_bad_expert_count_fails_before_calibration(tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint("qwen3_moe", ckpt)
+    work = small_params(tmp_path, ckpt, experts=9)  # E = 8
+    run_stages(work, monkeypatch, ["prepare", "teacher"])
+    from stages._runner import run
+    from stages.calibrate import main
+
+    with pytest.raises(SystemExit) as info:
+        run("calibrate", main)
+    assert info.value.code == 2
+    assert "select.experts = 9 is out of range" in capsys.readouterr().err
+    assert not (work / "calibration").exists()
