@@ -42,6 +42,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	python bench/teacher_throughput.py
+	python bench/calibrate_bench.py
+	python bench/score_bench.py
 	python bench/dvc_noop.py
 
 clean:

@@ -10,8 +10,10 @@ scoring method needs them (`scoring.required_capture`):
 - "all_outputs":    every expert on every token in blocks of `token_chunk` tokens (bounded [E, chunk, H] buffer),
                     adding norms, squared norms and the Gram matrix; routed norms are then read off the same block.
 
-Nothing is kept per token in RAM: the accumulators are O(E^2) per layer and the routing writer holds at most one
-row group plus one batch, so memory does not grow with the number of calibration tokens.
+Routing rows are encoded and written by background threads (`writer_threads`) while the forward runs. Nothing is
+kept per token in RAM: the accumulators are O(E^2) per layer, each routing writer holds at most one row group plus
+one batch, and about one batch of rows waits for the writer threads, so memory does not grow with the number of
+calibration tokens.
 
 Teachers larger than RAM (or GPU memory) would be captured layer by layer: load layer L's weights, run the stored
 hidden states of every calibration batch through it, keep its outputs for layer L + 1 on disk. This module runs the
@@ -57,7 +59,7 @@ class _WriterThreads:
     (pyarrow releases the GIL) overlaps the teacher's forward, and the layers' row groups are written in parallel.
     Writer i always runs on thread i % threads, so each writer gets its appends in order. At most `max_pending`
     appends are queued (memory stays bounded); a writer error is raised in the capture thread at the next submit
-    or at `join`."""
+    or at `join`. With threads=0 every append runs inline."""
 
     def __init__(self, threads: int, max_pending: int):
         self._threads = [ThreadPoolExecutor(1, thread_name_prefix="moe2dense-routing-writer") for _ in range(threads)]
@@ -65,6 +67,9 @@ class _WriterThreads:
         self._max_pending = max_pending
 
     def submit(self, writer_index: int, fn: Callable, *args) -> None:
+        if not self._threads:
+            fn(*args)
+            return
         while len(self._pending) >= self._max_pending:
             self._pending.popleft().result()
         self._pending.append(self._threads[writer_index % len(self._threads)].submit(fn, *args))
@@ -172,20 +177,6 @@ class _LayerCapture:
         )
 
 
-@contextlib.contextmanager
-def _arrow_system_allocator():
-    """Route pyarrow allocations through the system allocator while capturing. pyarrow's default mimalloc pool
-    hands freed pages back to the OS ~10 ms after a free, so every row-group flush (seconds apart) page-faults its
-    working memory back in: flushes ran ~3x slower inside the capture loop than alone (0.16 s vs 0.05 s per
-    65,536-row group on the 2-core demo VM). The previous default pool is restored afterwards."""
-    previous = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())
-    try:
-        yield
-    finally:
-        pa.set_memory_pool(previous)
-
-
 def _check_needs(needs: Iterable[str]) -> set[str]:
     needs = set(needs)
     if unknown := needs - set(CAPTURES):
@@ -203,6 +194,7 @@ def capture(
     row_group_rows: int = 65536,
     token_chunk: int = 4096,
     progress: bool = True,
+    writer_threads: int | None = None,
 ) -> dict[int, LayerStats]:
     """Run the teacher over `batches` of (ids [B, S], domains [B]) and write a calibration run under `out_root`.
 
@@ -210,10 +202,14 @@ def capture(
     routing Parquet, per-layer stats and meta.json (see `store`), and returns layer -> LayerStats. `out_root` is
     expected to be a temp dir that the caller renames on success; on error no routing file is published.
     `model` is a *ForCausalLM or its base model; only the base model runs (the LM head is not needed).
+    `writer_threads`: background threads encoding routing row groups; None: one per usable CPU, at most one per
+    MoE layer; 0: write inline, in the forward's thread.
     """
     needs = _check_needs(needs)
     if token_chunk < 1:
         raise ValueError(f"token_chunk must be >= 1, got {token_chunk}")
+    if writer_threads is not None and writer_threads < 0:
+        raise ValueError(f"writer_threads must be >= 0 or None, got {writer_threads}")
     adapter = get_adapter(model)
     out_root = Path(out_root)
     device = next(model.parameters()).device
@@ -221,15 +217,20 @@ def capture(
     layers: dict[int, _LayerCapture] = {}
     writers: list[RoutingWriter] = []
     n_moe = len(adapter.moe_layers)
-    threads = _WriterThreads(min(n_moe, os.cpu_count() or 1), max_pending=2 * n_moe)  # ~one batch in flight
+    if writer_threads is None:
+        writer_threads = min(n_moe, len(os.sched_getaffinity(0)))
+    threads = _WriterThreads(writer_threads, max_pending=2 * n_moe)  # about one batch queued
     handles = []
     was_training = model.training
     n_tokens = n_sequences = 0
     domain_tokens: Counter[str] = Counter()
     bar = tqdm(desc="calibrate", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
-    pool = contextlib.ExitStack()
+    # pyarrow's default mimalloc pool hands freed pages back to the OS ~10 ms after a free, so each row-group flush
+    # (seconds apart) page-faults its working memory back in: flushes ran ~3x slower inside the capture loop than
+    # alone (0.16 s vs 0.05 s per 65,536-row group, 2-core demo VM). The system allocator keeps them mapped.
+    arrow_pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
     try:
-        pool.enter_context(_arrow_system_allocator())
         model.eval()
         for slot, layer in enumerate(adapter.moe_layers):
             writer = RoutingWriter(out_root, layer, adapter.top_k, adapter.num_experts, store_probs, row_group_rows)
@@ -267,7 +268,7 @@ def capture(
             h.remove()
         model.train(was_training)
         bar.close()
-        pool.close()
+        pa.set_memory_pool(arrow_pool)
 
     stats = {layer: cap.stats(n_tokens) for layer, cap in layers.items()}
     for layer, s in stats.items():
