@@ -34,9 +34,54 @@ def summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    """One-shot MoE -> dense conversion (calibrate, score, select, group, assemble)."""
+    import logging
+    import os
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    logging.basicConfig(level=os.environ.get("MOE2DENSE_LOG", "INFO"), format="[convert] %(message)s")
+    from moe2dense.convert import ConvertArgs, convert as run_convert
+
+    fields = {k: v for k, v in vars(args).items() if k in ConvertArgs.__dataclass_fields__}
+    try:
+        summary = run_convert(ConvertArgs(**fields))
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"[convert] error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        if os.environ.get("MOE2DENSE_DEBUG"):
+            raise
+        return 2
+    print(f"[convert] wrote a dense {summary['model_type']} with {summary['num_parameters']:,} parameters "
+          f"(MLP width {summary['intermediate_size']}) to {args.out}")
+    return 0
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="MoE checkpoint dir, or a hub id in the local HF cache")
+    p.add_argument("--out", required=True, help="directory for the dense student (must not exist)")
+    p.add_argument("--method", required=True, help="expert scoring: sf pp cp ean reap acp do_acp")
+    p.add_argument("--experts", type=int, required=True, help="K experts kept per layer (k <= K <= E)")
+    p.add_argument("--group", default="output", help="weight output router dominant coactivation (K > k)")
+    p.add_argument("--blocks", type=int, default=None, help="dense blocks per layer (default: the router's top-k)")
+    p.add_argument("--align", action="store_true", help="align neurons before merging a group")
+    p.add_argument("--scaling", default="uniform", help="uniform | score")
+    p.add_argument("--data", default=None, help="calibration text: .jsonl (text field), .txt, .parquet, or a dir; "
+                   "default: the offline demo corpus")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--calibration-tokens", type=int, default=131_072)
+    p.add_argument("--seq-len", type=int, default=None, help="default: min(2048, the teacher's context)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", help="teacher dtype during calibration")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--student-dtype", default="auto", help="auto (the teacher's) | float32 | bfloat16 | float16")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 COMMANDS = {
     "check-params": (check_params, "validate params.yaml without running anything"),
     "summary": (summary, "print the headline metrics of the last run"),
+    "convert": (convert, "convert an MoE checkpoint into a dense one in one go"),
 }
 
 
@@ -49,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("params", nargs="?", default="params.yaml")
         if name == "summary":
             p.add_argument("--metrics", default="metrics")
+        if name == "convert":
+            _convert_args(p)
     args = parser.parse_args(argv)
     return COMMANDS[args.command][0](args)
 

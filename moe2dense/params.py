@@ -205,12 +205,39 @@ class SelectParams(Section):
     experts: int = Field(4, ge=1)  # K experts kept per layer; k <= K <= E is checked against the teacher
 
 
+# ---------------------------------------------------------------- group / assemble
+GROUP_METHODS = ("weight", "output", "router", "dominant", "coactivation")  # mirrors moe2dense.grouping
+GroupMethod = Literal["weight", "output", "router", "dominant", "coactivation"]
+SCALINGS = ("uniform", "score")  # mirrors moe2dense.scaling
+
+
+class GroupParams(Section):
+    method: GroupMethod = "output"  # ignored when select.experts == k (pure pruning)
+    k: int | None = Field(None, ge=1)  # dense blocks per layer; None = the router's top-k
+    align: bool = False  # align members' neurons to the group's best expert before averaging
+
+
+class AssembleParams(Section):
+    scaling: Literal["uniform", "score"] = "uniform"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # student weights; auto = the teacher's
+    max_shard_gb: float = Field(5.0, gt=0)  # safetensors shard size of the student checkpoint
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
     calibrate: CalibrateParams = CalibrateParams()
     score: ScoreParams = ScoreParams()
     select: SelectParams = SelectParams()
+    group: GroupParams = GroupParams()
+    assemble: AssembleParams = AssembleParams()
+
+    @model_validator(mode="after")
+    def _blocks_fit_selection(self) -> "Params":
+        if self.group.k is not None and self.group.k > self.select.experts:
+            raise ValueError(f"group.k = {self.group.k} must be <= select.experts = {self.select.experts} "
+                             "(each dense block merges at least one selected expert)")
+        return self
 
 
 # ---------------------------------------------------------------- loading and error messages

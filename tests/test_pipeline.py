@@ -14,7 +14,7 @@ from conftest import copy_pipeline_repo, dvc
 pytestmark = pytest.mark.slow
 
 
-ALL_STAGES = {"prepare", "teacher", "calibrate", "score", "select"}
+ALL_STAGES = {"prepare", "teacher", "calibrate", "score", "select", "group", "assemble"}
 
 
 def ran(proc) -> set[str]:
@@ -61,6 +61,25 @@ def test_outputs_exist_and_teacher_metrics_are_numbers(repo):
     assert len(tok) == model.config.vocab_size
 
 
+def test_assembled_student_is_a_plain_dense_qwen3(repo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student_dir = repo / "models/student"
+    assert len(list(student_dir.glob("model-*.safetensors"))) > 1, "max_shard_gb of the smoke params shards it"
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    assert student.config.model_type == "qwen3" and student.config.intermediate_size == 4 * 16
+    assert not any("expert" in n for n, _ in student.named_parameters())
+    m = json.loads((repo / "metrics/assemble.json").read_text())
+    assert m["num_parameters"] == sum(p.numel() for p in student.parameters())
+    assert 0 < m["parameter_ratio"] < 0.5  # 4 of 32 experts kept
+    ids = tok("In the beginning", return_tensors="pt").input_ids
+    out = student.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+    card = (student_dir / "README.md").read_text()
+    assert "do_acp" in card and "qwen3_moe" in card
+
+
 def test_repro_is_cached_and_reruns_only_what_a_param_touches(repo):
     again = dvc(repo, "repro")
     assert ran(again) == set(), again.stdout
@@ -70,7 +89,14 @@ def test_repro_is_cached_and_reruns_only_what_a_param_touches(repo):
     assert "Stage 'prepare' didn't change" in third.stdout
     set_param(repo, "select.experts", 6)  # downstream-only change: calibration and scores are reused
     fourth = dvc(repo, "repro")
-    assert ran(fourth) == {"select"}, fourth.stdout
+    assert ran(fourth) == {"select", "group", "assemble"}, fourth.stdout
+    set_param(repo, "group.method", "coactivation")  # K = 6 > k = 4: grouping matters, selection is reused
+    fifth = dvc(repo, "repro")
+    assert ran(fifth) == {"group", "assemble"}, fifth.stdout
+    plan = json.loads((repo / "grouping/plan.json").read_text())
+    assert plan["group_method"] == "coactivation" and plan["blocks_per_layer"] == 4
+    assert sorted(e for g in plan["layers"]["0"]["groups"] for e in g["experts"]) == \
+        sorted(json.loads((repo / "selection/selection.json").read_text())["layers"]["0"]["experts"])
 
 
 def test_prefect_flow_runs_stages_and_publishes_artifact(repo, prefect_harness):
@@ -80,7 +106,8 @@ def test_prefect_flow_runs_stages_and_publishes_artifact(repo, prefect_harness):
     set_param(repo, "teacher.seed", 1)
     results = pipeline(repo=str(repo))
     assert [(r["stage"], r["status"]) for r in results] == [
-        ("prepare", "skipped"), ("teacher", "ran"), ("calibrate", "ran"), ("score", "ran"), ("select", "ran")]
+        ("prepare", "skipped"), ("teacher", "ran"), ("calibrate", "ran"), ("score", "ran"), ("select", "ran"),
+        ("group", "ran"), ("assemble", "ran")]
     art = read_artifact("moe2dense-pipeline")
     assert art["type"] == "markdown"
     assert "| prepare | skipped |" in art["data"] and "| teacher | ran |" in art["data"] and "perplexity" in art["data"]

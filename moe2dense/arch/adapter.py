@@ -129,7 +129,7 @@ class Adapter:
             return X.fused_expert(
                 {n: tensors[key] for n, key in zip(self._fused, fused)}, e, self.spec.layout, self.act_params
             )
-        names = self._per_expert_names(layer, e)
+        names = self.per_expert_names(layer, e)
         if names and names[0] in tensors:
             gate, up, down = (tensors[n] for n in names)
             return ExpertWeights(gate=gate, up=up, down=down, act=self.spec.layout.act)
@@ -139,7 +139,7 @@ class Adapter:
         """Key names holding layer `layer`'s routed experts. Without `available`: every candidate of both layouts;
         with it (e.g. a safetensors index's keys): the complete layout found there."""
         fused = self._fused_names(layer)
-        per = [n for e in range(self.num_experts) for n in self._per_expert_names(layer, e)]
+        per = [n for e in range(self.num_experts) for n in self.per_expert_names(layer, e)]
         if available is None:
             return fused + per
         available = set(available)
@@ -189,7 +189,7 @@ class Adapter:
     def _fused_names(self, layer: int) -> list[str]:
         return [f"model.layers.{layer}.{self.spec.block_attr}.experts.{n}" for n in self._fused]
 
-    def _per_expert_names(self, layer: int, e: int) -> list[str]:
+    def per_expert_names(self, layer: int, e: int) -> list[str]:
         if self.spec.disk_expert_prefix is None:
             return []
         prefix = f"model.layers.{layer}.{self.spec.disk_expert_prefix}.{e}."

@@ -50,6 +50,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         intermediate_attr="intermediate_size",
         is_moe_layer=_all_layers,
         renorm="norm_topk_prob",
+        dense_mlp="single_expert",
     ),
     FamilySpec(
         model_type="mixtral",
@@ -61,6 +62,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         # Mixtral checkpoints keep the original names; from_pretrained renames block_sparse_moe -> mlp.
         disk_expert_prefix="block_sparse_moe.experts",
         disk_proj_names=("w1", "w3", "w2"),
+        disk_block_attr="block_sparse_moe",
     ),
     FamilySpec(
         model_type="deepseek_v2",
@@ -72,6 +74,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         scaling_attr="routed_scaling_factor",
         router=RouterSpec(group_score="max", group_methods=("group_limited_greedy",), fp32_logits=True),
         shared_attr="shared_experts",
+        first_dense_attr="first_k_dense_replace",
     ),
     FamilySpec(
         model_type="deepseek_v3",
@@ -85,6 +88,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
             score="sigmoid", group_score="top2_sum", bias_attr="e_score_correction_bias", fp32_logits=True
         ),
         shared_attr="shared_experts",
+        first_dense_attr="first_k_dense_replace",
     ),
     FamilySpec(
         model_type="gpt_oss",
@@ -97,5 +101,6 @@ FAMILIES: tuple[FamilySpec, ...] = (
         router_attr="router",
         block_returns_tuple=True,
         disk_expert_prefix=None,  # saved fused, exactly as in memory
+        dense_mlp="single_expert",
     ),
 )

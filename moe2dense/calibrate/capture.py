@@ -105,6 +105,12 @@ class _LayerCapture:
             else None
         self._softmax = adapter.spec.router.score == "softmax"
         self.batch: _Batch | None = None
+        self.shared_gate_sum = zeros(()) if adapter.spec.shared_gate_attr else None
+
+    def shared_gate_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Sums sigmoid(gate logit) of the sigmoid-gated shared expert (qwen2_moe): assembly folds the shared
+        expert in with its mean gate."""
+        self.shared_gate_sum += output.detach().float().sigmoid().sum(dtype=F64)
 
     def __call__(self, module: nn.Module, args: tuple, output) -> None:
         batch, E, k = self.batch, self.adapter.num_experts, self.adapter.top_k
@@ -238,6 +244,9 @@ def capture(
             layers[layer] = cap = _LayerCapture(model, adapter, layer, writer, partial(threads.submit, slot), needs,
                                                 store_probs, token_chunk, device)
             handles.append(adapter.router_module(model, layer).register_forward_hook(cap))
+            if cap.shared_gate_sum is not None:
+                gate = getattr(adapter.mlp(model, layer), adapter.spec.shared_gate_attr)
+                handles.append(gate.register_forward_hook(cap.shared_gate_hook))
         with torch.no_grad():
             for ids, domains in batches:
                 ids = torch.as_tensor(ids, dtype=torch.long)
@@ -283,6 +292,9 @@ def capture(
         "needs": [c for c in CAPTURES if c in needs],
         "store_probs": store_probs,
         "domains": dict(sorted(domain_tokens.items())),  # domain -> calibration tokens
+        # layer -> mean sigmoid gate of the shared expert over calibration tokens (families with a gated one)
+        "shared_gate_mean": {str(layer): float(cap.shared_gate_sum) / n_tokens for layer, cap in layers.items()
+                             if cap.shared_gate_sum is not None},
     })
     return stats
 

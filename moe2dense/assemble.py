@@ -1,0 +1,328 @@
+"""Dense assembly (DESIGN.md "Assembly", the paper's Eq. 2): execute a conversion plan on a teacher checkpoint and
+write the dense student as a standard Hugging Face checkpoint dir.
+
+Per MoE layer the k merged experts (plus shared experts) become one SwiGLU MLP: gate and up rows are stacked, down
+columns concatenated with block g's columns times c_g, so Dense(x) = sum_g c_g E_g(x) exactly (biases: the down bias
+is sum_g c_g b_g; the clamped GPT-OSS activation is per neuron, so it concatenates too). Layers narrower than the
+widest are zero-padded: a neuron with zero gate, up and down rows contributes exactly 0.
+
+Streaming: the student's tensor layout is known before any weight is read (from the config on the meta device), so
+`ShardedWriter` fixes the shard files up front and every tensor is written as soon as it exists. Memory holds one
+teacher layer's selected experts and one student layer, never the teacher or the student whole.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from moe2dense.arch import Adapter, ExpertWeights, get_adapter
+from moe2dense.checkpoint import CheckpointReader, ShardedWriter
+from moe2dense.grouping import merge_experts
+from moe2dense.teacher_weights import (dense_mlp_width, read_dense_mlp, read_experts, read_shared_experts,
+                                       shared_width)
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Block = tuple[ExpertWeights, float]  # an expert (merged or shared, or a dense MLP) and its constant c
+
+
+# ---------------------------------------------------------------------------------------------------- the algebra
+def concat_blocks(blocks: list[Block], width: int) -> ExpertWeights:
+    """One SwiGLU MLP computing sum_b c_b f_b(x), zero-padded to `width` neurons (float32)."""
+    first = blocks[0][0]
+    if any(w.act != first.act for w, _ in blocks):
+        raise ValueError("blocks with different activations cannot be concatenated")
+    H = first.down.shape[0]
+    used = sum(w.gate.shape[0] for w, _ in blocks)
+    if used > width:
+        raise ValueError(f"blocks have {used} neurons, more than the dense width {width}")
+    pad = width - used
+    f32 = lambda t: t.to(torch.float32)  # noqa: E731
+    gate = torch.cat([f32(w.gate) for w, _ in blocks] + [first.gate.new_zeros(pad, H, dtype=torch.float32)])
+    up = torch.cat([f32(w.up) for w, _ in blocks] + [first.up.new_zeros(pad, H, dtype=torch.float32)])
+    down = torch.cat([f32(w.down) * c for w, c in blocks] + [first.down.new_zeros(H, pad, dtype=torch.float32)], 1)
+    has_bias = [w.down_bias is not None or w.gate_bias is not None for w, _ in blocks]
+    gate_b = up_b = down_b = None
+    if any(has_bias):
+        zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=first.gate.device)  # noqa: E731
+        gate_b = torch.cat([f32(w.gate_bias) if w.gate_bias is not None else zeros(w.gate.shape[0])
+                            for w, _ in blocks] + [zeros(pad)])
+        up_b = torch.cat([f32(w.up_bias) if w.up_bias is not None else zeros(w.up.shape[0])
+                          for w, _ in blocks] + [zeros(pad)])
+        down_b = sum((f32(w.down_bias) * c for w, c in blocks if w.down_bias is not None), zeros(H))
+    return ExpertWeights(gate, up, down, gate_b, up_b, down_b, act=first.act, swiglu_alpha=first.swiglu_alpha,
+                         swiglu_limit=first.swiglu_limit)
+
+
+# ----------------------------------------------------------------------------------- the student's MLP, by family
+MlpWriter = Callable[[Adapter, int, ExpertWeights, set[str]], dict[str, torch.Tensor]]
+MLP_WRITERS: dict[str, MlpWriter] = {}
+
+
+def register_mlp_writer(kind: str) -> Callable[[MlpWriter], MlpWriter]:
+    def deco(fn: MlpWriter) -> MlpWriter:
+        MLP_WRITERS[kind] = fn
+        return fn
+    return deco
+
+
+@register_mlp_writer("mlp")
+def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
+    if block.down_bias is not None or block.act != "swiglu":
+        raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
+    prefix = f"model.layers.{layer}.mlp"
+    return {f"{prefix}.gate_proj.weight": block.gate, f"{prefix}.up_proj.weight": block.up,
+            f"{prefix}.down_proj.weight": block.down}
+
+
+@register_mlp_writer("single_expert")
+def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]
+                   ) -> dict[str, torch.Tensor]:
+    """The same MoE family with one expert that every token uses with weight 1 (softmax over one logit), in the
+    names `save_pretrained` writes: per-expert keys where the family stores them so, else fused."""
+    spec, layout = adapter.spec, adapter.spec.layout
+    prefix = f"model.layers.{layer}.{spec.block_attr}"
+    H = block.down.shape[0]
+    router = f"{prefix}.{spec.router_attr}"
+    out = {f"{router}.weight": block.gate.new_zeros(1, H)}
+    if f"{router}.bias" in student_keys:
+        out[f"{router}.bias"] = block.gate.new_zeros(1)
+    if spec.disk_expert_prefix is not None:
+        if block.down_bias is not None:
+            raise ValueError(f"{adapter.model_type} experts have no biases")
+        names = [f"model.layers.{layer}.{spec.disk_expert_prefix}.0.{p}.weight" for p in spec.disk_proj_names]
+        return out | dict(zip(names, (block.gate, block.up, block.down)))
+    experts = f"{prefix}.experts"
+    if layout.interleaved:  # gate/up alternate along the 2W axis
+        gate_up = torch.stack([block.gate, block.up], 1).reshape(-1, H)
+    else:
+        gate_up = torch.cat([block.gate, block.up])
+    down = block.down
+    if layout.transposed:
+        gate_up, down = gate_up.T, down.T
+    out[f"{experts}.gate_up_proj"] = gate_up[None]
+    out[f"{experts}.down_proj"] = down[None]
+    if layout.has_bias:
+        gb = torch.stack([block.gate_bias, block.up_bias], 1).reshape(-1) if layout.interleaved \
+            else torch.cat([block.gate_bias, block.up_bias])
+        out[f"{experts}.gate_up_proj_bias"] = gb[None]
+        out[f"{experts}.down_proj_bias"] = block.down_bias[None]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the student config
+def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtype: torch.dtype) -> PreTrainedConfig:
+    """The dense twin's config: every field the dense class knows is copied from the teacher (attention, rope,
+    norms, vocabulary, tying), then the MLP width and, per family, the switches that make every layer dense."""
+    spec = adapter.spec
+    known = set(AutoConfig.for_model(spec.dense_model_type).to_dict())
+    skip = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"}
+    kwargs = {k: v for k, v in teacher.to_dict().items() if k in known and k not in skip}
+    kwargs["intermediate_size"] = width
+    if spec.dense_mlp == "single_expert":
+        kwargs[spec.num_experts_attr] = 1
+        kwargs["num_experts_per_tok"] = 1
+    if spec.first_dense_attr:
+        kwargs[spec.first_dense_attr] = teacher.num_hidden_layers
+    config = AutoConfig.for_model(spec.dense_model_type, **kwargs)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.dense_model_type]]
+    config.dtype = str(dtype).removeprefix("torch.")
+    return config
+
+
+def student_layout(config: PreTrainedConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every parameter and buffer the student saves, from a meta-device instance."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    tied = getattr(config, "tie_word_embeddings", False)
+    return {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()
+            if not (tied and n == "lm_head.weight")}
+
+
+# -------------------------------------------------------------------------------------------------------- assembly
+def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: dict | None,
+                 align: bool) -> list[Block]:
+    """The (expert, c) blocks of one layer: merged groups and shared experts, or an originally dense MLP."""
+    if layer not in adapter.moe_layers:
+        return [(read_dense_mlp(reader, adapter, layer), 1.0)]
+    groups = layer_plan["groups"]
+    experts = read_experts(reader, adapter, layer, [e for g in groups for e in g["experts"]])
+    blocks = [(merge_experts([experts[e] for e in g["experts"]], g["weights"], align=align), float(g["scale"]))
+              for g in groups]
+    shared = read_shared_experts(reader, adapter, layer)
+    if len(shared) != len(layer_plan["shared"]):
+        raise ValueError(f"layer {layer}: the plan has {len(layer_plan['shared'])} shared experts, the teacher "
+                         f"{len(shared)}")
+    return blocks + [(w, float(s["scale"])) for w, s in zip(shared, layer_plan["shared"])]
+
+
+def layer_width(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: dict | None) -> int:
+    if layer not in adapter.moe_layers:
+        return dense_mlp_width(reader, adapter, layer)
+    return len(layer_plan["groups"]) * adapter.intermediate_size + shared_width(reader, adapter, layer)
+
+
+def check_plan(plan: dict, adapter: Adapter) -> None:
+    t = plan["teacher"]
+    if (t["model_type"], t["num_experts"], t["moe_layers"]) != (adapter.model_type, adapter.num_experts,
+                                                                adapter.moe_layers):
+        raise ValueError(f"the plan was made for a {t['model_type']} with {t['num_experts']} experts on layers "
+                         f"{t['moe_layers']}; this teacher is a {adapter.model_type} with {adapter.num_experts} on "
+                         f"{adapter.moe_layers}: rerun grouping for this teacher")
+
+
+def _teacher_dtype(reader: CheckpointReader) -> torch.dtype:
+    name = "model.embed_tokens.weight"
+    return reader.dtype(name) if name in reader else torch.float32
+
+
+def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str = "auto",
+             max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | Path | None = None, card: str = "",
+             progress: bool = True) -> dict:
+    """Write the dense student into `out` (an empty dir, made atomic by the caller). Returns a summary."""
+    teacher_dir, out = Path(teacher_dir), Path(out)
+    tconfig = AutoConfig.from_pretrained(teacher_dir)
+    adapter = get_adapter(tconfig)
+    check_plan(plan, adapter)
+    reader = CheckpointReader(teacher_dir)
+    try:
+        target = _teacher_dtype(reader) if dtype == "auto" else DTYPES[dtype]
+        plans = {int(layer): lp for layer, lp in plan["layers"].items()}
+        widths = {layer: layer_width(reader, adapter, layer, plans.get(layer)) for layer in range(adapter.num_layers)}
+        width = max(widths.values())
+        config = student_config(tconfig, adapter, width, target)
+        layout = student_layout(config)
+        writer_fn = MLP_WRITERS[adapter.spec.dense_mlp]
+        mlp_prefix = lambda layer: f"model.layers.{layer}.{adapter.spec.block_attr}."  # noqa: E731
+        copied = [n for n in layout if not any(n.startswith(mlp_prefix(i)) for i in range(adapter.num_layers))]
+        if missing := [n for n in copied if n not in reader]:
+            raise ValueError(f"the teacher checkpoint lacks tensors the {config.model_type} student needs: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        # The MLP tensors' names and shapes come from running the writer on meta tensors of the final shape.
+        keys = set(layout)
+        H = tconfig.hidden_size
+        meta_mlp = {}
+        for layer in range(adapter.num_layers):
+            meta = concat_blocks([(_meta_block(widths[layer], H, adapter), 1.0)], width)
+            meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
+        shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
+        shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
+        params = sum(_numel(shape) for _, shape, _ in shard_plan)
+        with ShardedWriter(out, shard_plan, max_shard_bytes=max_shard_bytes) as writer:
+            by_layer: dict[int | None, list[str]] = {}
+            for n in copied:
+                by_layer.setdefault(_layer_of(n), []).append(n)
+            for n in by_layer.pop(None, []):
+                writer.write(n, reader.read(n).to(_cast(reader.dtype(n), target)))
+            for layer in tqdm(range(adapter.num_layers), desc="assemble", unit="layer", disable=not progress):
+                for n in by_layer.get(layer, []):
+                    writer.write(n, reader.read(n).to(_cast(reader.dtype(n), target)))
+                blocks = layer_blocks(reader, adapter, layer, plans.get(layer), plan.get("align", False))
+                for n, t in writer_fn(adapter, layer, concat_blocks(blocks, width), keys).items():
+                    writer.write(n, t.to(target).contiguous())
+                del blocks
+    finally:
+        reader.close()
+    config.save_pretrained(out)
+    _generation_config(teacher_dir, config, out)
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), out)
+    summary = {"model_type": config.model_type, "teacher_model_type": adapter.model_type, "intermediate_size": width,
+               "num_parameters": params, "dtype": str(target).removeprefix("torch."),
+               "bytes": sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in shard_plan)}
+    single = adapter.spec.dense_mlp == "single_expert"
+    (out / "README.md").write_text(card or model_card(plan, summary, teacher_dir, single))
+    return summary
+
+
+def _meta_block(neurons: int, hidden: int, adapter: Adapter) -> ExpertWeights:
+    z = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    bias = adapter.spec.layout.has_bias
+    return ExpertWeights(z(neurons, hidden), z(neurons, hidden), z(hidden, neurons),
+                         z(neurons) if bias else None, z(neurons) if bias else None, z(hidden) if bias else None,
+                         act=adapter.spec.layout.act)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else None
+
+
+def _cast(source: torch.dtype, target: torch.dtype) -> torch.dtype:
+    return target if source.is_floating_point else source
+
+
+def _generation_config(teacher_dir: Path, config: PreTrainedConfig, out: Path) -> None:
+    src = teacher_dir / "generation_config.json"
+    if src.is_file():
+        shutil.copyfile(src, out / "generation_config.json")
+    else:
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    for f in found:
+        shutil.copyfile(src / f, out / f)
+
+
+WHY_SINGLE_EXPERT = (
+    "{family} has no dense counterpart in transformers, so the student is a {family} model with a single expert "
+    "that every token uses with weight 1 (a softmax over one logit). It computes exactly a dense SwiGLU MLP of "
+    "width {width} and loads with `AutoModelForCausalLM.from_pretrained` like any {family} checkpoint."
+)
+
+
+def model_card(plan: dict, summary: dict, teacher_dir: Path, single_expert: bool) -> str:
+    t = plan["teacher"]
+    lines = [
+        "---", "library_name: transformers", "tags: [moe2dense, dense, pruned, moe-to-dense]", "---", "",
+        f"# Dense {summary['model_type']} converted from a {t['model_type']} MoE", "",
+        f"Made by [moe2dense](https://github.com/) from the teacher at `{teacher_dir}` ({t['model_type']}, "
+        f"{t['num_experts']} experts per layer, top-{t['top_k']}, {len(t['moe_layers'])} MoE layers).", "",
+        "| | |", "|---|---|",
+        f"| parameters | {summary['num_parameters']:,} |",
+        f"| dtype | {summary['dtype']} |",
+        f"| MLP width | {summary['intermediate_size']} |",
+        f"| expert scoring | {plan['score_method']} (merge weights by {plan['merge_scores']}) |",
+        f"| experts kept per layer (K) | {plan['experts_per_layer']} |",
+        f"| dense blocks per layer (k) | {plan['blocks_per_layer']} |",
+        f"| grouping | {'none (pure pruning, K == k)' if plan['pure_pruning'] else plan['group_method']}"
+        f"{' + neuron alignment' if plan['align'] else ''} |",
+        f"| magnitude scaling | {plan['scaling']} |", "",
+        "## How it was made", "",
+        "Routing statistics of the teacher over calibration text scored every expert; K experts per layer were "
+        "kept, grouped into k blocks and merged (score-weighted average), and the blocks concatenated into one "
+        "SwiGLU MLP per layer whose down projection carries each block's constant c_g in place of the routing "
+        "weight, so the MLP computes sum_g c_g E_g(x). Attention, embeddings and norms are the teacher's, "
+        "unchanged. This checkpoint is the assembled model before distillation.", "",
+    ]
+    if single_expert:
+        lines += [WHY_SINGLE_EXPERT.format(family=summary["model_type"], width=summary["intermediate_size"]), ""]
+    lines += ["## Per-layer plan", "", "```json", json.dumps(_plan_digest(plan), indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def _plan_digest(plan: dict) -> dict:
+    return {layer: [[g["experts"], round(g["scale"], 4)] for g in lp["groups"]] for layer, lp in plan["layers"].items()}

@@ -1,0 +1,174 @@
+"""One-shot conversion for users who do not need the pipeline: calibrate -> score -> select -> group -> assemble,
+through the same library calls the DVC stages make, with the calibration run kept in a temp dir.
+
+    python -m moe2dense convert --teacher DIR --method do_acp --experts K --out DIR
+
+Every argument is checked against the teacher's config before the teacher is loaded, so a wrong K or method fails
+in a second, not after calibration.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import zip_longest
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe2dense import params as P
+from moe2dense.arch import get_adapter
+from moe2dense.assemble import assemble
+from moe2dense.calibrate.capture import capture
+from moe2dense.calibrate.store import read_meta
+from moe2dense.checkpoint import CheckpointReader
+from moe2dense.data.sources import iter_corpus
+from moe2dense.data.tokenizer import batched_encode, eos_id, load_tokenizer
+from moe2dense.grouping import GROUP_METHODS, required_input
+from moe2dense.io import atomic_dir, write_json
+from moe2dense.plan import build_plan, merge_score_method
+from moe2dense.scaling import SCALINGS
+from moe2dense.scoring import DO_ACP_LAMBDA, SCORERS, required_capture
+from moe2dense.selection import check_budget, select_layers
+from moe2dense.teacher.load import DTYPES, resolve_device
+from moe2dense.teacher.source import resolve_checkpoint, weight_files
+
+log = logging.getLogger(__name__)
+DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+
+
+@dataclass(frozen=True)
+class ConvertArgs:
+    teacher: str
+    out: str
+    method: str
+    experts: int
+    group: str = "output"
+    blocks: int | None = None  # dense blocks per layer; None = the router's top-k
+    align: bool = False
+    scaling: str = "uniform"
+    data: str | None = None  # None: the offline demo corpus
+    text_column: str = "text"
+    calibration_tokens: int = 131_072
+    seq_len: int | None = None  # None: min(2048, the teacher's context)
+    batch_size: int = 8
+    dtype: str = "float32"  # teacher during calibration
+    device: str = "auto"
+    student_dtype: str = "auto"
+    do_acp_lambda: float = DO_ACP_LAMBDA
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _check(args: ConvertArgs) -> tuple[Path, object]:
+    """Every check that needs no weights: the teacher's config, K, methods, paths."""
+    if args.method not in SCORERS:
+        raise ValueError(f"--method {args.method!r} is not a scoring method; choose one of {tuple(SCORERS)}")
+    if args.group not in GROUP_METHODS:
+        raise ValueError(f"--group {args.group!r} is not a grouping method; choose one of {GROUP_METHODS}")
+    if args.scaling not in SCALINGS:
+        raise ValueError(f"--scaling {args.scaling!r} is not a scaling; choose one of {tuple(SCALINGS)}")
+    for name, value in (("--dtype", args.dtype), ("--student-dtype", args.student_dtype)):
+        if value not in DTYPES and not (name == "--student-dtype" and value == "auto"):
+            raise ValueError(f"{name} {value!r}: choose one of {tuple(DTYPES)}")
+    if args.calibration_tokens < 1:
+        raise ValueError(f"--calibration-tokens must be >= 1, got {args.calibration_tokens}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    if args.data is not None:
+        data = Path(args.data)
+        if not data.exists():
+            raise FileNotFoundError(f"--data {data}: no such file or directory")
+        if data.is_file() and data.suffix not in DATA_SUFFIXES:
+            raise ValueError(f"--data {data}: unsupported file type; allowed: {', '.join(DATA_SUFFIXES)}")
+    checkpoint = resolve_checkpoint(args.teacher)
+    weight_files(checkpoint)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    adapter = get_adapter(config)  # unsupported family / quantized experts fail here
+    check_budget(args.experts, adapter.top_k, adapter.num_experts)
+    blocks = args.blocks or adapter.top_k
+    if not 1 <= blocks <= args.experts:
+        raise ValueError(f"--blocks {blocks} must be in [1, --experts {args.experts}]")
+    if blocks == args.experts:
+        log.info("--experts == blocks == %d: pure pruning, --group %s and --align are ignored", blocks, args.group)
+    resolve_device(args.device)
+    return checkpoint, adapter
+
+
+def _documents(args: ConvertArgs) -> Iterator[tuple[str, str]]:
+    """(domain, text): the user's file, or the demo corpus with its domains interleaved so a small token budget
+    still sees all of them."""
+    if args.data is not None:
+        src = P.FilesSource(kind="files", paths=[args.data], text_column=args.text_column)
+        for doc in iter_corpus([src]):
+            yield doc.domain, doc.text
+        return
+    sources = P.PrepareParams().corpus
+    streams = [iter_corpus([s]) for s in sources]
+    for docs in zip_longest(*streams):
+        for doc in docs:
+            if doc is not None:
+                yield doc.domain, doc.text
+
+
+def calibration_rows(args: ConvertArgs, tokenizer, seq_len: int) -> tuple[np.ndarray, list[str]]:
+    """Documents tokenized with the teacher's tokenizer, packed per domain into rows of seq_len tokens separated by
+    EOS, until `calibration_tokens` tokens are full rows."""
+    sep, n_rows = eos_id(tokenizer), max(1, args.calibration_tokens // seq_len)
+    buffers: dict[str, list[int]] = {}
+    rows, domains = [], []
+    docs = iter(_documents(args))
+    while len(rows) < n_rows:
+        batch = [d for _, d in zip(range(64), docs)]
+        if not batch:
+            break
+        for (domain, _), ids in zip(batch, batched_encode(tokenizer, [t for _, t in batch])):
+            buf = buffers.setdefault(domain, [])
+            buf.extend(ids + [sep])
+            while len(buf) >= seq_len and len(rows) < n_rows:
+                rows.append(buf[:seq_len])
+                domains.append(domain)
+                del buf[:seq_len]
+    if not rows:
+        raise ValueError(f"the calibration text has fewer than {seq_len} tokens; give more text or a smaller "
+                         "--seq-len")
+    return np.asarray(rows, dtype=np.int64), domains
+
+
+def convert(args: ConvertArgs) -> dict:
+    checkpoint, adapter = _check(args)
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[args.dtype], local_files_only=True)
+    model = model.to(resolve_device(args.device)).eval().requires_grad_(False)
+    seq_len = args.seq_len or min(2048, getattr(model.config, "max_position_embeddings", 2048))
+    ids, domains = calibration_rows(args, tokenizer, seq_len)
+    methods = [args.method, merge_score_method(args.method)]
+    needs = required_capture(methods)
+    pure = (args.blocks or adapter.top_k) == args.experts
+    if not pure and required_input(args.group) == "gram":
+        needs = needs | {"all_outputs"}
+    batches = [(ids[i:i + args.batch_size], domains[i:i + args.batch_size])
+               for i in range(0, len(ids), args.batch_size)]
+    with tempfile.TemporaryDirectory(prefix="moe2dense-calibration-") as calibration:
+        stats = capture(model, batches, calibration, needs=needs, progress=args.progress)
+        del model
+        order = select_layers(args.method, stats, args.experts, adapter.top_k, lam=args.do_acp_lambda)
+        with CheckpointReader(checkpoint) as reader:
+            plan = build_plan(adapter, stats, order, score_method=args.method, group_method=args.group,
+                              blocks=args.blocks, align=args.align, scaling=args.scaling, reader=reader,
+                              calibration=calibration,
+                              shared_gate_mean=read_meta(calibration).get("shared_gate_mean", {}))
+    plan["calibration"] = {"tokens": int(ids.size), "seq_len": seq_len, "data": args.data or "demo corpus"}
+    with atomic_dir(args.out) as out:
+        summary = assemble(checkpoint, plan, out, dtype=args.student_dtype, tokenizer_dir=checkpoint,
+                           progress=args.progress)
+        write_json(out / "moe2dense_plan.json", plan)
+    torch.set_grad_enabled(True)
+    return summary

@@ -1,0 +1,97 @@
+"""Read one MoE layer's router, experts, shared experts or dense MLP from a teacher checkpoint on disk.
+
+Grouping and assembly go through here so that a teacher is never loaded whole: each call reads only the tensors it
+names (for fused expert tensors, only the selected experts' rows) with `CheckpointReader`. Both on-disk layouts are
+handled: per-expert keys as `save_pretrained` writes them, and fused 3-D tensors (gpt_oss, state-dict dumps).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moe2dense.arch import Adapter, ExpertWeights, QuantizedModelError
+from moe2dense.arch.experts import FUSED
+from moe2dense.checkpoint import CheckpointReader
+
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def _block_prefixes(adapter: Adapter, layer: int) -> list[str]:
+    spec = adapter.spec
+    names = [spec.block_attr] + ([spec.disk_block_attr] if spec.disk_block_attr else [])
+    return [f"model.layers.{layer}.{n}" for n in names]
+
+
+def _first_present(reader: CheckpointReader, candidates: Sequence[str], what: str) -> str:
+    for name in candidates:
+        if name in reader:
+            return name
+    raise KeyError(f"{what}: none of {list(candidates)} is in the checkpoint {reader.path}")
+
+
+def read_router_weight(reader: CheckpointReader, adapter: Adapter, layer: int) -> torch.Tensor:
+    """The router's rows (E, H)."""
+    candidates = [f"{p}.{adapter.spec.router_attr}.weight" for p in _block_prefixes(adapter, layer)]
+    return reader.read(_first_present(reader, candidates, f"router of layer {layer}"))
+
+
+def _check_not_quantized(reader: CheckpointReader, adapter: Adapter, layer: int) -> None:
+    prefix = f"model.layers.{layer}.{adapter.spec.block_attr}.experts."
+    packed = [n for n in reader.keys() if n.startswith(prefix) and n.endswith(("_blocks", "_scales"))]
+    if packed:
+        raise QuantizedModelError(
+            f"{reader.path}: layer {layer}'s experts are stored quantized ({packed[0]}, ...). moe2dense needs "
+            "full-precision experts: load the model with its quantization config's dequantize option (GPT-OSS: "
+            "quantization_config=Mxfp4Config(dequantize=True)), save_pretrained a bf16 copy, and use that directory."
+        )
+
+
+def read_experts(reader: CheckpointReader, adapter: Adapter, layer: int, experts: Sequence[int]
+                 ) -> dict[int, ExpertWeights]:
+    """The routed experts `experts` of `layer` in canonical form, reading nothing else of the layer."""
+    _check_not_quantized(reader, adapter, layer)
+    ids = sorted(set(int(e) for e in experts))
+    names = adapter.expert_tensor_names(layer, reader.keys())
+    if names[0].endswith(FUSED[0]):  # fused: read the selected rows and renumber them 0..len(ids)-1
+        subset = {name: reader.read_rows(name, ids) for name in names}
+        return {e: adapter.expert_weights_from_tensors(subset, layer, j) for j, e in enumerate(ids)}
+    out = {}
+    for e in ids:
+        mapping = {name: reader.read(name) for name in adapter.per_expert_names(layer, e)}
+        out[e] = adapter.expert_weights_from_tensors(mapping, layer, e)
+    return out
+
+
+def read_mlp(reader: CheckpointReader, prefix: str) -> ExpertWeights:
+    """A SwiGLU MLP stored as `{prefix}.gate_proj/up_proj/down_proj.weight` (+ optional biases)."""
+    tensors = {}
+    for proj in _PROJ:
+        tensors[proj] = reader.read(_first_present(reader, [f"{prefix}.{proj}.weight"], f"MLP {prefix}"))
+        bias = f"{prefix}.{proj}.bias"
+        tensors[proj + "_bias"] = reader.read(bias) if bias in reader else None
+    return ExpertWeights(gate=tensors["gate_proj"], up=tensors["up_proj"], down=tensors["down_proj"],
+                         gate_bias=tensors["gate_proj_bias"], up_bias=tensors["up_proj_bias"],
+                         down_bias=tensors["down_proj_bias"])
+
+
+def read_shared_experts(reader: CheckpointReader, adapter: Adapter, layer: int) -> list[ExpertWeights]:
+    """The layer's shared expert MLP (one module, however many shared experts it stands for), or []."""
+    if adapter.spec.shared_attr is None:
+        return []
+    return [read_mlp(reader, f"model.layers.{layer}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}")]
+
+
+def read_dense_mlp(reader: CheckpointReader, adapter: Adapter, layer: int) -> ExpertWeights:
+    """The MLP of an originally dense layer (deepseek's first_k_dense_replace, qwen's mlp_only_layers)."""
+    return read_mlp(reader, f"model.layers.{layer}.{adapter.spec.block_attr}")
+
+
+def dense_mlp_width(reader: CheckpointReader, adapter: Adapter, layer: int) -> int:
+    return reader.shape(f"model.layers.{layer}.{adapter.spec.block_attr}.up_proj.weight")[0]
+
+
+def shared_width(reader: CheckpointReader, adapter: Adapter, layer: int) -> int:
+    if adapter.spec.shared_attr is None:
+        return 0
+    return reader.shape(f"model.layers.{layer}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}.up_proj.weight")[0]

@@ -1,0 +1,175 @@
+"""Dense assembly on every family: the algebra of the paper's Eq. 2, checked on tiny models saved to disk.
+
+(a) a teacher whose router weighs all E experts equally with top-k = E, converted with K = E and uniform scaling,
+    gives the teacher's logits; (b) the dense MLP equals sum_g c_g E_g(x) with E_g the merged expert (GPT-OSS biases
+    and clamp included); (c) K == k copies the selected experts bit for bit; (d) the student reloads (no missing or
+    unexpected keys, no routed experts) and generates.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe2dense.arch import expert_forward, get_adapter
+from moe2dense.assemble import assemble
+from moe2dense.calibrate.capture import capture
+from moe2dense.calibrate.store import read_meta
+from moe2dense.checkpoint import CheckpointReader
+from moe2dense.grouping import merge_experts
+from moe2dense.plan import build_plan
+from moe2dense.selection import select_layers
+from moe2dense.teacher_weights import read_experts
+from tiny_models import tiny_config, tiny_model
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+DENSE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "olmoe": "olmoe", "mixtral": "mistral",
+         "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss"}
+
+
+def _batches(vocab: int, n: int = 4, seq: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    return [(ids[i:i + 2], ["a", "b"][: len(ids[i:i + 2])]) for i in range(0, n, 2)]
+
+
+def _convert(model, tmp_path, *, method="sf", K=None, group="output", blocks=None, scaling="uniform",
+             align=False, save=True):
+    """Save the teacher, calibrate on random tokens, select, group and assemble: the stages' library calls."""
+    teacher_dir, out = tmp_path / "teacher", tmp_path / "student"
+    if save:
+        model.save_pretrained(teacher_dir)
+    adapter = get_adapter(model)
+    calib = tmp_path / "calibration"
+    stats = capture(model, _batches(model.config.vocab_size), calib, needs={"routing", "routed_outputs", "all_outputs"},
+                    progress=False, writer_threads=0)
+    K = K or adapter.top_k
+    order = select_layers(method, stats, K, adapter.top_k)
+    with CheckpointReader(teacher_dir) as reader:
+        plan = build_plan(adapter, stats, order, score_method=method, group_method=group, blocks=blocks,
+                          align=align, scaling=scaling, reader=reader, calibration=calib,
+                          shared_gate_mean=read_meta(calib)["shared_gate_mean"])
+    out.mkdir()
+    summary = assemble(teacher_dir, plan, out, progress=False)
+    return plan, summary, teacher_dir, out
+
+
+def _load(out):
+    student, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return student.eval()
+
+
+@torch.no_grad()
+def _uniform_router_teacher(family: str):
+    """top-k = E and every router logit 0: each expert gets the same weight on every token."""
+    config = tiny_config(family)
+    E = getattr(config, get_adapter(config).spec.num_experts_attr)
+    config.num_experts_per_tok = E
+    if family.startswith("deepseek"):
+        config.topk_group = config.n_group
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for name, p in model.named_parameters():
+        if ".gate.weight" in name or ".router." in name or "shared_expert_gate" in name:
+            p.zero_()  # routers (and qwen2_moe's shared gate: sigmoid(0) = 0.5 on every token)
+        elif name.endswith("_bias") and ".experts." in name:
+            p.normal_(0.0, 0.1)
+        elif name.endswith("experts.gate_up_proj") and family == "gpt_oss":
+            p.mul_(100.0)  # past swiglu_limit: the clamp must survive concatenation
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_equal_router_all_experts_reproduces_teacher_logits(family, tmp_path):
+    teacher = _uniform_router_teacher(family)
+    E = get_adapter(teacher).num_experts
+    plan, summary, _, out = _convert(teacher, tmp_path, K=E)
+    assert plan["pure_pruning"] and summary["model_type"] == DENSE[family]
+    student = _load(out)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = teacher(ids).logits, student(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    _assert_no_routed_experts(student)
+
+
+def _assert_no_routed_experts(student):
+    """Dense twins have no experts at all; single-expert students have exactly one, always on."""
+    experts = {n: t for n, t in student.state_dict().items() if ".experts." in n or ".gate.weight" in n
+               or ".router." in n}
+    assert all(t.shape[0] == 1 for t in experts.values()), {n: tuple(t.shape) for n, t in experts.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_mlp_is_the_scaled_sum_of_merged_experts(family, tmp_path):
+    teacher = tiny_model(family)
+    adapter = get_adapter(teacher)
+    plan, _, teacher_dir, out = _convert(teacher, tmp_path, method="reap", K=6, group="output", scaling="score",
+                                         align=True)
+    assert not plan["pure_pruning"] and plan["blocks_per_layer"] == adapter.top_k
+    student = _load(out)
+    x = torch.randn(5, teacher.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
+    with CheckpointReader(teacher_dir) as reader:
+        for layer in adapter.moe_layers:
+            lp = plan["layers"][str(layer)]
+            experts = read_experts(reader, adapter, layer, [e for g in lp["groups"] for e in g["experts"]])
+            want = sum(g["scale"] * expert_forward(merge_experts([experts[e] for e in g["experts"]], g["weights"],
+                                                                 align=True), x) for g in lp["groups"])
+            for s, shared in zip(lp["shared"], adapter.shared_experts(teacher, layer)):
+                want = want + s["scale"] * expert_forward(shared.weights, x)
+            mlp = student.model.layers[layer].mlp
+            with torch.no_grad():
+                got = mlp(x[None])
+                got = (got[0] if isinstance(got, tuple) else got)[0]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_pure_pruning_copies_selected_experts_bit_for_bit(family, tmp_path):
+    teacher = tiny_model(family)
+    adapter = get_adapter(teacher)
+    plan, _, _, out = _convert(teacher, tmp_path, method="sf")
+    assert plan["pure_pruning"] and plan["group_method"] is None
+    student = _load(out)
+    I = adapter.intermediate_size
+    for layer in adapter.moe_layers:
+        lp = plan["layers"][str(layer)]
+        w = _student_mlp(student, adapter, layer)
+        for b, g in enumerate(lp["groups"]):
+            (e,) = g["experts"]
+            src = adapter.expert_weights(teacher, layer, e)
+            rows = slice(b * I, (b + 1) * I)
+            assert torch.equal(w.gate[rows], src.gate) and torch.equal(w.up[rows], src.up)
+            assert torch.equal(w.down[:, rows], (src.down.float() * g["scale"]).to(src.down.dtype))
+            if src.gate_bias is not None:
+                assert torch.equal(w.gate_bias[rows], src.gate_bias) and torch.equal(w.up_bias[rows], src.up_bias)
+
+
+def _student_mlp(student, adapter, layer):
+    mlp = student.model.layers[layer].mlp
+    if adapter.spec.dense_mlp == "single_expert":
+        return adapter.expert_weights(student, layer, 0)
+    from moe2dense.arch.experts import mlp_weights
+    return mlp_weights(mlp)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_student_reloads_and_generates(family, tmp_path):
+    teacher = tiny_model(family)
+    _, summary, _, out = _convert(teacher, tmp_path, method="do_acp", K=4, group="dominant")
+    student = _load(out)
+    assert student.config.model_type == DENSE[family]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["intermediate_size"] == summary["intermediate_size"]
+    assert summary["num_parameters"] == sum(p.numel() for p in student.parameters())
+    ids = torch.tensor([[1, 5, 9, 3]])
+    gen = student.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 10) and bool(np.isfinite(student(gen).logits.detach().numpy()).all())
+    assert "moe2dense" in (out / "README.md").read_text()
