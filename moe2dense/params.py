@@ -223,6 +223,38 @@ class AssembleParams(Section):
     max_shard_gb: float = Field(5.0, gt=0)  # safetensors shard size of the student checkpoint
 
 
+# ---------------------------------------------------------------- distill
+LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "akl", "tv")
+DistillLoss = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "akl", "tv"]
+
+
+class DistillParams(Section):
+    loss: DistillLoss = "forward_kl"
+    loss_options: dict[str, float] = Field(default_factory=dict)  # jsd: beta; skew_*: alpha; akl: mu
+    temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0, le=1)  # mix of next-token cross-entropy on the data
+    tokens: int = Field(200_000, gt=0)  # training tokens; steps = tokens / (batch_size * seq_len)
+    batch_size: int = Field(8, ge=1)  # sequences per optimizer step, over all workers
+    grad_accum: int = Field(1, ge=1)  # micro-batches per worker and step
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    workers: int = Field(2, ge=1)  # Ray Train workers, clamped to the CPUs / GPUs Ray sees
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when Ray sees them
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards students that do not fit one GPU
+    freeze: list[Literal["embeddings", "attention"]] = Field(default_factory=list)
+    teacher_top_k: int | None = Field(None, ge=1)  # experts per token in the teacher; None = as trained
+    teacher_logits: Literal["online", "cached"] = "online"
+    cached_top_n: int = Field(64, ge=1)  # teacher log-probs kept per token when cached
+    chunk_tokens: int = Field(1024, ge=16)  # tokens per loss chunk: bounds the [tokens, vocab] logits
+    checkpoint_every: int = Field(50, ge=1)  # steps between Ray Train checkpoints
+    max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+    eval_tokens: int = Field(16_384, gt=0)  # held-out tokens for the KL before / after
+    seed: int = 0
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
@@ -231,6 +263,7 @@ class Params(Section):
     select: SelectParams = SelectParams()
     group: GroupParams = GroupParams()
     assemble: AssembleParams = AssembleParams()
+    distill: DistillParams = DistillParams()
 
     @model_validator(mode="after")
     def _blocks_fit_selection(self) -> "Params":

@@ -1,0 +1,84 @@
+"""Stage `distill`: train the assembled dense student to match the MoE teacher's next-token distribution on Ray
+Train -> models/distilled (HF checkpoint), metrics/distill.json, plots/distill_loss.csv."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from stages._runner import run
+from moe2dense.assemble import TOKENIZER_FILES
+from moe2dense.distill.cache import FILE as CACHE_FILE
+from moe2dense.distill.data import load_rows
+from moe2dense.distill.driver import heldout_kl, run_distill
+from moe2dense.distill.loop import load_teacher, student_state_from_checkpoint
+from moe2dense.io import atomic_dir, atomic_file, write_json
+from moe2dense.params import load_params
+from moe2dense.teacher.source import teacher_checkpoint
+
+STUDENT = "models/student"
+TEACHER = "models/teacher"
+TRAIN = "data/prepared/packed/train.parquet"
+EVAL = "data/prepared/packed/eval.parquet"
+CACHE = "teacher_logits"
+STORAGE = ".distill_runs"  # Ray Train run dirs (checkpoints); resumable, never DVC-tracked
+OUT = "models/distilled"
+METRICS = "metrics/distill.json"
+PLOT = "plots/distill_loss.csv"
+DISTILLED_NOTE = """
+## Distillation
+
+This checkpoint is the assembled student above after distillation from the MoE teacher ({loss}, {tokens:,}
+training tokens); held-out KL(teacher || student) went from {before:.4f} to {after:.4f}.
+"""
+
+
+def main() -> None:
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = load_params().distill
+    cached = f"{CACHE}/{CACHE_FILE}" if p.teacher_logits == "cached" else None
+    teacher_dir = teacher_checkpoint(TEACHER)
+    eval_rows = load_rows(EVAL)
+    eval_rows = eval_rows[: max(1, p.eval_tokens // eval_rows.shape[1])]
+    teacher = load_teacher(str(teacher_dir), p.teacher_top_k, torch.float32, torch.device("cpu"))
+    student = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32).eval()
+    before = heldout_kl(student, teacher, eval_rows)
+    logging.info("held-out KL(teacher || assembled student) = %.4f over %d tokens", before, eval_rows.size)
+    try:
+        res = run_distill(p, student_dir=STUDENT, teacher_dir=teacher_dir, train_path=TRAIN, storage=STORAGE,
+                          cached_logits=cached)
+    finally:
+        ray.shutdown()
+    state, history = student_state_from_checkpoint(res["checkpoint"])
+    student.load_state_dict(state)
+    after = heldout_kl(student.eval(), teacher, eval_rows)
+    with atomic_dir(OUT) as out:
+        student.save_pretrained(out)
+        for f in TOKENIZER_FILES:
+            if (Path(STUDENT) / f).is_file():
+                shutil.copyfile(Path(STUDENT) / f, out / f)
+        if (Path(STUDENT) / "README.md").is_file():
+            card = (Path(STUDENT) / "README.md").read_text()
+            (out / "README.md").write_text(card + DISTILLED_NOTE.format(loss=p.loss, tokens=history[-1][1],
+                                                                        before=before, after=after))
+    losses = [h[2] for h in history]
+    m = res["metrics"]
+    write_json(METRICS, {
+        "loss": p.loss, "steps": res["steps"], "tokens": history[-1][1], "workers": res["workers"],
+        "device": res["device"], "final_loss": losses[-1], "best_loss": min(losses),
+        "tokens_per_s": round(m["tokens_per_s"], 1), "resumed_from_step": m["resumed_from"],
+        "heldout_kl_before": round(before, 6), "heldout_kl_after": round(after, 6),
+        "teacher_logits": p.teacher_logits, "run_name": res["run_name"],
+    })
+    with atomic_file(PLOT) as fh:
+        fh.write("step,tokens,loss\n" + "".join(f"{s},{t},{l}\n" for s, t, l in history))
+    logging.info("held-out KL %.4f -> %.4f after %d steps (%s tokens, %.0f tokens/s on %d %s worker(s))", before,
+                 after, res["steps"], f"{history[-1][1]:,}", m["tokens_per_s"], res["workers"], res["device"])
+
+
+if __name__ == "__main__":
+    run("distill", main)

@@ -1,0 +1,200 @@
+"""Distillation on a real local Ray cluster of 2 CPU workers: the KL to the teacher drops, a worker killed mid-run
+is replaced and the run resumes from its last checkpoint to the same weights as an uninterrupted run, and cached
+teacher logits covering the whole vocabulary train exactly like the online teacher."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe2dense.arch import get_adapter
+from moe2dense.assemble import assemble
+from moe2dense.calibrate.capture import capture
+from moe2dense.calibrate.store import read_meta
+from moe2dense.checkpoint import CheckpointReader
+from moe2dense.data.packing import PackedWriter
+from moe2dense.distill.cache import CachedTeacher, write_cached_logits
+from moe2dense.distill.data import load_rows, step_rows, worker_micro_rows
+from moe2dense.distill.driver import heldout_kl, plan_workers, run_distill, visited_rows
+from moe2dense.distill.loop import lr_factor, student_state_from_checkpoint
+from moe2dense.params import DistillParams
+from moe2dense.plan import build_plan
+from moe2dense.selection import select_layers
+from tiny_models import tiny_config
+
+pytestmark = pytest.mark.slow
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A trained-looking tiny Qwen3-MoE teacher (random), its assembled dense student, packed train/eval data whose
+    tokens follow a simple pattern so the teacher's distribution is learnable."""
+    root = tmp_path_factory.mktemp("distill")
+    config = tiny_config("qwen3_moe")
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config)
+    rng = np.random.default_rng(0)
+    for split, n_docs in (("train", 400), ("eval", 40)):
+        w = PackedWriter(root / f"{split}.parquet", SEQ, sep_id=2, row_group_rows=64)
+        for _ in range(n_docs):
+            start = int(rng.integers(3, 60))
+            w.add("toy", [(start + 3 * i) % 61 + 3 for i in range(int(rng.integers(20, 60)))])
+        w.close()
+    # A briefly trained teacher: peaked next-token distributions that its experts help produce.
+    train = torch.from_numpy(load_rows(root / "train.parquet").astype(np.int64))
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
+    for step in range(40):
+        batch = train[(step * 16) % len(train):][:16]
+        teacher(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    teacher.eval().save_pretrained(root / "teacher")
+    adapter = get_adapter(teacher)
+    calib = root / "calibration"
+    ids = torch.from_numpy(load_rows(root / "train.parquet")[:8].astype(np.int64))
+    stats = capture(teacher, [(ids, ["toy"] * len(ids))], calib, needs={"routing"}, progress=False, writer_threads=0)
+    order = select_layers("sf", stats, adapter.top_k, adapter.top_k)
+    with CheckpointReader(root / "teacher") as reader:
+        plan = build_plan(adapter, stats, order, score_method="sf", group_method="output", blocks=None, align=False,
+                          scaling="uniform", reader=reader, calibration=calib,
+                          shared_gate_mean=read_meta(calib)["shared_gate_mean"])
+    (root / "student").mkdir()
+    assemble(root / "teacher", plan, root / "student", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _params(**kw) -> DistillParams:
+    base = dict(tokens=48 * 4 * SEQ, batch_size=4, lr=3e-3, warmup_steps=2, workers=2, checkpoint_every=4,
+                chunk_tokens=48, eval_tokens=8 * SEQ, max_failures=2)
+    return DistillParams(**{**base, **kw})
+
+
+def _run(setup, storage, cached_logits=None, **kw):
+    return run_distill(_params(**kw), student_dir=setup / "student", teacher_dir=setup / "teacher",
+                       train_path=setup / "train.parquet", storage=storage, cached_logits=cached_logits)
+
+
+def _trained(setup, res):
+    state, history = student_state_from_checkpoint(res["checkpoint"])
+    student = AutoModelForCausalLM.from_pretrained(setup / "student").eval()
+    student.load_state_dict(state)
+    return student, history
+
+
+def test_batches_are_a_function_of_the_step():
+    a = step_rows(7, 4, 10, seed=3)
+    assert np.array_equal(a, step_rows(7, 4, 10, seed=3)) and len(set(a.tolist())) == 4
+    epoch = np.concatenate([step_rows(s, 5, 10, seed=0) for s in range(2)])
+    assert sorted(epoch.tolist()) == list(range(10)), "one epoch visits every row once"
+    parts = worker_micro_rows(3, 8, 50, 0, rank=1, world=2, accum=2)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.sort(step_rows(3, 8, 50, 0)[1::2]))
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1) and lr_factor(99, 100, 10, 0.1) == pytest.approx(0.1,
+                                                                                                             abs=1e-3)
+
+
+def test_workers_are_clamped_with_a_warning(caplog):
+    assert plan_workers(8, "auto", {"CPU": 2.0}) == (2, False, 1)
+    assert "Ray sees only 2 CPUs" in caplog.text
+    assert plan_workers(1, "auto", {"CPU": 2.0}) == (1, False, 2)
+    assert plan_workers(4, "auto", {"CPU": 16.0, "GPU": 2.0}) == (2, True, 1)
+    with pytest.raises(ValueError, match="no GPU"):
+        plan_workers(1, "cuda", {"CPU": 2.0})
+
+
+@pytest.fixture(scope="module")
+def clean(setup, ray_cluster, tmp_path_factory):
+    """An uninterrupted 2-worker run: the reference the other runs must reproduce."""
+    return _run(setup, tmp_path_factory.mktemp("clean"))
+
+
+def test_two_workers_lower_the_heldout_kl(setup, clean):
+    eval_rows = load_rows(setup / "eval.parquet")[:8]
+    teacher = AutoModelForCausalLM.from_pretrained(setup / "teacher").eval()
+    before = heldout_kl(AutoModelForCausalLM.from_pretrained(setup / "student").eval(), teacher, eval_rows)
+    assert clean["workers"] == 2 and clean["steps"] == 48 and clean["metrics"]["resumed_from"] == 0
+    student, history = _trained(setup, clean)
+    after = heldout_kl(student, teacher, eval_rows)
+    assert after < 0.8 * before, (before, after)
+    assert [h[0] for h in history] == list(range(1, 49))
+
+
+def test_killed_worker_resumes_to_the_same_weights(setup, clean, tmp_path):
+    """A worker SIGKILLed once a checkpoint is registered: Ray replaces the worker group, which resumes from it."""
+    storage = tmp_path / "killed"
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(storage, killed),
+                              daemon=True)
+    killer.start()
+    resumed = _run(setup, storage)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert resumed["metrics"]["resumed_from"] > 0, "the run did not restart from a checkpoint"
+    student, _ = _trained(setup, clean)
+    student2, history2 = _trained(setup, resumed)
+    assert [h[0] for h in history2] == list(range(1, 49)), "steps repeated or skipped"
+    for (n, a), b in zip(student.state_dict().items(), student2.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def _kill_a_worker_after_first_checkpoint(storage: Path, killed: list[int]) -> None:
+    """SIGKILL one training worker once Ray has registered a checkpoint (its manager snapshot names one): reports
+    still queued in a worker are lost with it."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not any("checkpoint_" in _read(f) for f in
+                                             storage.glob("*/checkpoint_manager_snapshot.json")):
+        time.sleep(0.05)
+    for pid in _train_worker_pids():
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        return
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="ignore")
+            except OSError:
+                continue
+            if cmd.startswith("ray::RayTrainWorker"):  # Ray sets the actor's process title
+                pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def test_cached_full_vocabulary_logits_train_like_the_online_teacher(setup, clean, tmp_path):
+    p = _params(teacher_logits="cached", cached_top_n=64)
+    rows = load_rows(setup / "train.parquet")
+    teacher = AutoModelForCausalLM.from_pretrained(setup / "teacher").eval()
+    path = write_cached_logits(teacher, rows, visited_rows(p, len(rows), SEQ), tmp_path / "cache", top_n=64,
+                               temperature=1.0, progress=False)
+    assert CachedTeacher(path).meta["top_n"] == 64 == teacher.config.vocab_size
+    cached = _run(setup, tmp_path / "cached", teacher_logits="cached", cached_top_n=64, cached_logits=path)
+    assert cached["run_name"] != clean["run_name"]
+    (_, h_online), (_, h_cached) = _trained(setup, clean), _trained(setup, cached)
+    # The history keeps 6 decimals.
+    np.testing.assert_allclose([h[2] for h in h_cached], [h[2] for h in h_online], rtol=1e-4, atol=2e-6)
