@@ -18,7 +18,7 @@ Budgets:
       before the next step, so all start from the same cache state.
 
     python bench/assemble_memory.py            # teacher 3.65 GB, student 0.83 GB, 7 repetitions (~2-3 min)
-    python bench/assemble_memory.py --small    # quick self-check (~60 MB teacher)
+    python bench/assemble_memory.py --small    # quick self-check (0.23 GB teacher, ~30 s)
 """
 from __future__ import annotations
 

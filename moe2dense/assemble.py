@@ -35,8 +35,11 @@ Block = tuple[ExpertWeights, float]  # an expert (merged or shared, or a dense M
 
 
 # ---------------------------------------------------------------------------------------------------- the algebra
-def concat_blocks(blocks: list[Block], width: int) -> ExpertWeights:
-    """One SwiGLU MLP computing sum_b c_b f_b(x), zero-padded to `width` neurons (float32)."""
+def concat_blocks(blocks: list[Block], width: int, dtype: torch.dtype = torch.float32) -> ExpertWeights:
+    """One SwiGLU MLP computing sum_b c_b f_b(x), zero-padded to `width` neurons, in `dtype`.
+
+    Each output tensor is allocated once and filled block by block (c_b applied in float32, then cast), so a
+    layer costs one student layer of fresh memory: on a VM a first touch of fresh pages costs more than the copy."""
     first = blocks[0][0]
     if any(w.act != first.act for w, _ in blocks):
         raise ValueError("blocks with different activations cannot be concatenated")
@@ -44,22 +47,29 @@ def concat_blocks(blocks: list[Block], width: int) -> ExpertWeights:
     used = sum(w.gate.shape[0] for w, _ in blocks)
     if used > width:
         raise ValueError(f"blocks have {used} neurons, more than the dense width {width}")
-    pad = width - used
-    f32 = lambda t: t.to(torch.float32)  # noqa: E731
-    gate = torch.cat([f32(w.gate) for w, _ in blocks] + [first.gate.new_zeros(pad, H, dtype=torch.float32)])
-    up = torch.cat([f32(w.up) for w, _ in blocks] + [first.up.new_zeros(pad, H, dtype=torch.float32)])
-    down = torch.cat([f32(w.down) * c for w, c in blocks] + [first.down.new_zeros(H, pad, dtype=torch.float32)], 1)
-    has_bias = [w.down_bias is not None or w.gate_bias is not None for w, _ in blocks]
-    gate_b = up_b = down_b = None
-    if any(has_bias):
-        zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=first.gate.device)  # noqa: E731
-        gate_b = torch.cat([f32(w.gate_bias) if w.gate_bias is not None else zeros(w.gate.shape[0])
-                            for w, _ in blocks] + [zeros(pad)])
-        up_b = torch.cat([f32(w.up_bias) if w.up_bias is not None else zeros(w.up.shape[0])
-                          for w, _ in blocks] + [zeros(pad)])
-        down_b = sum((f32(w.down_bias) * c for w, c in blocks if w.down_bias is not None), zeros(H))
-    return ExpertWeights(gate, up, down, gate_b, up_b, down_b, act=first.act, swiglu_alpha=first.swiglu_alpha,
-                         swiglu_limit=first.swiglu_limit)
+    device = first.gate.device
+    gate = torch.zeros(width, H, dtype=dtype, device=device)
+    up = torch.zeros(width, H, dtype=dtype, device=device)
+    down = torch.zeros(H, width, dtype=dtype, device=device)
+    has_bias = any(w.down_bias is not None or w.gate_bias is not None for w, _ in blocks)
+    gate_b = torch.zeros(width, dtype=dtype, device=device) if has_bias else None
+    up_b = torch.zeros(width, dtype=dtype, device=device) if has_bias else None
+    down_b = torch.zeros(H, dtype=torch.float32, device=device) if has_bias else None
+    start = 0
+    for w, c in blocks:
+        rows = slice(start, start + w.gate.shape[0])
+        gate[rows].copy_(w.gate)
+        up[rows].copy_(w.up)
+        down[:, rows].copy_(w.down.to(torch.float32) * c)
+        if has_bias:
+            if w.gate_bias is not None:
+                gate_b[rows].copy_(w.gate_bias)
+                up_b[rows].copy_(w.up_bias)
+            if w.down_bias is not None:
+                down_b += w.down_bias.to(torch.float32) * c
+        start = rows.stop
+    return ExpertWeights(gate, up, down, gate_b, up_b, None if down_b is None else down_b.to(dtype),
+                         act=first.act, swiglu_alpha=first.swiglu_alpha, swiglu_limit=first.swiglu_limit)
 
 
 # ----------------------------------------------------------------------------------- the student's MLP, by family
@@ -211,7 +221,7 @@ def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str
         H = tconfig.hidden_size
         meta_mlp = {}
         for layer in range(adapter.num_layers):
-            meta = concat_blocks([(_meta_block(widths[layer], H, adapter), 1.0)], width)
+            meta = concat_blocks([(_meta_block(widths[layer], H, adapter), 1.0)], width, target)
             meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
         shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
         shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
@@ -226,7 +236,7 @@ def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str
                 for n in by_layer.get(layer, []):
                     writer.write(n, reader.read(n).to(_cast(reader.dtype(n), target)))
                 blocks = layer_blocks(reader, adapter, layer, plans.get(layer), plan.get("align", False))
-                for n, t in writer_fn(adapter, layer, concat_blocks(blocks, width), keys).items():
+                for n, t in writer_fn(adapter, layer, concat_blocks(blocks, width, target), keys).items():
                     writer.write(n, t.to(target).contiguous())
                 del blocks
     finally:
