@@ -24,7 +24,7 @@ def test_repo_params_and_smoke_params_are_valid():
 
 def test_unknown_top_level_section_lists_allowed_sections():
     msg = errors_for({"prepair": {}})
-    assert "prepair: unknown key; allowed keys here: calibrate, prepare, score, select, teacher" in msg
+    assert "prepair: unknown key; allowed keys here: assemble, calibrate, distill, group, prepare, score, select, teacher" in msg
 
 
 def test_unknown_nested_key_lists_allowed_keys():
@@ -91,3 +91,22 @@ def test_check_params_cli(tmp_path, capsys):
     bad.write_text("teacher: {source: demo, sead: 1}\n")
     assert main(["check-params", str(bad)]) == 2
     assert "teacher.sead: unknown key" in capsys.readouterr().err
+
+
+def test_group_blocks_cannot_exceed_kept_experts():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"select": {"experts": 4}, "group": {"k": 6}}, "params.yaml")
+    assert "group.k = 6 must be <= select.experts = 4" in str(err.value)
+
+
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("group", "method", "kmeans", "group.method"),
+    ("assemble", "scaling", "big", "assemble.scaling"),
+    ("distill", "loss", "mse", "distill.loss"),
+    ("distill", "freeze", ["mlp"], "distill.freeze[0]"),
+    ("distill", "teacher_logits", "disk", "distill.teacher_logits"),
+])
+def test_new_sections_name_the_bad_key(section, key, value, needle):
+    with pytest.raises(ParamsError) as err:
+        parse_params({section: {key: value}}, "params.yaml")
+    assert needle in str(err.value) and repr(value if not isinstance(value, list) else value[0]) in str(err.value)

@@ -126,7 +126,7 @@ def test_prefect_flow_runs_stages_and_publishes_artifact(repo, prefect_harness):
     from flows.pipeline import pipeline
 
     dvc(repo, "repro")
-    set_param(repo, "group.align", True)  # the stages up to assemble: group and assemble rerun, nothing else
+    set_param(repo, "assemble.scaling", "score")  # the plan's scales change: group and assemble rerun
     results = pipeline(repo=str(repo), stage="assemble")
     assert {r["stage"]: r["status"] for r in results} == {s: "ran" if s in ("group", "assemble") else "skipped"
                                                           for s in TO_ASSEMBLE}
