@@ -292,7 +292,7 @@ def main() -> None:
         print(f"largest teacher layer: {big_name} = {big_bytes / GB:.3f} GB; "
               f"reference student + largest layer = {mem_ref / GB:.3f} GB")
         base_b = base["vmhwm_kib"] * 1024
-        print(f"\n(1) peak RSS (VmHWM of a fresh child; ru_maxrss in brackets):")
+        print("\n(1) peak RSS (VmHWM of a fresh child; ru_maxrss in brackets):")
         print(f"  import-only baseline (torch, transformers, moe2dense.assemble) {base_b / GB:7.3f} GB "
               f"[{base['maxrss_kib'] * 1024 / GB:.3f}]")
         mem_ratio, net_ratio = {}, {}

@@ -13,7 +13,7 @@ teacher layer's selected experts and one student layer, never the teacher or the
 from __future__ import annotations
 
 import json
-import logging
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +29,6 @@ from moe2dense.grouping import merge_experts
 from moe2dense.teacher_weights import (dense_mlp_width, read_dense_mlp, read_experts, read_shared_experts,
                                        shared_width)
 
-log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Block = tuple[ExpertWeights, float]  # an expert (merged or shared, or a dense MLP) and its constant c
 
@@ -225,7 +224,7 @@ def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str
             meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
         shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
         shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
-        params = sum(_numel(shape) for _, shape, _ in shard_plan)
+        params = sum(math.prod(shape) for _, shape, _ in shard_plan)
         with ShardedWriter(out, shard_plan, max_shard_bytes=max_shard_bytes) as writer:
             by_layer: dict[int | None, list[str]] = {}
             for n in copied:
@@ -244,10 +243,10 @@ def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str
     config.save_pretrained(out)
     _generation_config(teacher_dir, config, out)
     if tokenizer_dir is not None:
-        _copy_tokenizer(Path(tokenizer_dir), out)
+        copy_tokenizer(Path(tokenizer_dir), out)
     summary = {"model_type": config.model_type, "teacher_model_type": adapter.model_type, "intermediate_size": width,
                "num_parameters": params, "dtype": str(target).removeprefix("torch."),
-               "bytes": sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in shard_plan)}
+               "bytes": sum(math.prod(s) * d.itemsize for _, s, d in shard_plan)}
     single = adapter.spec.dense_mlp == "single_expert"
     (out / "README.md").write_text(card or model_card(plan, summary, teacher_dir, single))
     return summary
@@ -259,13 +258,6 @@ def _meta_block(neurons: int, hidden: int, adapter: Adapter) -> ExpertWeights:
     return ExpertWeights(z(neurons, hidden), z(neurons, hidden), z(hidden, neurons),
                          z(neurons) if bias else None, z(neurons) if bias else None, z(hidden) if bias else None,
                          act=adapter.spec.layout.act)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _layer_of(name: str) -> int | None:
@@ -289,7 +281,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
+def copy_tokenizer(src: Path, out: Path) -> None:
     found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
     if not found:
         raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")

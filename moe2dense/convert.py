@@ -16,7 +16,6 @@ from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from moe2dense import params as P
 from moe2dense.arch import get_adapter
@@ -170,5 +169,4 @@ def convert(args: ConvertArgs) -> dict:
         summary = assemble(checkpoint, plan, out, dtype=args.student_dtype, tokenizer_dir=checkpoint,
                            progress=args.progress)
         write_json(out / "moe2dense_plan.json", plan)
-    torch.set_grad_enabled(True)
     return summary

@@ -4,11 +4,10 @@ Train -> models/distilled (HF checkpoint), metrics/distill.json, plots/distill_l
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from stages._runner import run
-from moe2dense.assemble import TOKENIZER_FILES
+from moe2dense.assemble import copy_tokenizer
 from moe2dense.distill.cache import FILE as CACHE_FILE
 from moe2dense.distill.data import load_rows
 from moe2dense.distill.driver import heldout_kl, run_distill
@@ -58,9 +57,7 @@ def main() -> None:
     after = heldout_kl(student.eval(), teacher, eval_rows)
     with atomic_dir(OUT) as out:
         student.save_pretrained(out)
-        for f in TOKENIZER_FILES:
-            if (Path(STUDENT) / f).is_file():
-                shutil.copyfile(Path(STUDENT) / f, out / f)
+        copy_tokenizer(Path(STUDENT), out)
         if (Path(STUDENT) / "README.md").is_file():
             card = (Path(STUDENT) / "README.md").read_text()
             (out / "README.md").write_text(card + DISTILLED_NOTE.format(loss=p.loss, tokens=history[-1][1],
