@@ -47,4 +47,4 @@ bench: $(STAMP)
 	python bench/dvc_noop.py
 
 clean:
-	rm -rf data/prepared models metrics plots reports calibration scores selection
+	rm -rf data/prepared models metrics plots reports calibration scores selection grouping teacher_logits eval_tasks eval

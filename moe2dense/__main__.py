@@ -30,7 +30,17 @@ def summary(args: argparse.Namespace) -> int:
     for path in files:
         data = json.loads(path.read_text())
         flat = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool))}
-        print(f"{path.stem:>10}: " + ", ".join(f"{k}={v}" for k, v in sorted(flat.items())))
+        if flat:
+            print(f"{path.stem:>10}: " + ", ".join(f"{k}={v}" for k, v in sorted(flat.items())))
+    evaluation = root / "eval.json"
+    if evaluation.is_file():  # nested: one line per model with each task's headline metric
+        for model, result in json.loads(evaluation.read_text()).items():
+            heads = [f"{task} {m}={res[m]:.4g}" for task, res in sorted(result.items()) if task not in ("size", "path")
+                     for m in ("bits_per_byte", "acc") if m in res]
+            print(f"{'eval ' + model:>16}: " + ", ".join(heads))
+    report = root.parent / "reports" / "summary.md"
+    if report.is_file():
+        print(f"{'report':>10}: {report}")
     return 0
 
 

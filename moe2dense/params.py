@@ -255,6 +255,42 @@ class DistillParams(Section):
     seed: int = 0
 
 
+# ---------------------------------------------------------------- evaluate
+EVAL_MODELS = ("teacher", "student", "distilled")
+
+
+class ContinuationParams(Section):
+    """The generated multiple-choice task: pick a passage's true continuation among distractors from other
+    documents of the same domain."""
+
+    items_per_domain: int = Field(64, ge=1)
+    distractors: int = Field(4, ge=1)
+    context_chars: int = Field(300, ge=16)
+    continuation_chars: int = Field(150, ge=16)
+
+
+class EvaluateParams(Section):
+    # `demo` = held-out perplexity per domain + the continuation task; `paper` = winogrande hellaswag arc_easy
+    # arc_challenge mmlu at the paper's shots; any other lm-eval task name is run at num_fewshot (default 0).
+    tasks: list[str] = Field(default_factory=lambda: ["demo"], min_length=1)
+    num_fewshot: dict[str, int] = Field(default_factory=dict)  # per-task shot overrides
+    batch_size: int = Field(8, ge=1)
+    max_length: int | None = Field(None, ge=16)  # tokens per rolling window / request; None = model's context
+    limit: int | None = Field(None, ge=1)  # documents per task (quick looks); None = all
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = as stored
+    continuation: ContinuationParams = ContinuationParams()
+    seed: int = 0
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _shots(cls, shots: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in shots.items() if v < 0}
+        if bad:
+            raise ValueError(f"shots must be >= 0, got {bad}")
+        return shots
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
@@ -264,6 +300,7 @@ class Params(Section):
     group: GroupParams = GroupParams()
     assemble: AssembleParams = AssembleParams()
     distill: DistillParams = DistillParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
     def _blocks_fit_selection(self) -> "Params":

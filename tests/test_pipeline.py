@@ -14,8 +14,10 @@ from conftest import copy_pipeline_repo, dvc
 pytestmark = pytest.mark.slow
 
 
-ALL_STAGES = {"prepare", "teacher", "calibrate", "score", "select", "group", "assemble", "teacher_logits", "distill"}
-TO_ASSEMBLE = ALL_STAGES - {"teacher_logits", "distill"}
+EVAL_STAGES = {"eval_tasks", "evaluate@teacher", "evaluate@student", "evaluate@distilled", "report"}
+ALL_STAGES = {"prepare", "teacher", "calibrate", "score", "select", "group", "assemble", "teacher_logits", "distill",
+              *EVAL_STAGES}
+TO_ASSEMBLE = ALL_STAGES - {"teacher_logits", "distill"} - EVAL_STAGES
 
 
 def ran(proc) -> set[str]:
@@ -97,24 +99,48 @@ def test_distillation_lowers_the_heldout_kl_and_exports_a_model(repo):
     assert json.loads((repo / "teacher_logits/cache.json").read_text())["cached"] is False
 
 
+def test_evaluation_and_report_cover_all_three_models(repo):
+    merged = json.loads((repo / "metrics/eval.json").read_text())
+    assert set(merged) == {"teacher", "student", "distilled"}
+    tasks = json.loads((repo / "eval_tasks/tasks.json").read_text())["tasks"]
+    held_out = json.loads((repo / "metrics/prepare.json").read_text())["splits"]["eval"]["domains"]
+    # One perplexity task per held-out domain. The smoke split holds one document per domain, too few to draw
+    # distractors from other documents, so the continuation task is left out (tests/test_evaluate.py runs it).
+    assert set(tasks) == {f"demo_ppl_{d}" for d in held_out} and all(v["docs"] == 1 for v in held_out.values())
+    for model, result in merged.items():
+        assert result["size"]["parameters"] > 0 and result["path"] == f"models/{model}"
+        for task in tasks:
+            assert result[task]["samples"] > 0, (model, task)
+        assert all(result[t]["bits_per_byte"] > 0 for t in tasks if t.startswith("demo_ppl_"))
+    assert merged["student"]["size"]["parameters"] < merged["teacher"]["size"]["parameters"]
+    summary = (repo / "reports/summary.md").read_text()
+    assert "| task | metric | teacher | student | distilled | distillation recovers |" in summary
+    assert "![eval](eval.png)" in summary and (repo / "reports/eval.png").read_bytes()[:4] == b"\x89PNG"
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    assert "metrics/eval.json" in json.dumps(shown)
+    assert (repo / "plots/eval_accuracy.csv").read_text().startswith("label,model,value")
+    assert not list(repo.rglob("*.tmp"))
+
+
 def test_repro_is_cached_and_reruns_only_what_a_param_touches(repo):
     again = dvc(repo, "repro")
     assert ran(again) == set(), again.stdout
     # Targets up to `assemble` keep the suite fast; distillation reruns are covered by the Prefect test below.
-    set_param(repo, "teacher.train.lr", 0.004)
-    third = dvc(repo, "repro", "assemble")
-    assert ran(third) == TO_ASSEMBLE - {"prepare"}, third.stdout
-    assert "Stage 'prepare' didn't change" in third.stdout
     set_param(repo, "select.experts", 6)  # downstream-only change: calibration and scores are reused
-    fourth = dvc(repo, "repro", "assemble")
-    assert ran(fourth) == {"select", "group", "assemble"}, fourth.stdout
+    second = dvc(repo, "repro", "evaluate@teacher", "evaluate@student")
+    # the new student is evaluated; the teacher's evaluation is unchanged and not rerun
+    assert ran(second) == {"select", "group", "assemble", "evaluate@student"}, second.stdout
     set_param(repo, "group.method", "coactivation")  # K = 6 > k = 4: grouping matters, selection is reused
-    fifth = dvc(repo, "repro", "assemble")
-    assert ran(fifth) == {"group", "assemble"}, fifth.stdout
+    third = dvc(repo, "repro", "assemble")
+    assert ran(third) == {"group", "assemble"}, third.stdout
     plan = json.loads((repo / "grouping/plan.json").read_text())
     assert plan["group_method"] == "coactivation" and plan["blocks_per_layer"] == 4
     assert sorted(e for g in plan["layers"]["0"]["groups"] for e in g["experts"]) == \
         sorted(json.loads((repo / "selection/selection.json").read_text())["layers"]["0"]["experts"])
+    set_param(repo, "teacher.train.lr", 0.004)
+    fourth = dvc(repo, "repro", "assemble")
+    assert ran(fourth) == TO_ASSEMBLE - {"prepare"}, fourth.stdout
+    assert "Stage 'prepare' didn't change" in fourth.stdout
     # Back to the first run's params: DVC's run cache restores every output without running a stage.
     for key, value in (("teacher.train.lr", 0.005), ("select.experts", 4), ("group.method", "output")):
         set_param(repo, key, value)

@@ -1,0 +1,39 @@
+"""Stage `evaluate@<model>`: lm-evaluation-harness on one model (teacher, student or distilled), in memory and
+offline -> eval/<model>.json. One DVC stage per model, so the teacher's result is computed once and restored
+from the cache while students change; stage `report` merges them into metrics/eval.json."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from stages._runner import run
+from moe2dense.evaluate.runner import evaluate_model, load_model, load_tasks
+from moe2dense.io import write_json
+from moe2dense.params import EVAL_MODELS, load_params
+
+TASKS = "eval_tasks"
+MODELS = {"teacher": "models/teacher", "student": "models/student", "distilled": "models/distilled"}
+OUT = "eval/{model}.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate")
+    parser.add_argument("model", choices=EVAL_MODELS)
+    args = parser.parse_args()
+    p = load_params().evaluate
+    tasks = load_tasks(p, TASKS)  # every task and dataset resolved before the model is read
+    try:
+        logging.info("%s: %s on %s", args.model, ", ".join(tasks.names), MODELS[args.model])
+        model, tokenizer = load_model(MODELS[args.model], p)
+        result = evaluate_model(model, tokenizer, tasks, p)
+    finally:
+        tasks.close()
+    write_json(OUT.format(model=args.model), {"path": MODELS[args.model], **result})
+    for task in tasks.names:
+        shown = {k: v for k, v in result[task].items() if not k.endswith("stderr") and k != "samples"}
+        logging.info("%s %s: %s", args.model, task, ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+
+
+if __name__ == "__main__":
+    run("evaluate", main)

@@ -1,0 +1,222 @@
+"""Evaluation: the generated demo tasks (deterministic, well-formed), lm-eval on an in-memory model with the network
+blocked (its numbers pinned against a plain forward), task resolution and the offline errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from moe2dense.evaluate.runner import expand, load_tasks, reduce_results, shots
+from moe2dense.evaluate.tasks import CONTINUATION, build_demo_tasks, continuation_items, windows
+from moe2dense.params import ContinuationParams, EvaluateParams
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega").split()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any socket connect outside loopback: evaluation must never reach for a hub."""
+    real = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("/"):
+            raise OSError(f"network blocked in tests: connect to {address!r}")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def _docs(n_per_domain=4, words=120, seed=0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for domain in ("code", "prose"):
+        for i in range(n_per_domain):
+            text = " ".join(rng.choice(WORDS, words))
+            rows.append({"doc_id": f"{domain}-{i}", "domain": domain, "text": text, "hash": f"{domain}{i}"})
+    return pl.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- task generation
+def test_windows_cut_on_word_boundaries():
+    text = "aaaa bbbb cccc dddd eeee ffff"
+    # context: first whitespace at/after 6 -> index 9 ("aaaa bbbb"); continuation: at/after 9+4=13 -> 14.
+    assert windows(text, 6, 4) == [("aaaa bbbb", "cccc"), ("dddd eeee", "ffff")]
+    # A tail shorter than half the continuation target is dropped.
+    assert windows("aaaa bbbb c", 6, 8) == []
+
+
+def test_continuation_items_are_deterministic_and_well_formed():
+    docs = _docs().filter(pl.col("domain") == "prose")
+    opts = ContinuationParams(items_per_domain=10, distractors=3, context_chars=60, continuation_chars=30)
+    items = continuation_items(docs, opts, seed=1)
+    assert items == continuation_items(docs, opts, seed=1)
+    assert items != continuation_items(docs, opts, seed=2)
+    assert len(items) == 10
+    by_doc = {d: t for d, t in docs.select("doc_id", "text").iter_rows()}
+    for item in items:
+        doc_id = item["id"].split(":")[0]
+        assert len(item["choices"]) == 4 and item["domain"] == "prose"
+        truth = item["choices"][item["label"]]
+        # the true continuation follows the context in its document
+        assert f"{item['context']} {truth}" in by_doc[doc_id]
+        for j, choice in enumerate(item["choices"]):
+            if j != item["label"]:  # distractors come from other documents of the same domain
+                assert choice not in by_doc[doc_id] and any(choice in t for t in by_doc.values())
+
+
+def test_too_few_documents_give_no_items():
+    docs = _docs(n_per_domain=1).filter(pl.col("domain") == "prose")
+    assert continuation_items(docs, ContinuationParams(distractors=4), seed=0) == []
+
+
+def test_build_demo_tasks_is_byte_identical_across_runs(tmp_path):
+    path = tmp_path / "eval.parquet"
+    _docs().write_parquet(path)
+    opts = ContinuationParams(items_per_domain=5, distractors=3, context_chars=60, continuation_chars=30)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    manifest = build_demo_tasks(path, a, opts, seed=0)
+    build_demo_tasks(path, b, opts, seed=0)
+    assert sorted(p.name for p in a.iterdir()) == ["demo_continuation.jsonl", "demo_ppl_code.jsonl",
+                                                    "demo_ppl_prose.jsonl", "tasks.json"]
+    for f in a.iterdir():
+        assert f.read_bytes() == (b / f.name).read_bytes(), f.name
+    assert manifest["tasks"]["demo_ppl_prose"] == {"kind": "perplexity", "file": "demo_ppl_prose.jsonl",
+                                                   "domain": "prose", "docs": 4,
+                                                   "chars": sum(len(t) for t in _docs()["text"][4:])}
+    assert manifest["tasks"][CONTINUATION]["items"] == 10 and manifest["tasks"][CONTINUATION]["choices"] == 4
+
+
+# ---------------------------------------------------------------- task resolution and results
+def test_aliases_expand_in_order_without_duplicates():
+    demo = ["demo_continuation", "demo_ppl_a"]
+    assert expand(["demo"], demo) == demo
+    assert expand(["arc_easy", "paper", "demo_ppl_a"], demo) == ["arc_easy", "winogrande", "hellaswag",
+                                                                  "arc_challenge", "mmlu", "demo_ppl_a"]
+    assert shots("hellaswag", {}) == 10 and shots("hellaswag", {"hellaswag": 0}) == 0 and shots("x", {}) == 0
+
+
+def test_reduce_results_keeps_requested_tasks_and_drops_na():
+    results = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "word_perplexity,none":
+                                 "N/A", "acc,strict": 0.25}, "other": {"acc,none": 1.0}},
+               "groups": {"g": {"acc,none": 0.75, "acc_stderr,none": "N/A"}},
+               "n-samples": {"t": {"original": 9, "effective": 8}}}
+    assert reduce_results(results, ["t", "g"]) == {"t": {"acc": 0.5, "acc_stderr": 0.1, "acc_strict": 0.25,
+                                                          "samples": 8},
+                                                    "g": {"acc": 0.75}}
+
+
+# ---------------------------------------------------------------- lm-eval on an in-memory model, offline
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny dense Qwen3 with a BPE tokenizer trained here, plus generated demo tasks."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from moe2dense.data.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    docs = _docs(n_per_domain=5, words=80)
+    tok = train_bpe(docs["text"].to_list(), vocab_size=300, min_frequency=1, out_dir=root / "tok")
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config).eval()
+    docs.write_parquet(root / "eval.parquet")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    build_demo_tasks(root / "eval.parquet", tasks, ContinuationParams(items_per_domain=4, distractors=3,
+                                                                      context_chars=80, continuation_chars=40), 0)
+    return model, tok, tasks
+
+
+def _plain_loglik(model, ids: list[int]) -> float:
+    with torch.inference_mode():
+        logp = model(torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+    return float(logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+
+
+def test_lm_eval_offline_matches_a_plain_forward(tiny_lm, no_network):
+    from moe2dense.evaluate.runner import evaluate_model
+
+    model, tok, tasks_dir = tiny_lm
+    p = EvaluateParams(tasks=["demo"], batch_size=4, max_length=256, device="cpu")
+    tasks = load_tasks(p, tasks_dir)
+    try:
+        assert tasks.names == ["demo_continuation", "demo_ppl_code", "demo_ppl_prose"]
+        result = evaluate_model(model, tok, tasks, p)
+    finally:
+        tasks.close()
+    assert result["size"] == {"parameters": sum(x.numel() for x in model.parameters()),
+                              "weight_bytes": 4 * sum(x.numel() for x in model.parameters()),
+                              "dtype": "float32", "model_type": "qwen3"}
+    # Perplexity: every document fits one window, scored after the prefix (EOS) token.
+    for domain in ("code", "prose"):
+        texts = [json.loads(line)["text"] for line in (tasks_dir / f"demo_ppl_{domain}.jsonl").open()]
+        ll = sum(_plain_loglik(model, [tok.eos_token_id] + tok(t)["input_ids"]) for t in texts)
+        nbytes = sum(len(t.encode()) for t in texts)
+        got = result[f"demo_ppl_{domain}"]
+        assert got["bits_per_byte"] == pytest.approx(-ll / nbytes / math.log(2), rel=1e-4)
+        assert got["samples"] == 5
+    # Multiple choice: acc is the share of items whose true continuation has the highest log-likelihood.
+    items = [json.loads(line) for line in (tasks_dir / "demo_continuation.jsonl").open()]
+    hits = []
+    for item in items:
+        ctx = tok(item["context"])["input_ids"]
+        # lm-eval splits the pair as encode(context + " " + choice)[len(encode(context)):]
+        scores = [_continuation_ll(model, ctx, tok(item["context"] + " " + c)["input_ids"][len(ctx):])
+                  for c in item["choices"]]
+        hits.append(int(np.argmax(scores) == item["label"]))
+    mc = result["demo_continuation"]
+    assert mc["samples"] == len(items) == 8
+    assert mc["acc"] == pytest.approx(np.mean(hits), abs=1e-6)
+    assert {"acc_stderr", "acc_norm", "acc_mutual_info"} <= set(mc)
+
+
+def _continuation_ll(model, ctx: list[int], cont: list[int]) -> float:
+    ids = ctx + cont
+    with torch.inference_mode():
+        logp = model(torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+    return float(logp[len(ctx) - 1:-1].gather(-1, torch.tensor(cont)[:, None]).sum())
+
+
+def test_results_are_deterministic(tiny_lm, no_network):
+    from moe2dense.evaluate.runner import evaluate_model
+
+    model, tok, tasks_dir = tiny_lm
+    p = EvaluateParams(tasks=["demo_ppl_prose"], batch_size=2, max_length=32, device="cpu")
+    runs = []
+    for _ in range(2):
+        tasks = load_tasks(p, tasks_dir)
+        try:
+            runs.append(evaluate_model(model, tok, tasks, p))
+        finally:
+            tasks.close()
+    assert runs[0] == runs[1] and list(runs[0]) == ["size", "demo_ppl_prose"]
+
+
+def test_unknown_task_and_stray_shots_are_named(tiny_lm):
+    _, _, tasks_dir = tiny_lm
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['no_such_task'\].*demo_continuation"):
+        load_tasks(EvaluateParams(tasks=["demo", "no_such_task"]), tasks_dir)
+    with pytest.raises(ValueError, match=r"num_fewshot names \['arc_easy'\]"):
+        load_tasks(EvaluateParams(tasks=["demo"], num_fewshot={"arc_easy": 3}), tasks_dir)
+
+
+def test_paper_task_without_cached_dataset_fails_with_instructions(tiny_lm, no_network, tmp_path, monkeypatch):
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+    _, _, tasks_dir = tiny_lm
+    with pytest.raises(ValueError) as err:
+        load_tasks(EvaluateParams(tasks=["arc_easy"]), tasks_dir)
+    msg = str(err.value)
+    assert "'arc_easy'" in msg and "allenai/ai2_arc" in msg and "offline" in msg and "HF_DATASETS_CACHE" in msg
