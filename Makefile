@@ -45,6 +45,7 @@ bench: $(STAMP)
 	python bench/calibrate_bench.py
 	python bench/score_bench.py
 	python bench/dvc_noop.py
+	python bench/eval_perplexity.py
 
 clean:
 	rm -rf data/prepared models metrics plots reports calibration scores selection grouping teacher_logits eval_tasks eval

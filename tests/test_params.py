@@ -24,7 +24,7 @@ def test_repo_params_and_smoke_params_are_valid():
 
 def test_unknown_top_level_section_lists_allowed_sections():
     msg = errors_for({"prepair": {}})
-    assert "prepair: unknown key; allowed keys here: assemble, calibrate, distill, group, prepare, score, select, teacher" in msg
+    assert "prepair: unknown key; allowed keys here: assemble, calibrate, distill, evaluate, group, prepare, score, select, teacher" in msg
 
 
 def test_unknown_nested_key_lists_allowed_keys():
@@ -105,8 +105,17 @@ def test_group_blocks_cannot_exceed_kept_experts():
     ("distill", "loss", "mse", "distill.loss"),
     ("distill", "freeze", ["mlp"], "distill.freeze[0]"),
     ("distill", "teacher_logits", "disk", "distill.teacher_logits"),
+    ("evaluate", "device", "tpu", "evaluate.device"),
+    ("evaluate", "dtype", "int8", "evaluate.dtype"),
 ])
 def test_new_sections_name_the_bad_key(section, key, value, needle):
     with pytest.raises(ParamsError) as err:
         parse_params({section: {key: value}}, "params.yaml")
     assert needle in str(err.value) and repr(value if not isinstance(value, list) else value[0]) in str(err.value)
+
+
+def test_evaluate_section_errors_name_the_key():
+    assert "evaluate.tasks" in errors_for({"evaluate": {"tasks": []}})
+    assert "evaluate.continuation.distractors" in errors_for({"evaluate": {"continuation": {"distractors": 0}}})
+    assert "shots must be >= 0" in errors_for({"evaluate": {"num_fewshot": {"hellaswag": -1}}})
+    assert "evaluate.max_length" in errors_for({"evaluate": {"max_length": 4}})
