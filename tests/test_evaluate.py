@@ -220,3 +220,12 @@ def test_paper_task_without_cached_dataset_fails_with_instructions(tiny_lm, no_n
         load_tasks(EvaluateParams(tasks=["arc_easy"]), tasks_dir)
     msg = str(err.value)
     assert "'arc_easy'" in msg and "allenai/ai2_arc" in msg and "offline" in msg and "HF_DATASETS_CACHE" in msg
+
+
+def test_missing_inputs_are_named(tmp_path):
+    from moe2dense.evaluate.runner import load_model
+
+    with pytest.raises(FileNotFoundError, match="eval_tasks"):
+        load_tasks(EvaluateParams(), tmp_path / "eval_tasks")
+    with pytest.raises(FileNotFoundError, match="models/distilled holds no model"):
+        load_model(tmp_path / "models/distilled", EvaluateParams())

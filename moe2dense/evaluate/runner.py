@@ -61,7 +61,7 @@ class LoadedTasks:
 
 
 def _dataset_of(manager: Any, task: str) -> str:
-    """'path[/name]' of a registered task's dataset, for error messages (groups: their first subtask's)."""
+    """'path[/name]' of a registered task's dataset, for error messages (a group: its own name)."""
     cfg = getattr(manager.task_index.get(task), "cfg", None) or {}
     return "/".join(str(cfg[k]) for k in ("dataset_path", "dataset_name") if cfg.get(k)) or task
 
@@ -80,6 +80,16 @@ def load_tasks(p: EvaluateParams, tasks_dir: str | Path | None) -> LoadedTasks:
     from lm_eval.tasks import TaskManager
 
     workdir = tempfile.TemporaryDirectory(prefix="moe2dense-eval-")
+    try:
+        return _load(p, tasks_dir, workdir)
+    except BaseException:
+        workdir.cleanup()
+        raise
+
+
+def _load(p: EvaluateParams, tasks_dir: str | Path | None, workdir: tempfile.TemporaryDirectory) -> LoadedTasks:
+    from lm_eval.tasks import TaskManager
+
     root = Path(workdir.name)
     include, cache = root / "tasks", root / "datasets"
     include.mkdir()
@@ -155,8 +165,10 @@ def load_model(path: str | Path, p: EvaluateParams):
     """The HF checkpoint at `path` (teacher pointer dirs resolved) and its tokenizer, offline, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moe2dense.teacher.source import teacher_checkpoint
+    from moe2dense.teacher.source import POINTER, teacher_checkpoint
 
+    if not any((Path(path) / f).is_file() for f in ("config.json", POINTER)):
+        raise FileNotFoundError(f"{path} holds no model: run the stage that writes it first (`dvc repro`)")
     ckpt = teacher_checkpoint(path)
     dtype = "auto" if p.dtype == "auto" else DTYPES[p.dtype]
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, local_files_only=True)

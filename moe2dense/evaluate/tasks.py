@@ -144,6 +144,8 @@ def render_yaml(tasks_dir: str | Path, include_dir: Path, datasets_cache: Path) 
     """Write one lm-eval YAML per demo task into `include_dir`, pointing at the data in `tasks_dir` by absolute
     path; return the task names."""
     tasks_dir = Path(tasks_dir).resolve()
+    if not (tasks_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"{tasks_dir / MANIFEST} not found: run `dvc repro eval_tasks` first")
     manifest = json.loads((tasks_dir / MANIFEST).read_text())
     for name, task in manifest["tasks"].items():
         data = tasks_dir / task["file"]
