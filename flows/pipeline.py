@@ -24,7 +24,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import (  # noqa: E402
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,9 +91,16 @@ def render_markdown(results: list[dict], metrics: dict[str, dict]) -> str:
 
 @flow(name="moe2dense-pipeline", log_prints=True)
 def pipeline(repo: str = str(REPO), stage: str | None = None, force: bool = False) -> list[dict]:
-    """Run the DVC stages in DAG order as Prefect tasks and publish a markdown summary artifact."""
+    """Run the DVC stages in DAG order as Prefect tasks; publish a progress artifact (updated after each stage) and
+    a markdown summary artifact."""
     root = Path(repo).resolve()
-    results = [run_stage(s, str(root), force) for s in stage_order(root, stage)]
+    stages = stage_order(root, stage)
+    progress = create_progress_artifact(0.0, key="moe2dense-pipeline-progress",
+                                        description=f"Share of the {len(stages)} DVC stages done")
+    results = []
+    for i, s in enumerate(stages, 1):
+        results.append(run_stage(s, str(root), force))
+        update_progress_artifact(progress, 100.0 * i / len(stages))
     create_markdown_artifact(key="moe2dense-pipeline", markdown=render_markdown(results, headline_metrics(root)),
                              description="Stages run or skipped by DVC, and the headline metrics")
     return results

@@ -1,0 +1,81 @@
+"""Register the moe2dense flows as Prefect deployments with cron schedules and serve them.
+
+This is the long-running "serve" process: it executes the scheduled runs and the runs triggered from the UI or the
+CLI. It needs a running Prefect server (schedules are not kept by the temporary one):
+
+    prefect server start                                   # UI at http://127.0.0.1:4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m flows.serve --cron "0 3 * * *"               # deployment moe2dense-pipeline/nightly
+    python -m flows.serve --repo /path/to/repo --stage assemble
+    prefect deployment run 'moe2dense-pipeline/nightly'    # or "Quick run" in the UI
+
+New flows (screen, sweep) are served by adding a builder to DEPLOYMENTS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import httpx  # noqa: E402
+
+from flows.pipeline import REPO, pipeline  # noqa: E402
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+def pipeline_deployment(args: argparse.Namespace):
+    return pipeline.to_deployment(
+        name="nightly", cron=args.cron,
+        parameters={"repo": str(Path(args.repo).resolve()), "stage": args.stage, "force": False},
+        description="dvc repro of the moe2dense pipeline, stage by stage", tags=["moe2dense"])
+
+
+# One builder per served flow: (args) -> RunnerDeployment. Add the screen and sweep flows here.
+DEPLOYMENTS: list[Callable[[argparse.Namespace], object]] = [pipeline_deployment]
+
+
+def check_server(api_url: str | None) -> str | None:
+    """None if the Prefect server at `api_url` answers /health, else a one-line error."""
+    hint = ("start one with `prefect server start`, then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    if not api_url:
+        return f"PREFECT_API_URL is not set; serving deployments needs a running Prefect server: {hint}"
+    url = f"{api_url.rstrip('/')}/health"
+    try:
+        httpx.get(url, timeout=HEALTH_TIMEOUT_S).raise_for_status()
+    except httpx.HTTPError as exc:
+        return f"no Prefect server answers at {url} ({type(exc).__name__}: {exc}); {hint}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the moe2dense Prefect deployments with cron schedules")
+    parser.add_argument("--repo", default=str(REPO), help="repository root holding dvc.yaml (default: this repo)")
+    parser.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: every day at 03:00)")
+    parser.add_argument("--stage", help="run the pipeline only up to this stage")
+    args = parser.parse_args(argv)
+
+    from prefect.settings import PREFECT_API_URL
+
+    error = check_server(PREFECT_API_URL.value())
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from prefect import serve
+
+    deployments = [build(args) for build in DEPLOYMENTS]
+    serve(*deployments)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
