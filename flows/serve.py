@@ -5,7 +5,7 @@ CLI. It needs a running Prefect server (schedules are not kept by the temporary 
 
     prefect server start                                   # UI at http://127.0.0.1:4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve --cron "0 3 * * *"               # deployment moe2dense-pipeline/nightly
+    python -m flows.serve --cron "0 3 * * *"               # moe2dense-pipeline/nightly, moe2dense-screen/weekly
     python -m flows.serve --repo /path/to/repo --stage assemble
     prefect deployment run 'moe2dense-pipeline/nightly'    # or "Quick run" in the UI
 
@@ -38,8 +38,16 @@ def pipeline_deployment(args: argparse.Namespace):
         description="dvc repro of the moe2dense pipeline, stage by stage", tags=["moe2dense"])
 
 
-# One builder per served flow: (args) -> RunnerDeployment. Add the screen and sweep flows here.
-DEPLOYMENTS: list[Callable[[argparse.Namespace], object]] = [pipeline_deployment]
+def screen_deployment(args: argparse.Namespace):
+    from flows.screen import screen
+
+    return screen.to_deployment(
+        name="weekly", cron=args.screen_cron, parameters={"repo": str(Path(args.repo).resolve())},
+        description="the design-space screen (every scoring x grouping x scaling x K)", tags=["moe2dense"])
+
+
+# One builder per served flow: (args) -> RunnerDeployment. Add the sweep flow here.
+DEPLOYMENTS: list[Callable[[argparse.Namespace], object]] = [pipeline_deployment, screen_deployment]
 
 
 def check_server(api_url: str | None) -> str | None:
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", default=str(REPO), help="repository root holding dvc.yaml (default: this repo)")
     parser.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: every day at 03:00)")
     parser.add_argument("--stage", help="run the pipeline only up to this stage")
+    parser.add_argument("--screen-cron", default="0 4 * * 0", help="cron of the screen (default: Sundays 04:00)")
     args = parser.parse_args(argv)
 
     from prefect.settings import PREFECT_API_URL

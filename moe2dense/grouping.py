@@ -302,7 +302,9 @@ def coselection_counts(batches: Iterable[np.ndarray | Tensor], num_experts: int)
     A_ii = rows holding i. One one-hot matmul per batch (a row repeating an id still counts once)."""
     counts = torch.zeros(num_experts, num_experts, dtype=torch.float64)
     for batch in batches:
-        ids = torch.as_tensor(batch).to(device="cpu", dtype=torch.long)
+        # Arrow-backed arrays are read-only: copy as int64 (the cast copies anyway) instead of wrapping them.
+        ids = torch.from_numpy(np.array(batch, dtype=np.int64)) if isinstance(batch, np.ndarray) \
+            else torch.as_tensor(batch).to(device="cpu", dtype=torch.long)
         if ids.dim() != 2:
             raise ValueError(f"coselection_counts: expected selected ids of shape [n, k], got {tuple(ids.shape)}")
         if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < num_experts):

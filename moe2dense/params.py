@@ -291,6 +291,28 @@ class EvaluateParams(Section):
         return shots
 
 
+# ---------------------------------------------------------------- screen
+class ScreenParams(Section):
+    """The design-space screen (stage `screen`): every combination, assembled and scored by held-out perplexity."""
+
+    methods: list[ScoreMethod] = Field(default_factory=lambda: ["sf", "pp", "cp", "ean", "reap", "acp", "do_acp"],
+                                       min_length=1)
+    groupings: list[GroupMethod] = Field(
+        default_factory=lambda: ["weight", "output", "router", "dominant", "coactivation"], min_length=1)
+    scalings: list[Literal["uniform", "score"]] = Field(default_factory=lambda: ["uniform", "score"], min_length=1)
+    experts: list[int] | None = None  # K values; None = k, 2k, 4k, ... up to E
+    eval_tokens: int = Field(16_384, gt=0)  # held-out tokens per configuration
+    batch_size: int = Field(8, ge=1)
+    best: int = Field(5, ge=1)  # configurations listed as the best
+
+    @field_validator("experts")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"K values must be a non-empty list of positive integers, got {v}")
+        return v
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
@@ -301,6 +323,7 @@ class Params(Section):
     assemble: AssembleParams = AssembleParams()
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
+    screen: ScreenParams = ScreenParams()
 
     @model_validator(mode="after")
     def _blocks_fit_selection(self) -> "Params":

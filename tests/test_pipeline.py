@@ -122,6 +122,30 @@ def test_evaluation_and_report_cover_all_three_models(repo):
     assert not list(repo.rglob("*.tmp"))
 
 
+def test_screen_scores_configurations_and_caches_each_by_content(repo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moe2dense.screen import configurations, heldout_perplexity, inputs_digest, load_inputs, run_screen
+
+    inp = load_inputs(repo, eval_tokens=1024, batch_rows=8, lam=0.001)
+    digest = inputs_digest(repo, inp)
+    grid = configurations(["do_acp", "sf"], ["output", "coactivation"], ["uniform"], [4], k=4)
+    assert [c.name for c in grid] == ["do_acp-K4-none-uniform", "sf-K4-none-uniform"]  # K == k: grouping once
+    first, computed = run_screen(grid, inp, tmp_path / "cache", digest, progress=False)
+    assert computed == [c.name for c in grid]
+    # do_acp, K = k, uniform is exactly the pipeline's own student: same perplexity
+    student = AutoModelForCausalLM.from_pretrained(repo / "models/student").eval()
+    assert first[0]["perplexity"] == pytest.approx(heldout_perplexity(student, inp.rows), rel=1e-6)
+    assert first[0]["num_parameters"] == json.loads((repo / "metrics/assemble.json").read_text())["num_parameters"]
+    # one more K value: only its configurations are computed, the others come from the cache
+    grid8 = configurations(["do_acp", "sf"], ["output", "coactivation"], ["uniform"], [4, 8], k=4)
+    assert len(grid8) == 2 + 2 * 2
+    second, computed = run_screen(grid8, inp, tmp_path / "cache", digest, progress=False)
+    assert sorted(computed) == sorted(c.name for c in grid8 if c.experts == 8)
+    assert [r for r in second if r["experts"] == 4] == first
+    assert all(r["perplexity"] > 1 for r in second)
+
+
 def test_repro_is_cached_and_reruns_only_what_a_param_touches(repo):
     again = dvc(repo, "repro")
     assert ran(again) == set(), again.stdout
@@ -176,3 +200,24 @@ def read_artifact(key: str) -> dict:
     found = resp.json()
     assert found, f"no artifact {key!r}"
     return found[0]
+
+
+def test_prefect_screen_flow_publishes_the_best_configurations(repo, prefect_harness):
+    from flows.screen import screen
+
+    for key, value in (("screen.methods", ["do_acp", "sf"]), ("screen.groupings", ["output"]),
+                       ("screen.scalings", ["uniform"]), ("screen.experts", [4, 8]), ("screen.eval_tokens", 1024)):
+        set_param(repo, key, value)
+    rows = screen(repo=str(repo))
+    assert [r["config"] for r in rows] == sorted((r["config"] for r in rows),
+                                                 key=lambda c: next(x["perplexity"] for x in rows if x["config"] == c))
+    assert sorted(r["config"] for r in rows) == ["do_acp-K4-none-uniform", "do_acp-K8-output-uniform",
+                                                 "sf-K4-none-uniform", "sf-K8-output-uniform"]
+    metrics = json.loads((repo / "metrics/screen.json").read_text())
+    assert metrics["configurations"] == 4 and metrics["best_config"] == rows[0]["config"]
+    assert (repo / "plots/screen_perplexity_vs_k.png").read_bytes()[:4] == b"\x89PNG"
+    table = read_artifact("moe2dense-screen-best")
+    assert table["type"] == "table" and "do_acp-K4-none-uniform" in table["data"]
+    assert "Best per scoring method and K" in read_artifact("moe2dense-screen")["data"]
+    again = screen(repo=str(repo))  # everything from the per-configuration cache
+    assert again == rows and json.loads((repo / "metrics/screen.json").read_text())["computed"] == 0

@@ -1,0 +1,249 @@
+"""The design-space screen: every scoring x grouping x scaling x K combination assembled from one shared
+calibration and scored by held-out perplexity, without distillation (the paper's Section 4 study).
+
+Each configuration's result is cached by content: a JSON file named by the sha256 of the configuration and of the
+inputs it reads (teacher weights, calibration, scores, held-out rows), so adding one K value computes only the new
+configurations and a changed input recomputes all. At K == k grouping is irrelevant (pure pruning): such a
+configuration is counted and evaluated once per scoring x scaling, with grouping `none`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from moe2dense.io import atomic_file
+
+log = logging.getLogger(__name__)
+
+PURE = "none"  # the grouping of a K == k configuration
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    method: str
+    experts: int  # K
+    grouping: str  # PURE when K == k
+    scaling: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-K{self.experts}-{self.grouping}-{self.scaling}"
+
+
+def default_experts(k: int, E: int) -> list[int]:
+    """k, 2k, 4k, ... up to E (E itself included)."""
+    values, K = [], k
+    while K < E:
+        values.append(K)
+        K *= 2
+    return values + [E]
+
+
+def configurations(methods: Iterable[str], groupings: Iterable[str], scalings: Iterable[str],
+                   experts: Iterable[int], k: int) -> list[Config]:
+    """The screen's grid, K == k collapsed to one grouping (`none`), in a stable order."""
+    out = {Config(m, K, PURE if K == k else g, s)
+           for m, g, s, K in itertools.product(methods, groupings, scalings, experts)}
+    return sorted(out)
+
+
+def check_experts(experts: Iterable[int], k: int, E: int) -> None:
+    bad = [K for K in experts if not k <= K <= E]
+    if bad:
+        raise ValueError(f"screen.experts {bad} out of range: every K must satisfy k <= K <= E, i.e. {k} <= K <= {E}"
+                         " (k = router top-k, E = experts per layer)")
+
+
+def digest_paths(paths: Iterable[str | Path]) -> str:
+    """sha256 over the names, sizes and bytes of every file under `paths` (sorted): the inputs' content key."""
+    h = hashlib.sha256()
+    for root in paths:
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for f in files:
+            h.update(f"{f.relative_to(root.parent)}:{f.stat().st_size}\n".encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(cfg: Config, inputs: str, settings: dict[str, Any]) -> str:
+    blob = json.dumps({"config": asdict(cfg), "inputs": inputs, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@torch.inference_mode()
+def heldout_perplexity(model, rows: np.ndarray, batch_rows: int = 8) -> float:
+    """exp(mean next-token NLL) over the packed held-out `rows` [n, seq_len]."""
+    total, n = 0.0, 0
+    for s in range(0, len(rows), batch_rows):
+        ids = torch.from_numpy(rows[s:s + batch_rows].astype(np.int64))
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
+                                                         reduction="sum"))
+        n += ids[:, 1:].numel()
+    return math.exp(total / n)
+
+
+@dataclass
+class ScreenInputs:
+    """Everything a configuration is built from, loaded once."""
+
+    teacher_dir: Path
+    calibration: Path
+    adapter: Any
+    stats: dict
+    shared_gate_mean: dict
+    rows: np.ndarray
+    lam: float
+    batch_rows: int
+
+
+def evaluate_config(cfg: Config, inp: ScreenInputs, orders: dict) -> dict[str, Any]:
+    """Select, plan, assemble into a temp dir, load and score one configuration."""
+    from transformers import AutoModelForCausalLM
+
+    from moe2dense.assemble import assemble
+    from moe2dense.checkpoint import CheckpointReader
+    from moe2dense.plan import build_plan
+    from moe2dense.selection import routed_mass_kept, select_layers
+
+    k = inp.adapter.top_k
+    t0 = time.perf_counter()
+    key = (cfg.method, cfg.experts)
+    if key not in orders:  # selection is shared by every grouping x scaling of a (method, K)
+        orders[key] = select_layers(cfg.method, inp.stats, cfg.experts, k, lam=inp.lam)
+    order = orders[key]
+    with CheckpointReader(inp.teacher_dir) as reader:
+        plan = build_plan(inp.adapter, inp.stats, order, score_method=cfg.method,
+                          group_method="output" if cfg.grouping == PURE else cfg.grouping, blocks=None,
+                          align=False, scaling=cfg.scaling, reader=reader, calibration=inp.calibration,
+                          shared_gate_mean=inp.shared_gate_mean)
+    t_plan = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="moe2dense-screen-") as tmp:
+        summary = assemble(inp.teacher_dir, plan, tmp, progress=False, card="screen")
+        t_asm = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    ppl = heldout_perplexity(model, inp.rows, inp.batch_rows)
+    t_eval = time.perf_counter()
+    mass = float(np.mean([routed_mass_kept(inp.stats[layer], order[layer]) for layer in order]))
+    return {**asdict(cfg), "config": cfg.name, "perplexity": round(ppl, 6),
+            "log_perplexity": round(math.log(ppl), 6), "routed_mass_kept": round(mass, 6),
+            "num_parameters": summary["num_parameters"],
+            "seconds": {"select_plan": round(t_plan - t0, 3), "assemble": round(t_asm - t_plan, 3),
+                        "evaluate": round(t_eval - t_asm, 3)}}
+
+
+def run_screen(configs: list[Config], inp: ScreenInputs, cache_dir: Path, inputs_digest: str,
+               progress: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every configuration's result (from the cache when present) and the names of those computed now."""
+    from tqdm.auto import tqdm
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"rows": int(inp.rows.size), "lam": inp.lam}
+    results, computed, orders = [], [], {}
+    for cfg in tqdm(configs, desc="screen", unit="config", disable=not progress):
+        path = cache_dir / f"{cache_key(cfg, inputs_digest, settings)}.json"
+        if path.is_file():
+            results.append(json.loads(path.read_text()))
+            continue
+        res = evaluate_config(cfg, inp, orders)
+        with atomic_file(path) as fh:  # written per configuration: an interrupted screen resumes here
+            json.dump(res, fh, sort_keys=True)
+        results.append(res)
+        computed.append(cfg.name)
+        log.info("%s: perplexity %.3f", cfg.name, res["perplexity"])
+    return results, computed
+
+
+INPUT_PATHS = ("calibration", "scores", "data/prepared/packed/eval.parquet")
+
+
+def load_inputs(root: str | Path = ".", *, eval_tokens: int, batch_rows: int, lam: float) -> ScreenInputs:
+    """The shared inputs of a screen in a pipeline workspace `root` (after `dvc repro score`)."""
+    from moe2dense.arch import get_adapter
+    from moe2dense.calibrate.store import read_meta, read_stats
+    from moe2dense.distill.data import load_rows
+    from moe2dense.teacher.load import teacher_config
+    from moe2dense.teacher.source import teacher_checkpoint
+
+    root = Path(root)
+    rows = load_rows(root / INPUT_PATHS[2])
+    rows = rows[: max(1, eval_tokens // rows.shape[1])]
+    calibration = root / "calibration"
+    return ScreenInputs(teacher_dir=teacher_checkpoint(root / "models/teacher"), calibration=calibration,
+                        adapter=get_adapter(teacher_config(root / "models/teacher")),
+                        stats=read_stats(calibration),
+                        shared_gate_mean=read_meta(calibration).get("shared_gate_mean", {}),
+                        rows=rows, lam=lam, batch_rows=batch_rows)
+
+
+def inputs_digest(root: str | Path, inp: ScreenInputs) -> str:
+    """Content key of the screen's inputs: the teacher's weights plus calibration, scores and held-out rows."""
+    root = Path(root)
+    return digest_paths([inp.teacher_dir / "model.safetensors" if (inp.teacher_dir / "model.safetensors").exists()
+                         else inp.teacher_dir] + [root / p for p in INPUT_PATHS])
+
+
+# ---------------------------------------------------------------- outputs
+def results_table(results: list[dict[str, Any]]):
+    """One row per configuration, best (lowest perplexity) first; ties by name."""
+    import polars as pl
+
+    rows = [{k: v for k, v in r.items() if k != "seconds"} | {f"seconds_{k}": v for k, v in r["seconds"].items()}
+            for r in results]
+    return pl.DataFrame(rows).sort(["perplexity", "config"])
+
+
+def results_markdown(table, best: int, computed: int) -> str:
+    cols = ["config", "method", "experts", "grouping", "scaling", "perplexity", "routed_mass_kept"]
+    lines = [f"# Design-space screen: {table.height} configurations ({computed} computed now, the rest cached)", "",
+             "Held-out perplexity of the assembled student, before distillation; lower is better.", "",
+             f"## Best {min(best, table.height)}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in table.head(best).select(cols).iter_rows():
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    lines += ["", "## Best per scoring method and K", "", "| method | " + " | ".join(
+        f"K={K}" for K in sorted(table["experts"].unique())) + " |", "|---|" + "---|" * table["experts"].n_unique()]
+    for method in sorted(table["method"].unique()):
+        sub = table.filter(table["method"] == method)
+        cells = []
+        for K in sorted(table["experts"].unique()):
+            hit = sub.filter(sub["experts"] == K)
+            cells.append(f"{hit['perplexity'].min():.4g} ({hit.row(0, named=True)['grouping']}, "
+                         f"{hit.row(0, named=True)['scaling']})" if hit.height else "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_perplexity_vs_k(table, path) -> None:
+    """Best perplexity over grouping x scaling per K, one line per scoring method."""
+    import polars as pl
+
+    from moe2dense.plots import DPI, _grid, _title
+
+    fig, (ax,), _, _ = _grid(1, 6.0, 3.6, top=1.0, right=2.2)
+    for method in sorted(table["method"].unique()):
+        best = (table.filter(table["method"] == method).group_by("experts").agg(pl.col("perplexity").min())
+                .sort("experts"))
+        ax.plot(best["experts"], best["perplexity"], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(table["experts"].unique()), [str(K) for K in sorted(table["experts"].unique())])
+    ax.set_xlabel("experts kept per layer (K)")
+    ax.set_ylabel("held-out perplexity (best grouping x scaling)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    _title(fig, "Design-space screen: perplexity vs K before distillation")
+    fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None})  # a path or a file object

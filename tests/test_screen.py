@@ -1,0 +1,50 @@
+"""The design-space screen's grid, K rules and content keys (the end-to-end screen runs in test_pipeline.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe2dense.screen import PURE, Config, cache_key, check_experts, configurations, default_experts, digest_paths
+
+
+def test_default_experts_double_from_k_to_E():
+    assert default_experts(4, 32) == [4, 8, 16, 32]
+    assert default_experts(2, 60) == [2, 4, 8, 16, 32, 60]
+    assert default_experts(8, 8) == [8]
+
+
+def test_grid_counts_pure_pruning_once_per_scoring_and_scaling():
+    grid = configurations(["sf", "do_acp"], ["weight", "output", "router"], ["uniform", "score"], [4, 8, 16], k=4)
+    # K == k: 2 methods x 2 scalings; K in {8, 16}: 2 x 3 x 2 x 2
+    assert len(grid) == 2 * 2 + 2 * 3 * 2 * 2
+    assert {c.grouping for c in grid if c.experts == 4} == {PURE}
+    assert grid == sorted(grid) and len(set(grid)) == len(grid)
+    assert Config("sf", 8, "weight", "score").name == "sf-K8-weight-score"
+
+
+def test_impossible_k_is_named_with_the_range():
+    check_experts([4, 32], 4, 32)
+    with pytest.raises(ValueError, match=r"screen.experts \[2, 64\] out of range.*4 <= K <= 32"):
+        check_experts([2, 8, 64], 4, 32)
+
+
+def test_cache_key_changes_with_config_inputs_and_settings(tmp_path):
+    cfg = Config("sf", 8, "weight", "score")
+    base = cache_key(cfg, "abc", {"rows": 8})
+    assert base == cache_key(Config("sf", 8, "weight", "score"), "abc", {"rows": 8})
+    assert len({base, cache_key(cfg, "abd", {"rows": 8}), cache_key(cfg, "abc", {"rows": 16}),
+                cache_key(Config("sf", 8, "weight", "uniform"), "abc", {"rows": 8})}) == 4
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.bin").write_bytes(b"1")
+    first = digest_paths([tmp_path / "d"])
+    (tmp_path / "d" / "a.bin").write_bytes(b"2")
+    assert digest_paths([tmp_path / "d"]) != first
+
+
+def test_unknown_method_in_the_grid_is_a_params_error():
+    from moe2dense.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=r"screen.methods\[1\]"):
+        parse_params({"screen": {"methods": ["sf", "magic"]}}, "params.yaml")
+    with pytest.raises(ParamsError, match="screen.experts"):
+        parse_params({"screen": {"experts": [0, 4]}}, "params.yaml")
