@@ -24,7 +24,7 @@ def test_repo_params_and_smoke_params_are_valid():
 
 def test_unknown_top_level_section_lists_allowed_sections():
     msg = errors_for({"prepair": {}})
-    assert "prepair: unknown key; allowed keys here: assemble, calibrate, distill, evaluate, group, prepare, score, select, teacher" in msg
+    assert "prepair: unknown key; allowed keys here: assemble, calibrate, distill, evaluate, group, prepare, score, screen, select, teacher" in msg
 
 
 def test_unknown_nested_key_lists_allowed_keys():
