@@ -52,6 +52,20 @@ def stage_order(repo: Path, target: str | None = None) -> list[str]:
         return [s for s in order if s in needed]
 
 
+def run_logged(cmd: list[str], cwd: str, what: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `cmd`, relay its output lines (not progress-bar redraws) to the run log; a failure raises with the
+    last lines of its output."""
+    logger = get_run_logger()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip() and "\r" not in line:
+            logger.info("%s", line)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+    return proc
+
+
 @task(name="dvc-stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
       task_run_name="dvc repro {stage}")
 def run_stage(stage: str, repo: str, force: bool = False) -> dict:
@@ -59,14 +73,8 @@ def run_stage(stage: str, repo: str, force: bool = False) -> dict:
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    proc = run_logged(cmd, repo, f"stage {stage!r}")
     seconds = round(time.perf_counter() - start, 2)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip() and "\r" not in line:
-            logger.info("%s", line)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
-        raise RuntimeError(f"stage {stage!r} failed (exit {proc.returncode}):\n{tail}")
     status = "ran" if stage in _RAN.findall(proc.stdout) else "skipped"
     logger.info("stage %s %s in %.1fs", stage, status, seconds)
     return {"stage": stage, "status": status, "seconds": seconds}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,11 +18,11 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from flows.pipeline import REPO, pipeline  # noqa: E402
+from flows.pipeline import REPO, pipeline, run_logged  # noqa: E402
 
 TABLE_COLUMNS = ("config", "method", "experts", "grouping", "scaling", "perplexity", "routed_mass_kept")
 
@@ -31,15 +30,8 @@ TABLE_COLUMNS = ("config", "method", "experts", "grouping", "scaling", "perplexi
 @task(name="screen", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def run_screen_stage(repo: str) -> None:
     """`python -m stages.screen` in `repo` with that repo's code first on the path (its params.yaml decides)."""
-    logger = get_run_logger()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "stages.screen"], cwd=repo, env=env, capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip() and "\r" not in line:
-            logger.info("%s", line)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
-        raise RuntimeError(f"the screen failed (exit {proc.returncode}):\n{tail}")
+    run_logged([sys.executable, "-m", "stages.screen"], repo, "the screen", env)
 
 
 @flow(name="moe2dense-screen", log_prints=True)

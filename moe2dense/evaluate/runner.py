@@ -153,18 +153,11 @@ def model_size(model: torch.nn.Module) -> dict[str, Any]:
             "model_type": model.config.model_type}
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("evaluate.device: cuda was asked for but torch sees no CUDA device; use auto or cpu")
-    return torch.device(device)
-
-
 def load_model(path: str | Path, p: EvaluateParams):
     """The HF checkpoint at `path` (teacher pointer dirs resolved) and its tokenizer, offline, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moe2dense.teacher.load import resolve_device
     from moe2dense.teacher.source import POINTER, teacher_checkpoint
 
     if not any((Path(path) / f).is_file() for f in ("config.json", POINTER)):
@@ -175,7 +168,7 @@ def load_model(path: str | Path, p: EvaluateParams):
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path if (Path(path) / "tokenizer.json").exists() else ckpt),
                                               local_files_only=True)
-    return model.to(resolve_device(p.device)).eval(), tokenizer
+    return model.to(resolve_device(p.device, "evaluate.device")).eval(), tokenizer
 
 
 def _quiet_rolling_lm():

@@ -11,11 +11,12 @@ from moe2dense.teacher.source import teacher_checkpoint
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, key: str = "calibrate.device") -> torch.device:
+    """auto -> cuda when present, else cpu; `key` names the param in the error when cuda is missing."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("calibrate.device: cuda was asked for but torch sees no CUDA device; use auto or cpu")
+        raise ValueError(f"{key}: cuda was asked for but torch sees no CUDA device; use auto or cpu")
     return torch.device(device)
 
 
