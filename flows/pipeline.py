@@ -4,7 +4,7 @@ DVC owns caching (content hashes of deps, params and outs); Prefect owns orchest
 order, retries, logs, and a markdown artifact with what ran and the metrics. Prefect's own result cache is off
 (NO_CACHE): it would hash a Path by its string, not its contents.
 
-    python -m flows.pipeline                 # temporary local Prefect server, or PREFECT_API_URL if set
+    python -m flows.pipeline                 # up to `report`; temporary Prefect server unless PREFECT_API_URL is set
     python -m flows.pipeline --stage teacher # up to and including one stage
 """
 
@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import (  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.cache_policies import NO_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
+MAIN_TARGET = "report"  # the conversion job; the design-space screen is its own target (flows/screen.py)
 _RAN = re.compile(r"Running stage '([^']+)'")
 
 
@@ -98,9 +95,9 @@ def render_markdown(results: list[dict], metrics: dict[str, dict]) -> str:
 
 
 @flow(name="moe2dense-pipeline", log_prints=True)
-def pipeline(repo: str = str(REPO), stage: str | None = None, force: bool = False) -> list[dict]:
-    """Run the DVC stages in DAG order as Prefect tasks; publish a progress artifact (updated after each stage) and
-    a markdown summary artifact."""
+def pipeline(repo: str = str(REPO), stage: str | None = MAIN_TARGET, force: bool = False) -> list[dict]:
+    """Run the DVC stages up to `stage` (None: every stage, the screen included) in DAG order as Prefect tasks;
+    publish a progress artifact (updated after each stage) and a markdown summary artifact."""
     root = Path(repo).resolve()
     stages = stage_order(root, stage)
     progress = create_progress_artifact(0.0, key="moe2dense-pipeline-progress",
@@ -117,7 +114,8 @@ def pipeline(repo: str = str(REPO), stage: str | None = None, force: bool = Fals
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the moe2dense DVC pipeline as a Prefect flow")
     parser.add_argument("--repo", default=str(REPO), help="repository root holding dvc.yaml (default: this repo)")
-    parser.add_argument("--stage", help="run only up to this stage")
+    parser.add_argument("--stage", default=MAIN_TARGET, help=f"run only up to this stage (default {MAIN_TARGET})")
+    parser.add_argument("--all", action="store_const", const=None, dest="stage", help="every stage, screen included")
     parser.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
     args = parser.parse_args(argv)
     results = pipeline(repo=args.repo, stage=args.stage, force=args.force)

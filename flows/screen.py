@@ -1,7 +1,7 @@
-"""Prefect flow for the design-space screen: the pipeline up to `score` through DVC (one shared calibration), then
-`python -m stages.screen`, which assembles and scores every configuration of params `screen` (each cached by content
-in .screen_cache/, so adding a K value computes only the new ones). Publishes the best configurations as a table
-artifact and screen/results.md as a markdown artifact.
+"""Prefect flow for the design-space screen: `dvc repro screen` stage by stage (prepare ... score, one shared
+calibration, then the `screen` stage, which assembles and scores every configuration of params `screen`; each result
+is cached by content in .screen_cache/, so adding a K value computes only the new ones). Publishes the best
+configurations as a table artifact and screen/results.md as a markdown artifact.
 
     python -m flows.screen                   # this repo; temporary Prefect server unless PREFECT_API_URL is set
     python -m flows.screen --repo PATH
@@ -10,28 +10,15 @@ artifact and screen/results.md as a markdown artifact.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect import flow, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import REPO, pipeline, run_logged  # noqa: E402
+from flows.pipeline import REPO, pipeline
 
 TABLE_COLUMNS = ("config", "method", "experts", "grouping", "scaling", "perplexity", "routed_mass_kept")
-
-
-@task(name="screen", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def run_screen_stage(repo: str) -> None:
-    """`python -m stages.screen` in `repo` with that repo's code first on the path (its params.yaml decides)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    run_logged([sys.executable, "-m", "stages.screen"], repo, "the screen", env)
 
 
 @flow(name="moe2dense-screen", log_prints=True)
@@ -40,8 +27,7 @@ def screen(repo: str = str(REPO)) -> list[dict]:
     import polars as pl
 
     root = Path(repo).resolve()
-    pipeline(repo=str(root), stage="score")  # calibration and scores, shared by every configuration
-    run_screen_stage(str(root))
+    pipeline(repo=str(root), stage="screen")  # DVC skips what is up to date, the screen included
     table = pl.read_parquet(root / "screen/results.parquet")
     best = table.head(20).select(TABLE_COLUMNS).to_dicts()
     create_table_artifact(key="moe2dense-screen-best", table=best,

@@ -151,22 +151,37 @@ def run_screen(configs: list[Config], inp: ScreenInputs, cache_dir: Path, inputs
                progress: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
     """Every configuration's result (from the cache when present) and the names of those computed now."""
     from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {"rows": int(inp.rows.size), "lam": inp.lam}
     results, computed, orders = [], [], {}
-    for cfg in tqdm(configs, desc="screen", unit="config", disable=not progress):
-        path = cache_dir / f"{cache_key(cfg, inputs_digest, settings)}.json"
-        if path.is_file():
-            results.append(json.loads(path.read_text()))
-            continue
-        res = evaluate_config(cfg, inp, orders)
-        with atomic_file(path) as fh:  # written per configuration: an interrupted screen resumes here
-            json.dump(res, fh, sort_keys=True)
-        results.append(res)
-        computed.append(cfg.name)
-        log.info("%s: perplexity %.3f", cfg.name, res["perplexity"])
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per configuration would bury the screen's own
+    try:
+        for cfg in tqdm(configs, desc="screen", unit="config", disable=not progress):
+            res, fresh = _cached_or_evaluated(cfg, inp, cache_dir / f"{cache_key(cfg, inputs_digest, settings)}.json",
+                                              orders)
+            results.append(res)
+            if fresh:
+                computed.append(cfg.name)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return results, computed
+
+
+def _cached_or_evaluated(cfg: Config, inp: ScreenInputs, path: Path, orders: dict) -> tuple[dict[str, Any], bool]:
+    """The configuration's result and whether it was computed now (else read from its cache file `path`)."""
+    if path.is_file():
+        return json.loads(path.read_text()), False
+    start = time.perf_counter()
+    res = evaluate_config(cfg, inp, orders)
+    res["seconds"]["total"] = round(time.perf_counter() - start, 3)  # for the overhead budget (bench/)
+    with atomic_file(path) as fh:  # written per configuration: an interrupted screen resumes here
+        json.dump(res, fh, sort_keys=True)
+    log.info("%s: perplexity %.3f", cfg.name, res["perplexity"])
+    return res, True
 
 
 INPUT_PATHS = ("calibration", "scores", "data/prepared/packed/eval.parquet")
@@ -208,9 +223,9 @@ def results_table(results: list[dict[str, Any]]):
     return pl.DataFrame(rows).sort(["perplexity", "config"])
 
 
-def results_markdown(table, best: int, computed: int) -> str:
+def results_markdown(table, best: int) -> str:
     cols = ["config", "method", "experts", "grouping", "scaling", "perplexity", "routed_mass_kept"]
-    lines = [f"# Design-space screen: {table.height} configurations ({computed} computed now, the rest cached)", "",
+    lines = [f"# Design-space screen: {table.height} configurations", "",
              "Held-out perplexity of the assembled student, before distillation; lower is better.", "",
              f"## Best {min(best, table.height)}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.head(best).select(cols).iter_rows():
