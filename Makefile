@@ -18,12 +18,19 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install bench clean help
+.PHONY: demo test install bench clean help screen sweep compare
+
+BEST ?= 3
+JOBS ?= 1
+REVS ?=
 
 help:
 	@echo "make demo   - set up .venv and run the whole pipeline on the offline demo (dvc repro)"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the benchmarks in bench/ (ratios, see bench/RESULTS.md)"
+	@echo "make screen - the design-space screen on the demo (dvc repro screen)"
+	@echo "make sweep  - distil the screen's BEST=3 configurations as DVC experiments, JOBS=1 at a time"
+	@echo "make compare REVS='main my-branch' - metrics across git revisions (default: every branch)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +41,18 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	dvc repro
+	dvc repro report
 	@python -m moe2dense summary
+
+screen: $(STAMP)
+	dvc repro screen
+	@head -n 14 screen/results.md
+
+sweep: $(STAMP)
+	python -m flows.sweep --from-screen $(BEST) --jobs $(JOBS)
+
+compare: $(STAMP)
+	python -m moe2dense compare $(REVS) --out reports/compare.md
 
 test: $(STAMP)
 	python -m pytest
@@ -46,6 +63,8 @@ bench: $(STAMP)
 	python bench/score_bench.py
 	python bench/dvc_noop.py
 	python bench/eval_perplexity.py
+	python bench/screen_bench.py
 
 clean:
-	rm -rf data/prepared models metrics plots reports calibration scores selection grouping teacher_logits eval_tasks eval
+	rm -rf data/prepared models metrics plots reports calibration scores selection grouping teacher_logits eval_tasks eval \
+		screen .screen_cache

@@ -5,28 +5,25 @@ CLI. It needs a running Prefect server (schedules are not kept by the temporary 
 
     prefect server start                                   # UI at http://127.0.0.1:4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve --cron "0 3 * * *"               # moe2dense-pipeline/nightly, moe2dense-screen/weekly
+    python -m flows.serve --cron "0 3 * * *"               # moe2dense-pipeline/nightly, moe2dense-screen/weekly,
+                                                           # moe2dense-sweep/weekly (the screen's best, distilled)
     python -m flows.serve --repo /path/to/repo --stage assemble
     prefect deployment run 'moe2dense-pipeline/nightly'    # or "Quick run" in the UI
 
-New flows (screen, sweep) are served by adding a builder to DEPLOYMENTS.
+A new flow is served by adding a builder to DEPLOYMENTS.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import httpx  # noqa: E402
+import httpx
 
-from flows.pipeline import REPO, pipeline  # noqa: E402
+from flows.pipeline import MAIN_TARGET, REPO, pipeline
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -46,8 +43,19 @@ def screen_deployment(args: argparse.Namespace):
         description="the design-space screen (every scoring x grouping x scaling x K)", tags=["moe2dense"])
 
 
-# One builder per served flow: (args) -> RunnerDeployment. Add the sweep flow here.
-DEPLOYMENTS: list[Callable[[argparse.Namespace], object]] = [pipeline_deployment, screen_deployment]
+def sweep_deployment(args: argparse.Namespace):
+    from flows.sweep import sweep
+
+    return sweep.to_deployment(
+        name="weekly", cron=args.sweep_cron,
+        parameters={"repo": str(Path(args.repo).resolve()), "from_screen": args.sweep_best, "jobs": args.sweep_jobs},
+        description="the screen's best configurations distilled and evaluated as DVC experiments",
+        tags=["moe2dense"])
+
+
+# One builder per served flow: (args) -> RunnerDeployment.
+DEPLOYMENTS: list[Callable[[argparse.Namespace], object]] = [pipeline_deployment, screen_deployment,
+                                                             sweep_deployment]
 
 
 def check_server(api_url: str | None) -> str | None:
@@ -68,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve the moe2dense Prefect deployments with cron schedules")
     parser.add_argument("--repo", default=str(REPO), help="repository root holding dvc.yaml (default: this repo)")
     parser.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: every day at 03:00)")
-    parser.add_argument("--stage", help="run the pipeline only up to this stage")
+    parser.add_argument("--stage", default=MAIN_TARGET, help=f"run the pipeline up to this stage (default {MAIN_TARGET})")
     parser.add_argument("--screen-cron", default="0 4 * * 0", help="cron of the screen (default: Sundays 04:00)")
+    parser.add_argument("--sweep-cron", default="0 6 * * 0", help="cron of the sweep (default: Sundays 06:00)")
+    parser.add_argument("--sweep-best", type=int, default=3, help="screen configurations the sweep distils (3)")
+    parser.add_argument("--sweep-jobs", type=int, default=1, help="experiments the sweep runs at a time (1)")
     args = parser.parse_args(argv)
 
     from prefect.settings import PREFECT_API_URL

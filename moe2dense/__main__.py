@@ -67,6 +67,30 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    """Headline metrics (and the params that differ) of committed results across git branches or revisions."""
+    from moe2dense import sweep as sw
+
+    try:
+        rows = sw.exp_rows(sw.exp_show(args.repo, *args.revs, all_branches=not args.revs))
+    except sw.SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = [r for r in rows if r["baseline"] or args.experiments]
+    if not rows:
+        print("error: no committed results to compare (commit dvc.lock and metrics/ after `dvc repro`)",
+              file=sys.stderr)
+        return 1
+    what = ", ".join(args.revs) if args.revs else "every branch"
+    md = sw.markdown(sw.table(rows), f"moe2dense results across {what}",
+                     note="Params shown: those that differ between the rows; metrics: the headline ones.")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(md)
+    print(md, end="")
+    return 0
+
+
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="MoE checkpoint dir, or a hub id in the local HF cache")
     p.add_argument("--out", required=True, help="directory for the dense student (must not exist)")
@@ -92,6 +116,7 @@ COMMANDS = {
     "check-params": (check_params, "validate params.yaml without running anything"),
     "summary": (summary, "print the headline metrics of the last run"),
     "convert": (convert, "convert an MoE checkpoint into a dense one in one go"),
+    "compare": (compare, "tabulate metrics across git branches or revisions (dvc exp show)"),
 }
 
 
@@ -106,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--metrics", default="metrics")
         if name == "convert":
             _convert_args(p)
+        if name == "compare":
+            p.add_argument("revs", nargs="*", help="git branches, tags or commits (default: every branch)")
+            p.add_argument("--experiments", action="store_true", help="also the DVC experiments on each")
+            p.add_argument("--repo", default=".")
+            p.add_argument("--out", help="also write the markdown table here, e.g. reports/compare.md")
     args = parser.parse_args(argv)
     return COMMANDS[args.command][0](args)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -16,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 EVAL_STAGES = {"eval_tasks", "evaluate@teacher", "evaluate@student", "evaluate@distilled", "report"}
 ALL_STAGES = {"prepare", "teacher", "calibrate", "score", "select", "group", "assemble", "teacher_logits", "distill",
-              *EVAL_STAGES}
-TO_ASSEMBLE = ALL_STAGES - {"teacher_logits", "distill"} - EVAL_STAGES
+              *EVAL_STAGES, "screen"}
+TO_ASSEMBLE = ALL_STAGES - {"teacher_logits", "distill", "screen"} - EVAL_STAGES
 
 
 def ran(proc) -> set[str]:
@@ -216,5 +218,78 @@ def test_prefect_screen_flow_publishes_the_best_configurations(repo, prefect_har
     table = read_artifact("moe2dense-screen-best")
     assert table["type"] == "table" and "do_acp-K4-none-uniform" in table["data"]
     assert "Best per scoring method and K" in read_artifact("moe2dense-screen")["data"]
-    again = screen(repo=str(repo))  # everything from the per-configuration cache
-    assert again == rows and json.loads((repo / "metrics/screen.json").read_text())["computed"] == 0
+    again = screen(repo=str(repo))  # DVC: the stage is up to date
+    assert again == rows and "| screen | skipped |" in read_artifact("moe2dense-pipeline")["data"]
+    cached = {p: p.stat().st_mtime_ns for p in (repo / ".screen_cache").iterdir()}
+    assert len(cached) == 4
+    set_param(repo, "screen.scalings", ["uniform", "score"])  # the grid grows: only the new half is computed
+    grown = screen(repo=str(repo))
+    assert len(grown) == 8 and len(list((repo / ".screen_cache").iterdir())) == 8
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached  # the first four were read, not recomputed
+    set_param(repo, "screen.scalings", ["uniform"])
+    assert screen(repo=str(repo)) == rows  # restored by DVC's run cache
+
+
+def git(repo, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def sweep_cli(repo, *args: str):
+    return subprocess.run([sys.executable, "-m", "flows.sweep", "--repo", str(repo), *args], capture_output=True,
+                          text=True, cwd=repo)
+
+
+def test_sweep_queues_the_screens_best_as_dvc_experiments(repo, prefect_harness):
+    import polars as pl
+
+    from flows.sweep import sweep
+    from moe2dense.sweep import exp_rows, exp_show
+
+    set_param(repo, "assemble.scaling", "uniform")  # the baseline: the smoke params as they came
+    dvc(repo, "repro", "report", "screen")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline results")
+    # bad input fails before anything is queued, each naming what is wrong
+    bad = sweep_cli(repo, "--set", "score.method=nope,sf")
+    assert bad.returncode == 2 and "nope-" in bad.stderr and "score.method" in bad.stderr, bad.stderr
+    bad = sweep_cli(repo, "--set", "select.experts=8,64")
+    assert bad.returncode == 2 and "K64" in bad.stderr and "4 <= select.experts <= 32" in bad.stderr, bad.stderr
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text() + "# edited\n")
+    bad = sweep_cli(repo, "--from-screen", "2")
+    assert bad.returncode == 2 and "uncommitted changes" in bad.stderr and "params.yaml" in bad.stderr, bad.stderr
+    git(repo, "checkout", "params.yaml")
+    assert [r for r in exp_rows(exp_show(repo)) if not r["baseline"]] == []
+    assert not dvc(repo, "queue", "status").stdout.count("Queued")
+
+    # the screen's two best configurations, distilled as DVC experiments two at a time
+    records = sweep(repo=str(repo), from_screen=2, jobs=2)
+    best = pl.read_parquet(repo / "screen/results.parquet").head(2).to_dicts()
+    names = ["-".join([b["method"], f"K{b['experts']}"] + [b["grouping"]] * (b["grouping"] != "none")
+                      + [b["scaling"]]) for b in best]
+    assert records[0]["rev"] == git(repo, "rev-parse", "--short=7", "HEAD").strip()  # the baseline first
+    assert [r["name"] for r in records[1:]] == names, records
+    for rec, b in zip(records[1:], best):
+        assert rec["select.experts"] == b["experts"] and rec["score.method"] == b["method"]
+        assert rec["distill.heldout_kl_after"] >= 0 and rec["eval.distilled.demo_ppl_bible.bits_per_byte"] > 0, rec
+    shown = {r["name"]: r for r in exp_rows(exp_show(repo)) if not r["baseline"]}
+    assert set(shown) == set(names) and all(r["state"] == "success" for r in shown.values())
+    for name, b in zip(names, best):
+        assert shown[name]["params"]["select.experts"] == b["experts"]
+        assert "heldout_kl_after" in json.dumps(shown[name]["metrics"])
+    table = read_artifact("moe2dense-sweep")
+    assert table["type"] == "table" and all(n in table["data"] for n in names)
+    assert all(n in (repo / "reports/experiments.md").read_text() for n in names)
+    assert git(repo, "status", "--porcelain") == ""  # the workspace is untouched: experiments ran in temp copies
+    again = sweep(repo=str(repo), from_screen=2, jobs=2)  # nothing left to run: both already exist
+    assert again == records
+
+    # an experiment promoted to a branch: `moe2dense compare` tabulates committed metrics across branches
+    git(repo, "branch", "-M", "main")
+    dvc(repo, "exp", "branch", names[0], "best-config")
+    proc = subprocess.run([sys.executable, "-m", "moe2dense", "compare", "--out", "reports/compare.md"], cwd=repo,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| name | rev |") and "distill.heldout_kl_after" in rows[0], proc.stdout
+    assert {r.split("|")[1].strip() for r in rows[1:]} == {"main", "best-config"}, proc.stdout

@@ -1,0 +1,131 @@
+"""Prefect flow for a sweep of DVC experiments: check the configurations and the workspace, queue them with
+`dvc exp run --queue`, run the queue with at most `jobs` experiments at a time (each in its own temporary copy of the
+repo), and publish `dvc exp show` as a comparison table (params + metrics): a Prefect table artifact and
+reports/experiments.md.
+
+    python -m flows.sweep --from-screen 3 --jobs 2                     # the screen's 3 best configurations
+    python -m flows.sweep --set select.experts=8,16 --set group.method=output,coactivation   # a 2 x 2 grid
+    python -m flows.sweep --configs sweep.yaml                          # a YAML list of {dotted.key: value}
+
+Experiments already on the baseline (same name) are not queued again, so an interrupted sweep is resumed by running
+the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from flows.pipeline import REPO
+from moe2dense import sweep as sw
+
+REPORT = "reports/experiments.md"
+
+
+def configurations(repo: Path, grid: dict[str, list] | None, configs: list[dict] | None,
+                   from_screen: int | None) -> list[dict]:
+    out = list(configs or [])
+    if grid:
+        out += sw.grid(grid)
+    if from_screen:
+        out += sw.from_screen(repo / "screen/results.parquet", from_screen)
+    return out
+
+
+@task(name="check-sweep", cache_policy=NO_CACHE)
+def check(repo: str, exps: list[sw.Experiment]) -> None:
+    sw.validate(repo, exps)  # bad configurations first: they need no clean workspace to be reported
+    sw.check_clean(repo)
+
+
+@task(name="queue-experiments", cache_policy=NO_CACHE)
+def queue(repo: str, exps: list[sw.Experiment], target: str) -> list[str]:
+    queued = sw.queue(repo, exps, target)
+    get_run_logger().info("queued %d of %d experiments: %s", len(queued), len(exps), ", ".join(queued) or "none")
+    return queued
+
+
+@task(name="run-queue", cache_policy=NO_CACHE)
+def run_queue(repo: str, jobs: int) -> None:
+    logger = get_run_logger()
+    sw.run_queue(repo, jobs, on_line=lambda line: logger.info("%s", line))
+
+
+@task(name="collect-experiments", cache_policy=NO_CACHE)
+def collect(repo: str, exps: list[sw.Experiment]) -> list[dict]:
+    keys = list(dict.fromkeys(k for e in exps for k in e.overrides))
+    return sw.table(sw.sweep_rows(repo, [e.name for e in exps]), keys)
+
+
+@flow(name="moe2dense-sweep", log_prints=True)
+def sweep(repo: str = str(REPO), grid: dict[str, list] | None = None, configs: list[dict] | None = None,
+          from_screen: int | None = None, jobs: int = 1, target: str = sw.TARGET) -> list[dict]:
+    """Run the configurations as DVC experiments; returns the comparison table (baseline first)."""
+    root = Path(repo).resolve()
+    exps = sw.experiments(configurations(root, grid, configs, from_screen))
+    progress = create_progress_artifact(0.0, key="moe2dense-sweep-progress",
+                                        description=f"Sweep of {len(exps)} experiments: checked, queued, ran, collected")
+    with sw.sweep_lock(root):
+        check(str(root), exps)
+        update_progress_artifact(progress, 10.0)
+        queued = queue(str(root), exps, target)
+        update_progress_artifact(progress, 20.0)
+        if sw.pending(str(root), [e.name for e in exps]):  # queued now, or left queued by an interrupted sweep
+            run_queue(str(root), jobs)
+        update_progress_artifact(progress, 90.0)
+        records = collect(str(root), exps)
+    md = sw.markdown(records, f"Sweep: {len(exps)} experiments ({len(queued)} run now) on {records[0]['name']}",
+                     note="First row: the baseline commit. Params shown: those swept and any that differ; metrics: "
+                          "the headline ones (`dvc exp show` has them all).")
+    out = root / REPORT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    create_table_artifact(key="moe2dense-sweep", table=records,
+                          description=f"dvc exp show: {len(exps)} experiments of the sweep and their baseline")
+    create_markdown_artifact(key="moe2dense-sweep-report", markdown=md, description="The sweep's comparison table")
+    update_progress_artifact(progress, 100.0)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a sweep of moe2dense configurations as DVC experiments")
+    parser.add_argument("--repo", default=str(REPO), help="repository root holding dvc.yaml (default: this repo)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                        help="a grid axis (repeat for more axes; the grid is their product)")
+    parser.add_argument("--configs", type=Path, help="YAML file: a list of {dotted.param: value} mappings")
+    parser.add_argument("--from-screen", type=int, metavar="N", help="the N best configurations of the screen")
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="experiments run at a time (default 1)")
+    parser.add_argument("--target", default=sw.TARGET, help=f"stage each experiment runs up to (default {sw.TARGET})")
+    args = parser.parse_args(argv)
+    try:
+        grid = sw.parse_axes(args.set) if args.set else None
+        configs = yaml.safe_load(args.configs.read_text()) if args.configs else None
+        if configs is not None and not (isinstance(configs, list) and all(isinstance(c, dict) for c in configs)):
+            raise sw.SweepError(f"{args.configs}: expected a YAML list of mappings {{dotted.param: value}}")
+        # checked here too, so a bad grid or a dirty workspace fails in a second, before Prefect starts
+        repo = Path(args.repo).resolve()
+        sw.validate(repo, sw.experiments(configurations(repo, grid, configs, args.from_screen)))
+        sw.check_clean(repo)
+        records = sweep(repo=str(repo), grid=grid, configs=configs, from_screen=args.from_screen, jobs=args.jobs,
+                        target=args.target)
+    except (sw.SweepError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(sw.markdown(records, "Sweep results"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Sweeps as DVC experiments: a list or grid of param overrides is checked, queued with `dvc exp run --queue`, run
+by `dvc exp run --run-all -j N` (each experiment in its own temporary copy of the repo, at most N at a time, sharing
+the DVC cache, so unchanged stages are restored rather than rerun) and collected from `dvc exp show --json` into one
+comparison table. The same table code tabulates committed results across git branches or revisions (`compare`).
+
+Nothing runs in the user's workspace: experiments are built from the last commit, so a dirty workspace is refused
+(its uncommitted changes would silently ride along into every experiment), and one sweep at a time holds a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import itertools
+import json
+import logging
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import yaml
+
+from moe2dense.params import ParamsError, parse_params
+
+log = logging.getLogger(__name__)
+
+TARGET = "report"  # experiments stop at the report; the screen is not part of a sweep
+LOCK = ".dvc/tmp/moe2dense-sweep.lock"
+# screen results table column -> the params key the pipeline reads it from
+SCREEN_TO_PARAMS = {"method": "score.method", "experts": "select.experts", "grouping": "group.method",
+                    "scaling": "assemble.scaling"}
+# metrics shown in comparison tables (dotted: <metrics file stem>.<key...>), besides the params that differ
+HEADLINE = (re.compile(r"^assemble\.parameter_ratio$"),
+            re.compile(r"^distill\.heldout_kl_(before|after)$"),
+            re.compile(r"^eval\.(student|distilled)\.[^.]+\.(bits_per_byte|acc|acc_mutual_info)$"))
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or did not finish; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    overrides: dict[str, Any] = field(hash=False)
+
+
+# ---------------------------------------------------------------- what to run
+def parse_axes(items: Iterable[str]) -> dict[str, list[Any]]:
+    """["select.experts=4,8", "group.method=output"] -> {"select.experts": [4, 8], "group.method": ["output"]}.
+    Values are YAML scalars (`null`, `0.001`, `true`); a bracketed value is one list-valued param: `freeze=[a,b]`."""
+    axes: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise SweepError(f"sweep axis {item!r}: expected key=value[,value...], e.g. select.experts=4,8")
+        raw = raw.strip()
+        parts = [raw] if raw.startswith("[") else raw.split(",")
+        axes[key.strip()] = [yaml.safe_load(p) for p in parts]
+    return axes
+
+
+def grid(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of the axes, first axis slowest."""
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def from_screen(results: str | Path, best: int) -> list[dict[str, Any]]:
+    """The `best` configurations of a screen's results.parquet as param overrides (grouping `none` = pure
+    pruning at K == k, where group.method is ignored and left as it is)."""
+    import polars as pl
+
+    path = Path(results)
+    if not path.is_file():
+        raise SweepError(f"{path} not found: run the screen first (`dvc repro screen` or `python -m flows.screen`)")
+    rows = pl.read_parquet(path).sort(["perplexity", "config"]).head(best).to_dicts()
+    return [{key: row[col] for col, key in SCREEN_TO_PARAMS.items() if row[col] != "none"} for row in rows]
+
+
+def experiment_name(overrides: dict[str, Any]) -> str:
+    """A readable git-ref-safe name: do_acp-K8-output-uniform for the screen's keys, leaf<value> for others."""
+    parts = []
+    for key, value in overrides.items():
+        leaf = key.rsplit(".", 1)[-1]
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        parts.append(f"K{text}" if key == "select.experts" else text if key in SCREEN_TO_PARAMS.values()
+                     else f"{leaf}{text}")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)).strip("._-")
+    return name[:80] or "baseline"
+
+
+def experiments(configs: list[dict[str, Any]]) -> list[Experiment]:
+    out, seen = [], set()
+    for overrides in configs:
+        name = experiment_name(overrides)
+        if name in seen:
+            raise SweepError(f"two configurations give the same experiment name {name!r}: {overrides}")
+        seen.add(name)
+        out.append(Experiment(name, dict(overrides)))
+    return out
+
+
+# ---------------------------------------------------------------- checks before anything is queued
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(node.get(key, {}), dict):
+            raise ParamsError(f"sweep: {dotted}: {key!r} is not a section")
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def teacher_shape(repo: Path, params) -> tuple[int, int] | None:
+    """(router top-k, experts per layer) of the teacher, or None when it is not built yet and not the demo."""
+    from moe2dense.arch import get_adapter
+    from moe2dense.teacher.load import teacher_config
+
+    try:
+        adapter = get_adapter(teacher_config(repo / "models/teacher"))
+        return adapter.top_k, adapter.num_experts
+    except (OSError, ValueError, KeyError):
+        if params.teacher.source == "demo":
+            return params.teacher.demo.num_experts_per_tok, params.teacher.demo.num_experts
+        return None
+
+
+def validate(repo: str | Path, exps: list[Experiment]) -> None:
+    """Every experiment's params must validate (unknown keys or methods are named) and its K must fit the teacher."""
+    from moe2dense.selection import check_budget
+
+    repo = Path(repo)
+    if not exps:
+        raise SweepError("the sweep is empty: give a grid (--set key=v1,v2), a configs file or --from-screen N")
+    base = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+    errors, shape = [], None
+    for exp in exps:
+        data = copy.deepcopy(base)
+        try:
+            for key, value in exp.overrides.items():
+                _set_dotted(data, key, value)
+            params = parse_params(data, origin=f"sweep experiment {exp.name!r}")
+            shape = shape or teacher_shape(repo, params)
+            if shape:
+                check_budget(params.select.experts, *shape)
+        except (ParamsError, ValueError) as err:
+            errors.append(f"{exp.name} ({', '.join(f'{k}={v}' for k, v in exp.overrides.items())}): {err}")
+    if errors:
+        raise SweepError("the sweep has invalid configurations; nothing was queued:\n" + "\n".join(errors))
+
+
+def dirty_files(repo: str | Path) -> list[str]:
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def check_clean(repo: str | Path) -> None:
+    dirty = dirty_files(repo)
+    if dirty:
+        shown = "\n  ".join(dirty[:10]) + (f"\n  ... and {len(dirty) - 10} more" if len(dirty) > 10 else "")
+        raise SweepError(
+            f"the workspace {repo} has uncommitted changes; experiments are built from the last commit plus these, "
+            f"so they would run into every experiment:\n  {shown}\n"
+            "commit them (`git add -A && git commit`, with dvc.lock after `dvc repro`) or stash them "
+            "(`git stash -u`), then start the sweep again; nothing was queued")
+
+
+@contextlib.contextmanager
+def sweep_lock(repo: str | Path) -> Iterator[None]:
+    """One sweep per repository at a time (each of its experiments runs in its own temporary workspace)."""
+    path = Path(repo) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepError(f"another sweep is running in {repo} (lock {path}); wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- DVC
+def dvc(repo: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise SweepError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n"
+                         + "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:]))
+    return proc
+
+
+def set_arg(key: str, value: Any) -> str:
+    """A `-S key=value` argument whose value DVC (Hydra's override grammar) parses back to `value`."""
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return f"{key}={text}"
+
+
+def queue(repo: str | Path, exps: list[Experiment], target: str = TARGET) -> list[str]:
+    """Queue the experiments not already on this baseline, done, queued or running (a repeated sweep only queues
+    what is missing or failed)."""
+    have = {r["name"]: r["state"] for r in exp_rows(exp_show(repo)) if not r["baseline"] and r["state"] != "failed"}
+    queued = []
+    for exp in exps:
+        if exp.name in have:
+            log.info("experiment %s is already %s on this baseline; not queued again", exp.name, have[exp.name])
+            continue
+        sets = [arg for k, v in exp.overrides.items() for arg in ("-S", set_arg(k, v))]
+        dvc(repo, "exp", "run", "--queue", target, "-n", exp.name, *sets)
+        queued.append(exp.name)
+    return queued
+
+
+def run_queue(repo: str | Path, jobs: int, on_line=None) -> None:
+    """`dvc exp run --run-all -j jobs`: every queued experiment, at most `jobs` at a time, each in its own temp
+    workspace; output lines go to `on_line` (the Prefect log) as they come."""
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", str(max(1, jobs))]
+    with subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            if line.strip() and on_line:
+                on_line(line.rstrip())
+        rc = proc.wait()
+    if rc != 0:
+        raise SweepError(f"`dvc exp run --run-all` failed (exit {rc}); see `dvc queue logs <name>`")
+
+
+def exp_show(repo: str | Path, *revs: str, all_branches: bool = False) -> list[dict]:
+    """`dvc exp show --json` for HEAD, the given revisions, or every branch head."""
+    args = ["-a"] if all_branches else [a for r in revs for a in ("--rev", r)]
+    return json.loads(dvc(repo, "exp", "show", "--json", *args).stdout or "[]")
+
+
+# ---------------------------------------------------------------- tables
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def _record(name: str, rev: str, data: dict, baseline: bool, baseline_rev: str, state: str = "success"
+            ) -> dict[str, Any]:
+    params = {}
+    for file_data in (data.get("params") or {}).values():
+        params.update(flatten(file_data.get("data") or {}))
+    metrics = {}
+    for path, file_data in (data.get("metrics") or {}).items():
+        metrics.update(flatten(file_data.get("data") or {}, Path(path).stem))
+    return {"name": name, "rev": rev[:7], "baseline": baseline, "baseline_rev": baseline_rev[:7],
+            "state": state, "params": params, "metrics": metrics}
+
+
+def exp_rows(entries: list[dict]) -> list[dict[str, Any]]:
+    """Flatten `dvc exp show --json`: one record per commit (baseline) and per experiment on it."""
+    rows = []
+    for commit in entries:
+        if commit.get("rev") == "workspace":
+            continue
+        rev = commit.get("rev") or ""
+        rows.append(_record(commit.get("name") or rev[:7], rev, commit.get("data") or {}, True, rev))
+        for exp in commit.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state") or "success"  # queued | running | failed | success
+            for run in exp.get("revs") or []:
+                rows.append(_record(run.get("name") or exp.get("name") or run.get("rev", "")[:7],
+                                    run.get("rev") or "", run.get("data") or {}, False, rev, state))
+    return rows
+
+
+def columns(rows: list[dict], params: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Param columns (those given plus any that differ between rows) and the headline metric columns present."""
+    keys = list(params)
+    for key in sorted({k for r in rows for k in r["params"]}):
+        if key not in keys and len({json.dumps(r["params"].get(key)) for r in rows}) > 1:
+            keys.append(key)
+    metric_keys = sorted({k for r in rows for k in r["metrics"] if any(p.match(k) for p in HEADLINE)})
+    return keys, metric_keys
+
+
+def table(rows: list[dict], params: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Flat records (name, rev, params..., metrics...) ready for a Prefect table artifact or markdown."""
+    pkeys, mkeys = columns(rows, params)
+    return [{"name": r["name"], "rev": r["rev"], **{k: r["params"].get(k) for k in pkeys},
+             **{k: r["metrics"].get(k) for k in mkeys}} for r in rows]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def markdown(records: list[dict[str, Any]], title: str, note: str = "") -> str:
+    if not records:
+        return f"# {title}\n\nNothing to compare.\n"
+    cols = list(records[0])
+    lines = [f"# {title}", ""] + ([note, ""] if note else [])
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def pending(repo: str | Path, names: Iterable[str]) -> list[str]:
+    """Those of `names` without a successful experiment on the baseline."""
+    done = {r["name"] for r in exp_rows(exp_show(repo)) if not r["baseline"] and r["state"] == "success"}
+    return [n for n in names if n not in done]
+
+
+def sweep_rows(repo: str | Path, names: Iterable[str]) -> list[dict]:
+    """The baseline (HEAD) and the named experiments on it, from `dvc exp show --json`."""
+    rows = exp_rows(exp_show(repo))
+    wanted = set(names)
+    head = [r for r in rows if r["baseline"]][:1]
+    found = [r for r in rows if not r["baseline"] and r["name"] in wanted and r["state"] == "success"]
+    missing = wanted - {r["name"] for r in found if r["state"] == "success"}
+    if missing:
+        raise SweepError(f"experiment(s) {', '.join(sorted(missing))} did not finish; see `dvc queue logs <name>` "
+                         "and `dvc exp show`")
+    order = {n: i for i, n in enumerate(names)}
+    return head + sorted(found, key=lambda r: order[r["name"]])
