@@ -69,7 +69,8 @@ def main() -> None:
         "device": res["device"], "final_loss": losses[-1], "best_loss": min(losses),
         "tokens_per_s": round(m["tokens_per_s"], 1), "resumed_from_step": m["resumed_from"],
         "heldout_kl_before": round(before, 6), "heldout_kl_after": round(after, 6),
-        "teacher_logits": p.teacher_logits, "run_name": res["run_name"],
+        # not "teacher_logits": a metric named like a stage output breaks `dvc exp show --drop` (duplicate column)
+        "teacher_logits_source": p.teacher_logits, "run_name": res["run_name"],
     })
     with atomic_file(PLOT) as fh:
         fh.write("step,tokens,loss\n" + "".join(f"{s},{t},{l}\n" for s, t, l in history))
