@@ -25,7 +25,7 @@ JOBS ?= 1
 REVS ?=
 
 help:
-	@echo "make demo   - set up .venv and run the whole pipeline on the offline demo (dvc repro)"
+	@echo "make demo   - set up .venv and run the conversion pipeline on the offline demo (dvc repro report)"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the benchmarks in bench/ (ratios, see bench/RESULTS.md)"
 	@echo "make screen - the design-space screen on the demo (dvc repro screen)"

@@ -38,6 +38,15 @@ HEADLINE = (re.compile(r"^assemble\.parameter_ratio$"),
             re.compile(r"^distill\.heldout_kl_(before|after)$"),
             re.compile(r"^eval\.(student|distilled)\.[^.]+\.(bits_per_byte|acc|acc_mutual_info)$"))
 
+# shorter headers for the markdown tables (the Prefect table artifact keeps the full keys)
+LABELS = ((re.compile(r"^eval\.(\w+)\.demo_ppl_(\w+)\.bits_per_byte$"), r"\1 \2 bpb"),
+          (re.compile(r"^eval\.(\w+)\.demo_continuation\.acc_mutual_info$"), r"\1 continuation acc_mi"),
+          (re.compile(r"^eval\.(\w+)\.(\w+)\.(\w+)$"), r"\1 \2 \3"),
+          (re.compile(r"^distill\.heldout_kl_(\w+)$"), r"KL \1"),
+          (re.compile(r"^assemble\.parameter_ratio$"), "params / teacher"))
+LEGEND = ("bpb: held-out bits per byte (lower is better); KL: held-out KL(teacher ‖ student) before / after "
+          "distillation; acc_mi: continuation accuracy by mutual information (higher is better).")
+
 
 class SweepError(RuntimeError):
     """A sweep that cannot start or did not finish; the message says why and what to do."""
@@ -299,13 +308,22 @@ def _cell(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def label(column: str) -> str:
+    for pattern, repl in LABELS:
+        if pattern.match(column):
+            return pattern.sub(repl, column)
+    return column
+
+
 def markdown(records: list[dict[str, Any]], title: str, note: str = "") -> str:
     if not records:
         return f"# {title}\n\nNothing to compare.\n"
     cols = list(records[0])
     lines = [f"# {title}", ""] + ([note, ""] if note else [])
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(label(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in records]
+    if any(label(c) != c for c in cols):
+        lines += ["", LEGEND]
     return "\n".join(lines) + "\n"
 
 

@@ -107,7 +107,8 @@ def test_served_deployment_runs_and_publishes_artifacts(server, tmp_path):
     repo = tiny_repo(tmp_path)
     serve_log = tmp_path.parent / f"{tmp_path.name}-serve.log"
     with open(serve_log, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--repo", str(repo), "--cron", CRON],
+        proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--repo", str(repo), "--cron", CRON,
+                                 "--stage", "copy"],  # the tiny repo's last stage (default: report)
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             with httpx.Client(base_url=api, timeout=30) as client:
@@ -121,6 +122,18 @@ def test_served_deployment_runs_and_publishes_artifacts(server, tmp_path):
                 assert dep["parameters"]["repo"] == str(repo.resolve())
                 flow = client.get(f"/flows/{dep['flow_id']}").json()
                 assert f"{flow['name']}/{dep['name']}" == "moe2dense-pipeline/nightly"
+                assert dep["parameters"]["stage"] == "copy"
+
+                def all_served():  # the three deployments of flows.serve, with their crons
+                    out = {}
+                    for d in client.post("/deployments/filter", json={}).json():
+                        flow_name = client.get(f"/flows/{d['flow_id']}").json()["name"]
+                        out[f"{flow_name}/{d['name']}"] = [s["schedule"]["cron"] for s in d["schedules"]]
+                    return out if len(out) == 3 else None
+
+                served = wait_for("all deployments", all_served, 30, proc)
+                assert served == {"moe2dense-pipeline/nightly": [CRON], "moe2dense-screen/weekly": ["0 4 * * 0"],
+                                  "moe2dense-sweep/weekly": ["0 6 * * 0"]}, served
 
                 def trigger():  # 503 while the server's scheduler holds the SQLite lock: retry
                     resp = client.post(f"/deployments/{dep['id']}/create_flow_run", json={})

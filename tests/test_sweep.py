@@ -1,0 +1,150 @@
+"""Sweep building blocks against hand-written values: axes and grids, names, the screen's best as overrides, the
+checks before queuing, and `dvc exp show --json` flattened into a comparison table. The queued sweep itself runs in
+test_pipeline.py on the smoke pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+
+import polars as pl
+import pytest
+import yaml
+
+from moe2dense import sweep as sw
+
+# The shape `dvc exp show --json` prints (DVC 3): one entry per commit, its experiments as ranges of revs.
+EXP_SHOW = [
+    {"rev": "workspace", "name": None, "error": None, "experiments": None,
+     "data": {"params": {"params.yaml": {"data": {"select": {"experts": 4}}}}, "metrics": {}}},
+    {"rev": "a" * 40, "name": "main", "error": None,
+     "data": {"params": {"params.yaml": {"data": {"select": {"experts": 4}, "score": {"method": "do_acp"},
+                                                  "distill": {"lr": 0.001}}}},
+              "metrics": {"metrics/distill.json": {"data": {"heldout_kl_after": 0.04, "steps": 97}},
+                          "metrics/eval.json": {"data": {"distilled": {"demo_ppl_bible": {
+                              "bits_per_byte": 1.78, "word_perplexity": 654.9}}}}}},
+     "experiments": [
+         {"name": "acp-K8", "executor": None, "revs": [
+             {"rev": "b" * 40, "name": "acp-K8", "error": None, "experiments": None,
+              "data": {"params": {"params.yaml": {"data": {"select": {"experts": 8}, "score": {"method": "acp"},
+                                                           "distill": {"lr": 0.001}}}},
+                       "metrics": {"metrics/distill.json": {"data": {"heldout_kl_after": 0.03, "steps": 97}}}}}]},
+         {"name": "sf-K4", "executor": {"state": "queued", "name": None, "local": None}, "revs": [
+             {"rev": "c" * 40, "name": "sf-K4", "error": None, "experiments": None, "data": None}]},
+     ]},
+]
+
+
+def test_axes_grid_and_names():
+    axes = sw.parse_axes(["select.experts=4,8", "group.method=output", "distill.freeze=[embeddings,attention]",
+                          "distill.teacher_top_k=null"])
+    assert axes == {"select.experts": [4, 8], "group.method": ["output"],
+                    "distill.freeze": [["embeddings", "attention"]], "distill.teacher_top_k": [None]}
+    configs = sw.grid({"select.experts": [4, 8], "group.method": ["output", "weight"]})
+    assert configs == [{"select.experts": 4, "group.method": "output"}, {"select.experts": 4, "group.method": "weight"},
+                       {"select.experts": 8, "group.method": "output"}, {"select.experts": 8, "group.method": "weight"}]
+    assert sw.experiment_name({"score.method": "acp", "select.experts": 8, "group.method": "output",
+                               "assemble.scaling": "uniform"}) == "acp-K8-output-uniform"
+    assert sw.experiment_name({"distill.lr": 0.0005, "distill.loss": "jsd"}) == "lr0.0005-lossjsd"
+    assert sw.experiment_name({"distill.freeze": ["embeddings"]}) == "freeze_embeddings"
+    with pytest.raises(sw.SweepError, match="same experiment name"):
+        sw.experiments([{"select.experts": 8}, {"select.experts": 8}])
+    for bad in ("select.experts", "=4", "select.experts="):
+        with pytest.raises(sw.SweepError, match="key=value"):
+            sw.parse_axes([bad])
+
+
+def test_set_arguments_round_trip_through_dvc_override_grammar():
+    from dvc.utils.hydra import to_hydra_overrides
+
+    args = [sw.set_arg(k, v) for k, v in {"select.experts": 8, "distill.lr": 0.0005, "group.method": "output",
+                                          "distill.teacher_top_k": None, "group.align": True,
+                                          "distill.freeze": ["embeddings", "attention"]}.items()]
+    assert args == ["select.experts=8", "distill.lr=0.0005", "group.method=output", "distill.teacher_top_k=null",
+                    "group.align=true", 'distill.freeze=["embeddings", "attention"]']
+    parsed = {o.key_or_group: o.value() for o in to_hydra_overrides(args)}
+    assert parsed == {"select.experts": 8, "distill.lr": 0.0005, "group.method": "output",
+                      "distill.teacher_top_k": None, "group.align": True,
+                      "distill.freeze": ["embeddings", "attention"]}
+
+
+def test_screen_best_become_overrides(tmp_path):
+    path = tmp_path / "results.parquet"
+    pl.DataFrame([
+        {"config": "sf-K4-none-uniform", "method": "sf", "experts": 4, "grouping": "none", "scaling": "uniform",
+         "perplexity": 300.0},
+        {"config": "acp-K8-output-score", "method": "acp", "experts": 8, "grouping": "output", "scaling": "score",
+         "perplexity": 280.0},
+        {"config": "pp-K8-weight-uniform", "method": "pp", "experts": 8, "grouping": "weight", "scaling": "uniform",
+         "perplexity": 390.0},
+    ]).write_parquet(path)
+    assert sw.from_screen(path, 2) == [  # best first; pure pruning leaves group.method alone
+        {"score.method": "acp", "select.experts": 8, "group.method": "output", "assemble.scaling": "score"},
+        {"score.method": "sf", "select.experts": 4, "assemble.scaling": "uniform"}]
+    with pytest.raises(sw.SweepError, match="dvc repro screen"):
+        sw.from_screen(tmp_path / "missing.parquet", 2)
+
+
+def test_validation_names_every_bad_configuration(tmp_path, smoke_params):
+    (tmp_path / "params.yaml").write_text(smoke_params.read_text())  # demo teacher: k = 4, E = 32
+    good = sw.experiments([{"select.experts": 8, "group.method": "coactivation"}])
+    sw.validate(tmp_path, good)
+    bad = sw.experiments([{"score.method": "nope"}, {"select.experts": 33}, {"group.k": 6},
+                          {"select.experts": 8, "distill.lr": 0.001}, {"selct.experts": 8}])
+    with pytest.raises(sw.SweepError) as err:
+        sw.validate(tmp_path, bad)
+    text = str(err.value)
+    assert "nothing was queued" in text
+    assert "score.method" in text and "'do_acp'" in text
+    assert "K33" in text and "4 <= select.experts <= 32" in text
+    assert "group.k = 6 must be <= select.experts = 4" in text
+    assert "selct: unknown key" in text and "select" in text
+    assert "K8-lr0.001" not in text  # the valid one is not reported
+    with pytest.raises(sw.SweepError, match="the sweep is empty"):
+        sw.validate(tmp_path, [])
+
+
+def test_dirty_workspace_is_refused_with_the_files_named(tmp_path):
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"select": {"experts": 4}}))
+    subprocess.run(git + ["add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], cwd=tmp_path, check=True)
+    sw.check_clean(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"select": {"experts": 8}}))
+    (tmp_path / "notes.txt").write_text("new")
+    with pytest.raises(sw.SweepError) as err:
+        sw.check_clean(tmp_path)
+    assert "M params.yaml" in str(err.value) and "?? notes.txt" in str(err.value)
+    assert "git stash -u" in str(err.value) and "nothing was queued" in str(err.value)
+
+
+def test_one_sweep_at_a_time(tmp_path):
+    with sw.sweep_lock(tmp_path):
+        with pytest.raises(sw.SweepError, match="another sweep is running"):
+            with sw.sweep_lock(tmp_path):
+                pass
+    with sw.sweep_lock(tmp_path):  # released
+        pass
+
+
+def test_exp_show_is_flattened_into_a_comparison_table():
+    rows = sw.exp_rows(EXP_SHOW)
+    assert [(r["name"], r["rev"], r["baseline"], r["state"]) for r in rows] == [
+        ("main", "aaaaaaa", True, "success"), ("acp-K8", "bbbbbbb", False, "success"),
+        ("sf-K4", "ccccccc", False, "queued")]
+    assert rows[1]["baseline_rev"] == "aaaaaaa"
+    assert rows[0]["metrics"]["eval.distilled.demo_ppl_bible.bits_per_byte"] == 1.78
+    records = sw.table(rows[:2], ["select.experts"])
+    # params: the swept one, then those that differ; metrics: the headline ones only (not steps, word_perplexity)
+    assert records == [
+        {"name": "main", "rev": "aaaaaaa", "select.experts": 4, "score.method": "do_acp",
+         "distill.heldout_kl_after": 0.04, "eval.distilled.demo_ppl_bible.bits_per_byte": 1.78},
+        {"name": "acp-K8", "rev": "bbbbbbb", "select.experts": 8, "score.method": "acp",
+         "distill.heldout_kl_after": 0.03, "eval.distilled.demo_ppl_bible.bits_per_byte": None}]
+    md = sw.markdown(records, "Sweep")
+    assert md.splitlines()[2] == "| name | rev | select.experts | score.method | KL after | distilled bible bpb |"
+    assert md.splitlines()[5] == "| acp-K8 | bbbbbbb | 8 | acp | 0.03 | — |"
+    assert md.splitlines()[-1].startswith("bpb: held-out bits per byte")
+    assert [sw.label(c) for c in ("eval.student.demo_continuation.acc_mutual_info", "eval.teacher.arc_easy.acc",
+                                  "assemble.parameter_ratio", "distill.heldout_kl_before", "select.experts")] == [
+        "student continuation acc_mi", "teacher arc_easy acc", "params / teacher", "KL before", "select.experts"]
