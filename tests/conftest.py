@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,18 +64,70 @@ def smoke_params() -> Path:
     return REPO / "tests" / "smoke_params.yaml"
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """One Prefect test server per pytest run (starting one costs ~10 s)."""
-    from prefect.testing.utilities import prefect_test_harness
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    with prefect_test_harness(server_startup_timeout=120):
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = None, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}")
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real `prefect server start` on a free loopback port with its own PREFECT_HOME per pytest run (starting
+    one costs 20-40 s on 2 cores); yields (api_url, env for subprocesses that should use it)."""
+    home = tempfile.mkdtemp(prefix="moe2dense-prefect-server-")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(Path(home) / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy():
+        try:
+            return httpx.get(f"{api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for("the Prefect server", healthy, 90, proc)
+        yield api, {**env, "PREFECT_API_URL": api}
+    except AssertionError:
+        log.flush()
+        print((Path(home) / "server.log").read_text()[-3000:])
+        raise
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_server):
+    """Flows run in this process report to the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server[0]}):
         yield
-
-
-@pytest.fixture(scope="session")
-def smoke_repo(tmp_path_factory, smoke_params) -> Path:
-    """The smoke pipeline reproduced once per session, for tests that only read its outputs."""
-    repo = copy_pipeline_repo(tmp_path_factory.mktemp("smoke_repo"), smoke_params)
-    dvc(repo, "repro")
-    return repo

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -274,9 +273,11 @@ def test_sweep_queues_the_screens_best_as_dvc_experiments(repo, prefect_harness,
     # an experiment promoted to a branch: `moe2dense compare` tabulates committed metrics across branches
     git(repo, "branch", "-M", "main")
     dvc(repo, "exp", "branch", names[0], "best-config")
-    proc = subprocess.run([sys.executable, "-m", "moe2dense", "compare", "--out", "reports/compare.md"], cwd=repo,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| name | rev |") and "KL after" in rows[0], proc.stdout
-    assert {r.split("|")[1].strip() for r in rows[1:]} == {"main", "best-config"}, proc.stdout
+    from moe2dense.__main__ import main as moe2dense_cli
+
+    assert moe2dense_cli(["compare", "--repo", str(repo), "--out", str(repo / "reports/compare.md")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| name | rev |") and "KL after" in rows[0], out
+    assert {r.split("|")[1].strip() for r in rows[1:]} == {"main", "best-config"}, out
+    assert (repo / "reports/compare.md").read_text().strip() == out.strip()

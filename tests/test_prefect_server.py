@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,65 +30,6 @@ stages:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = None, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited with {proc.returncode}")
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def server():
-    """A real Prefect server on a free loopback port with its own PREFECT_HOME; yields (api_url, env)."""
-    home = tempfile.mkdtemp(prefix="moe2dense-prefect-server-")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(Path(home) / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def healthy():
-        try:
-            return httpx.get(f"{api}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for("the Prefect server", healthy, 90, proc)
-        yield api, {**env, "PREFECT_API_URL": api}
-    except AssertionError:
-        log.flush()
-        print((Path(home) / "server.log").read_text()[-3000:])
-        raise
-    finally:
-        stop(proc)
-        log.close()
-
-
 def tiny_repo(dest: Path) -> Path:
     """A git + DVC repo with two trivial stages (make -> copy)."""
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
@@ -102,8 +41,8 @@ def tiny_repo(dest: Path) -> Path:
     return dest
 
 
-def test_served_deployment_runs_and_publishes_artifacts(server, tmp_path):
-    api, env = server
+def test_served_deployment_runs_and_publishes_artifacts(prefect_server, tmp_path):
+    api, env = prefect_server
     repo = tiny_repo(tmp_path)
     serve_log = tmp_path.parent / f"{tmp_path.name}-serve.log"
     with open(serve_log, "w") as log:
