@@ -52,9 +52,9 @@ def check(repo: str, exps: list[sw.Experiment]) -> None:
 
 @task(name="queue-experiments", cache_policy=NO_CACHE)
 def queue(repo: str, exps: list[sw.Experiment], target: str) -> list[str]:
-    queued = sw.queue(repo, exps, target)
-    get_run_logger().info("queued %d of %d experiments: %s", len(queued), len(exps), ", ".join(queued) or "none")
-    return queued
+    to_run = sw.queue(repo, exps, target)
+    get_run_logger().info("%d of %d experiments to run: %s", len(to_run), len(exps), ", ".join(to_run) or "none")
+    return to_run
 
 
 @task(name="run-queue", cache_policy=NO_CACHE)
@@ -80,13 +80,13 @@ def sweep(repo: str = str(REPO), grid: dict[str, list] | None = None, configs: l
     with sw.sweep_lock(root):
         check(str(root), exps)
         update_progress_artifact(progress, 10.0)
-        queued = queue(str(root), exps, target)
+        to_run = queue(str(root), exps, target)
         update_progress_artifact(progress, 20.0)
-        if sw.pending(str(root), [e.name for e in exps]):  # queued now, or left queued by an interrupted sweep
+        if to_run:
             run_queue(str(root), jobs)
         update_progress_artifact(progress, 90.0)
         records = collect(str(root), exps)
-    md = sw.markdown(records, f"Sweep: {len(exps)} experiments ({len(queued)} run now) on {records[0]['name']}",
+    md = sw.markdown(records, f"Sweep: {len(exps)} experiments ({len(to_run)} run now) on {records[0]['name']}",
                      note="First row: the baseline commit. Params shown: those swept and any that differ; metrics: "
                           "the headline ones (`dvc exp show` has them all).")
     out = root / REPORT

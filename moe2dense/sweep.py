@@ -212,18 +212,21 @@ def set_arg(key: str, value: Any) -> str:
 
 
 def queue(repo: str | Path, exps: list[Experiment], target: str = TARGET) -> list[str]:
-    """Queue the experiments not already on this baseline, done, queued or running (a repeated sweep only queues
-    what is missing or failed)."""
+    """Queue the experiments that have no successful run on this baseline, and return those the queue now holds for
+    this sweep: the newly queued plus any left queued or running by an interrupted sweep (not queued twice). A
+    repeated sweep queues only what is missing or failed."""
     have = {r["name"]: r["state"] for r in exp_rows(exp_show(repo)) if not r["baseline"] and r["state"] != "failed"}
-    queued = []
+    to_run = []
     for exp in exps:
-        if exp.name in have:
-            log.info("experiment %s is already %s on this baseline; not queued again", exp.name, have[exp.name])
+        state = have.get(exp.name)
+        if state == "success":
+            log.info("experiment %s already ran on this baseline; not queued again", exp.name)
             continue
-        sets = [arg for k, v in exp.overrides.items() for arg in ("-S", set_arg(k, v))]
-        dvc(repo, "exp", "run", "--queue", target, "-n", exp.name, *sets)
-        queued.append(exp.name)
-    return queued
+        if state is None:
+            sets = [arg for k, v in exp.overrides.items() for arg in ("-S", set_arg(k, v))]
+            dvc(repo, "exp", "run", "--queue", target, "-n", exp.name, *sets)
+        to_run.append(exp.name)
+    return to_run
 
 
 def run_queue(repo: str | Path, jobs: int, on_line=None) -> None:
@@ -327,21 +330,14 @@ def markdown(records: list[dict[str, Any]], title: str, note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def pending(repo: str | Path, names: Iterable[str]) -> list[str]:
-    """Those of `names` without a successful experiment on the baseline."""
-    done = {r["name"] for r in exp_rows(exp_show(repo)) if not r["baseline"] and r["state"] == "success"}
-    return [n for n in names if n not in done]
-
-
 def sweep_rows(repo: str | Path, names: Iterable[str]) -> list[dict]:
     """The baseline (HEAD) and the named experiments on it, from `dvc exp show --json`."""
     rows = exp_rows(exp_show(repo))
-    wanted = set(names)
+    order = {n: i for i, n in enumerate(names)}
     head = [r for r in rows if r["baseline"]][:1]
-    found = [r for r in rows if not r["baseline"] and r["name"] in wanted and r["state"] == "success"]
-    missing = wanted - {r["name"] for r in found if r["state"] == "success"}
+    found = [r for r in rows if not r["baseline"] and r["name"] in order and r["state"] == "success"]
+    missing = set(order) - {r["name"] for r in found}
     if missing:
         raise SweepError(f"experiment(s) {', '.join(sorted(missing))} did not finish; see `dvc queue logs <name>` "
                          "and `dvc exp show`")
-    order = {n: i for i, n in enumerate(names)}
     return head + sorted(found, key=lambda r: order[r["name"]])
