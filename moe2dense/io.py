@@ -57,3 +57,15 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+TIMINGS_DIR = Path("timings")
+
+
+def write_timings(stage: str, obj: dict[str, Any], root: str | Path = ".") -> Path:
+    """Wall-clock figures of a stage run (seconds, tokens/s) go to timings/<stage>.json, which is neither a DVC
+    output nor tracked by git: DVC-tracked outputs and metrics must be byte-identical for the same params and
+    inputs, and a speed never is."""
+    path = Path(root) / TIMINGS_DIR / f"{stage}.json"
+    write_json(path, obj)
+    return path
