@@ -45,32 +45,73 @@ Target = Union[Tensor, SparseTarget]
 
 
 @dataclass(frozen=True)
+class Option:
+    """A loss option: its default and the interval it must lie in (open or closed at either end). Declared with the
+    loss, so the pre-flight check (moe2dense.checks) and `Loss.bind` read the same ranges."""
+
+    default: float
+    low: float
+    high: float
+    low_open: bool = True
+    high_open: bool = True
+
+    def allowed(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+@dataclass(frozen=True)
 class Loss:
-    """A registered divergence on bins and its default options."""
+    """A registered divergence on bins and its options."""
 
     name: str
     fn: Callable[..., Tensor]  # fn(log_p, log_q, **options) -> Tensor[T]
-    defaults: dict[str, float] = field(default_factory=dict)
+    options: dict[str, Option] = field(default_factory=dict)
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        return {k: o.default for k, o in self.options.items()}
+
+    def problems(self, options: dict[str, float] | None) -> list[str]:
+        """One message per unknown option name or out-of-range value (empty: valid)."""
+        options = options or {}
+        out = []
+        if unknown := sorted(set(options) - set(self.options)):
+            out.append(f"loss {self.name!r} has no option(s) {unknown}; allowed: {sorted(self.options)}")
+        for key, value in options.items():
+            opt = self.options.get(key)
+            if opt is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                    or not opt.contains(value)):
+                out.append(f"{self.name} {key} must be in {opt.allowed()}, got {value!r}")
+        return out
 
     def bind(self, options: dict[str, float] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
-        """`fn` with its options resolved (defaults overridden by `options`); unknown option names raise."""
-        options = options or {}
-        if unknown := sorted(set(options) - set(self.defaults)):
-            raise ValueError(f"loss {self.name!r} has no option(s) {unknown}; allowed: {sorted(self.defaults)}")
-        merged = {**self.defaults, **options}
+        """`fn` with its options resolved (defaults overridden by `options`); unknown names or values out of range
+        raise."""
+        if problems := self.problems(options):
+            raise ValueError("; ".join(problems))
+        merged = {**self.defaults, **(options or {})}
         return lambda log_p, log_q: self.fn(log_p, log_q, **merged)
 
 
 LOSSES: dict[str, Loss] = {}
 
+#: The mixing weights of jsd and the skew losses: log(w) and log(1 - w) must both be finite.
+OPEN_UNIT = dict(low=0.0, high=1.0)
 
-def register_loss(name: str, **default_options: float):
-    """Register `fn(log_p, log_q, **options) -> Tensor[T]` under `name`; `default_options` are its options."""
+
+def register_loss(name: str, **options: Option):
+    """Register `fn(log_p, log_q, **options) -> Tensor[T]` under `name`; `options` declares each option's default
+    and allowed range."""
 
     def deco(fn):
         if name in LOSSES:
             raise ValueError(f"distillation loss {name!r} is already registered")
-        LOSSES[name] = Loss(name, fn, dict(default_options))
+        LOSSES[name] = Loss(name, fn, dict(options))
         return fn
 
     return deco
@@ -94,11 +135,6 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
-def _check_open_unit(what: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{what} must be in (0, 1), got {value}")
-
-
 @register_loss("forward_kl")
 def forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q): mass-covering; the paper's choice."""
@@ -111,34 +147,29 @@ def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return _kl(log_q, log_p)
 
 
-@register_loss("jsd", beta=0.5)
+@register_loss("jsd", beta=Option(0.5, **OPEN_UNIT))
 def jsd(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
     """Generalised JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; finite for any p, q."""
-    _check_open_unit("jsd beta", beta)
     log_m = _log_mix(log_p, log_q, beta)
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
-@register_loss("skew_forward_kl", alpha=0.1)
+@register_loss("skew_forward_kl", alpha=Option(0.1, **OPEN_UNIT))
 def skew_forward_kl(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
     """KL(p || alpha p + (1 - alpha) q) (DistiLLM): bounded by log(1/alpha), so low-q bins cannot blow up."""
-    _check_open_unit("skew_forward_kl alpha", alpha)
     return _kl(log_p, _log_mix(log_p, log_q, alpha))
 
 
-@register_loss("skew_reverse_kl", alpha=0.1)
+@register_loss("skew_reverse_kl", alpha=Option(0.1, **OPEN_UNIT))
 def skew_reverse_kl(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
     """KL(q || alpha q + (1 - alpha) p) (DistiLLM)."""
-    _check_open_unit("skew_reverse_kl alpha", alpha)
     return _kl(log_q, _log_mix(log_q, log_p, alpha))
 
 
-@register_loss("akl", mu=0.5)
+@register_loss("akl", mu=Option(0.5, 0.0, 1.0, high_open=False))
 def akl(log_p: Tensor, log_q: Tensor, mu: float) -> Tensor:
     """Adaptive KL (Wu et al. 2024): forward and reverse KL weighted by the student's gap on the teacher's head
     (the fewest most-probable bins reaching teacher mass mu) vs its tail. The weights carry no gradient."""
-    if not 0.0 < mu <= 1.0:
-        raise ValueError(f"akl mu must be in (0, 1], got {mu}")
     with torch.no_grad():
         p, q = log_p.exp(), log_q.exp()
         p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
