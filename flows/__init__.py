@@ -1,6 +1,12 @@
-"""Prefect flows over the DVC pipeline. Importing the package sets the environment every flow runs with."""
+"""Prefect flows over the DVC pipeline. Importing the package sets the environment every flow runs with, and every
+DVC command, stage and Prefect subprocess of the flow inherits."""
 
 import os
+
+from moe2dense.env import interpreter_path
+
+# stage commands (`python -m stages.x`) run with this interpreter however the flow was started (no activated venv)
+os.environ["PATH"] = interpreter_path()
 
 for _var, _value in {
     "DVC_NO_ANALYTICS": "1",

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from moe2dense.env import stage_env
 from moe2dense.params import ParamsError, parse_params
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,8 @@ def sweep_lock(repo: str | Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------- DVC
 def dvc(repo: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=stage_env(), capture_output=True,
+                          text=True)
     if check and proc.returncode != 0:
         raise SweepError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n"
                          + "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:]))
@@ -233,7 +235,8 @@ def run_queue(repo: str | Path, jobs: int, on_line=None) -> None:
     """`dvc exp run --run-all -j jobs`: every queued experiment, at most `jobs` at a time, each in its own temp
     workspace; output lines go to `on_line` (the Prefect log) as they come."""
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", str(max(1, jobs))]
-    with subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, cwd=repo, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
         for line in proc.stdout:
             if line.strip() and on_line:
                 on_line(line.rstrip())
