@@ -57,8 +57,11 @@ def convert(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in ConvertArgs.__dataclass_fields__}
     try:
         summary = run_convert(ConvertArgs(**fields))
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"[convert] error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+    except (ValueError, OSError, KeyError) as err:  # OSError: also a read-only or full disk under --out
+        msg = err.args[0] if isinstance(err, KeyError) else err
+        if isinstance(err, OSError) and err.errno is not None:  # the system's wording, with the file it concerns
+            msg = f"{err.strerror}: {err.filename or args.out}"
+        print(f"[convert] error: {msg}", file=sys.stderr)
         if os.environ.get("MOE2DENSE_DEBUG"):
             raise
         return 2
@@ -107,7 +110,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: min(2048, the teacher's context)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="teacher dtype during calibration")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--student-dtype", default="auto", help="auto (the teacher's) | float32 | bfloat16 | float16")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 

@@ -9,6 +9,7 @@ in a second, not after calibration.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from moe2dense.scaling import SCALINGS
 from moe2dense.scoring import DO_ACP_LAMBDA, SCORERS, required_capture
 from moe2dense.selection import check_budget, select_layers
 from moe2dense.teacher.load import DTYPES, resolve_device
-from moe2dense.teacher.source import resolve_checkpoint, weight_files
+from moe2dense.teacher.source import check_tokenizer, resolve_checkpoint, validate_checkpoint_dir
 
 log = logging.getLogger(__name__)
 DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
@@ -61,8 +62,35 @@ class ConvertArgs:
     progress: bool = True
 
 
-def _check(args: ConvertArgs) -> tuple[Path, object]:
-    """Every check that needs no weights: the teacher's config, K, methods, paths."""
+@dataclass(frozen=True)
+class _Checked:
+    checkpoint: Path
+    adapter: object
+    blocks: int
+    seq_len: int
+    vocab_size: int
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """a equals b, or one contains the other (both resolved, symlinks included)."""
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _check_out(out: Path, protected: dict[str, Path]) -> None:
+    """--out is replaced wholesale at the end (and with --overwrite, whatever was there is deleted): it must not
+    be, contain or lie inside the teacher or the calibration data, and its parent must be writable."""
+    real = out.expanduser().resolve()
+    for name, path in protected.items():
+        if _overlap(real, path.resolve()):
+            raise ValueError(f"--out {out} overlaps {name} {path} (same, inside or containing it); replacing it "
+                             "would delete it: choose another --out")
+    parent = next(p for p in real.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: cannot write in {parent}")
+
+
+def _check(args: ConvertArgs) -> _Checked:
+    """Every check that needs no weights: the teacher's files and config, K, methods, sizes, paths."""
     if args.method not in SCORERS:
         raise ValueError(f"--method {args.method!r} is not a scoring method; choose one of {tuple(SCORERS)}")
     if args.group not in GROUP_METHODS:
@@ -72,31 +100,39 @@ def _check(args: ConvertArgs) -> tuple[Path, object]:
     for name, value in (("--dtype", args.dtype), ("--student-dtype", args.student_dtype)):
         if value not in DTYPES and not (name == "--student-dtype" and value == "auto"):
             raise ValueError(f"{name} {value!r}: choose one of {tuple(DTYPES)}")
-    if args.calibration_tokens < 1:
-        raise ValueError(f"--calibration-tokens must be >= 1, got {args.calibration_tokens}")
+    for name, value in (("--calibration-tokens", args.calibration_tokens), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    resolve_device(args.device, "--device")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    protected = {}
     if args.data is not None:
         data = Path(args.data)
         if not data.exists():
             raise FileNotFoundError(f"--data {data}: no such file or directory")
         if data.is_file() and data.suffix not in DATA_SUFFIXES:
             raise ValueError(f"--data {data}: unsupported file type; allowed: {', '.join(DATA_SUFFIXES)}")
+        protected["--data"] = data
     checkpoint = resolve_checkpoint(args.teacher)
-    weight_files(checkpoint)
+    _check_out(out, {"the teacher": checkpoint, **protected})
+    validate_checkpoint_dir(checkpoint)  # config keys, safetensors headers, tokenizer files
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     adapter = get_adapter(config)  # unsupported family / quantized experts fail here
     check_budget(args.experts, adapter.top_k, adapter.num_experts)
-    blocks = args.blocks or adapter.top_k
+    blocks = adapter.top_k if args.blocks is None else args.blocks  # None is the default; 0 is an error, not None
     if not 1 <= blocks <= args.experts:
         raise ValueError(f"--blocks {blocks} must be in [1, --experts {args.experts}]")
     if blocks == args.experts:
         log.info("--experts == blocks == %d: pure pruning, --group %s and --align are ignored", blocks, args.group)
-    resolve_device(args.device)
-    return checkpoint, adapter
+    context = getattr(config, "max_position_embeddings", None) or 2048
+    seq_len = min(2048, context) if args.seq_len is None else args.seq_len
+    if not 1 <= seq_len <= context:
+        raise ValueError(f"--seq-len {seq_len} must be in [1, {context}] (the teacher's max_position_embeddings)")
+    return _Checked(checkpoint, adapter, blocks, seq_len, int(config.vocab_size))
 
 
 def _documents(args: ConvertArgs) -> Iterator[tuple[str, str]]:
@@ -134,23 +170,28 @@ def calibration_rows(args: ConvertArgs, tokenizer, seq_len: int) -> tuple[np.nda
                 domains.append(domain)
                 del buf[:seq_len]
     if not rows:
-        raise ValueError(f"the calibration text has fewer than {seq_len} tokens; give more text or a smaller "
+        what = f"--data {args.data}" if args.data is not None else "the demo corpus"
+        raise ValueError(f"{what} has fewer than --seq-len {seq_len} tokens of text; give more text or a smaller "
                          "--seq-len")
     return np.asarray(rows, dtype=np.int64), domains
 
 
 def convert(args: ConvertArgs) -> dict:
-    checkpoint, adapter = _check(args)
+    c = _check(args)
+    checkpoint, adapter = c.checkpoint, c.adapter
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(checkpoint)
+    check_tokenizer(tokenizer, checkpoint)
+    ids, domains = calibration_rows(args, tokenizer, c.seq_len)  # bad or short data fails before the weights load
+    if ids.max() >= c.vocab_size:
+        raise ValueError(f"{checkpoint}: the tokenizer produced token id {int(ids.max())} but config.json "
+                         f"vocab_size is {c.vocab_size}: tokenizer and model do not match")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[args.dtype], local_files_only=True)
-    model = model.to(resolve_device(args.device)).eval().requires_grad_(False)
-    seq_len = args.seq_len or min(2048, getattr(model.config, "max_position_embeddings", 2048))
-    ids, domains = calibration_rows(args, tokenizer, seq_len)
+    model = model.to(resolve_device(args.device, "--device")).eval().requires_grad_(False)
     methods = [args.method, merge_score_method(args.method)]
     needs = required_capture(methods)
-    pure = (args.blocks or adapter.top_k) == args.experts
+    pure = c.blocks == args.experts
     if not pure and required_input(args.group) == "gram":
         needs = needs | {"all_outputs"}
     batches = [(ids[i:i + args.batch_size], domains[i:i + args.batch_size])
@@ -161,10 +202,10 @@ def convert(args: ConvertArgs) -> dict:
         order = select_layers(args.method, stats, args.experts, adapter.top_k, lam=args.do_acp_lambda)
         with CheckpointReader(checkpoint) as reader:
             plan = build_plan(adapter, stats, order, score_method=args.method, group_method=args.group,
-                              blocks=args.blocks, align=args.align, scaling=args.scaling, reader=reader,
+                              blocks=c.blocks, align=args.align, scaling=args.scaling, reader=reader,
                               calibration=calibration,
                               shared_gate_mean=read_meta(calibration).get("shared_gate_mean", {}))
-    plan["calibration"] = {"tokens": int(ids.size), "seq_len": seq_len, "data": args.data or "demo corpus"}
+    plan["calibration"] = {"tokens": int(ids.size), "seq_len": c.seq_len, "data": args.data or "demo corpus"}
     with atomic_dir(args.out) as out:
         summary = assemble(checkpoint, plan, out, dtype=args.student_dtype, tokenizer_dir=checkpoint,
                            progress=args.progress)

@@ -1,15 +1,68 @@
 """Atomic outputs: a stage writes into a temp sibling and renames it into place, so an interrupted run never
-leaves a half-written output behind for DVC to cache."""
+leaves a half-written output behind for DVC to cache.
+
+Temp siblings are named `.<name>.<pid>@<host>.<random>.tmp`: a run that was SIGKILLed cannot clean up after itself,
+so every atomic writer first removes the leftovers of its own path whose owner is provably gone (same host, pid no
+longer alive). A live writer of the same path (another process, or another thread of this one) is never touched.
+Outputs get the modes a plain mkdir/open would give (0777/0666 minus the umask), not mkdtemp's private 0700/0600,
+so a colleague or a serving process under another user can read the student."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (os.umask can only set-and-return)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}@{_HOST}."
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete `path`'s temp siblings left by dead processes of this host; returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@{re.escape(_HOST)}\.[A-Za-z0-9_]+\.tmp")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.parent.iterdir():
+            m = pattern.fullmatch(entry.name)
+            if m is None or _pid_alive(int(m.group(1))):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -17,8 +70,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temp dir beside `path`; on success it replaces `path` in one rename, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         old = None
         if path.exists():
@@ -37,9 +92,11 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temp file beside `path` for writing; it replaces `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             yield fh
         os.replace(tmp, path)
     except BaseException:

@@ -48,3 +48,26 @@ def _reject_quantized(config: PreTrainedConfig) -> None:
         f"Dequantize at load time ({hint}), then save_pretrained a bf16 copy and use that directory as the teacher."
     )
 
+
+
+def check_config_keys(raw: dict, source: object) -> None:
+    """Refuse a config.json (parsed as plain JSON) that lacks a size the adapter reads: transformers would fill it
+    in silently with its library default (num_experts_per_tok=8, a default expert width), and the conversion would
+    run on the wrong routing or crash later with a traceback. `source` names the file in the error."""
+    model_type = raw.get("model_type")
+    spec = _REGISTRY.get(model_type)
+    if spec is None:
+        raise UnsupportedModelError(f"{source}: model_type {model_type!r} is not a supported MoE family; supported: "
+                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    from transformers import CONFIG_MAPPING
+
+    aliases = CONFIG_MAPPING[model_type].attribute_map  # e.g. qwen3_moe saves num_experts as num_local_experts
+    for attr in ("num_hidden_layers", "num_experts_per_tok", spec.num_experts_attr, spec.intermediate_attr):
+        canonical = aliases.get(attr, attr)
+        names = [attr, canonical, *(k for k, v in aliases.items() if v == canonical)]
+        value = next((raw[n] for n in names if n in raw), None)
+        if value is None:
+            raise ValueError(f"{source}: {model_type} config has no {attr!r}; moe2dense does not guess it "
+                             "(transformers would silently use its library default)")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: {attr}={value!r} must be a positive integer")

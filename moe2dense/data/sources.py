@@ -137,34 +137,84 @@ def python_code(src: P.PythonCodeSource) -> Iterator[Doc]:
 
 
 # ---------------------------------------------------------------- user corpora
+CORPUS_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+
+def _utf8(raw: bytes, path: Path, base: int = 0, line: int | None = None) -> str:
+    """Strict UTF-8: a file that is not UTF-8 text (binary, random bytes, another encoding) is refused with the
+    file and byte offset, instead of being decoded into U+FFFD replacement characters and trained or calibrated
+    on. Only the built-in stdlib sources decode leniently: those files are not the user's."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte offset {base + err.start}); "
+                         "corpus and calibration files must be UTF-8") from None
+
+
 def _records_from_file(path: Path, text_column: str, txt_mode: str) -> Iterator[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if line.strip():
+        offset = 0
+        with path.open("rb") as fh:
+            for i, raw in enumerate(fh):
+                line = _utf8(raw, path, offset, i + 1)
+                offset += len(raw)
+                if not line.strip():
+                    continue
+                try:
                     rec = json.loads(line)
-                    if text_column not in rec:
-                        raise KeyError(f"{path}:{i + 1}: no {text_column!r} field (prepare.corpus[].text_column); "
-                                       f"fields: {sorted(rec)}")
-                    yield rec
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({err.msg}, column {err.colno}); {suffix} "
+                                     "corpus files hold one JSON object per line") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}:{i + 1}: a JSON {type(rec).__name__}, expected one object per line "
+                                     f"with a {text_column!r} field")
+                if text_column not in rec:
+                    raise KeyError(f"{path}:{i + 1}: no {text_column!r} field (prepare.corpus[].text_column); "
+                                   f"fields: {sorted(rec)}")
+                yield rec
     elif suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
-        if text_column not in pf.schema_arrow.names:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+        schema = pf.schema_arrow
+        if text_column not in schema.names:
             raise KeyError(f"{path}: no {text_column!r} column (prepare.corpus[].text_column); "
-                           f"columns: {pf.schema_arrow.names}")
-        for batch in pf.iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+                           f"columns: {schema.names}")
+        kind = schema.field(text_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ValueError(f"{path}: column {text_column!r} is {kind}, not a string column")
+        try:
+            for batch in pf.iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{path}: corrupt Parquet data ({err})") from None
     elif suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _utf8(path.read_bytes(), path)
         if txt_mode == "lines":
             yield from ({text_column: line} for line in text.splitlines())
         else:
             yield {text_column: text}
     else:
-        raise ValueError(f"{path}: unsupported corpus file type {suffix!r}; allowed: .jsonl, .json, .parquet, .txt")
+        raise ValueError(f"{path}: unsupported corpus file type {suffix!r}; allowed: {', '.join(CORPUS_SUFFIXES)}")
+
+
+def _corpus_files(p: Path) -> list[Path]:
+    """A file as is; a directory: every supported file inside it, sorted. A directory without one is an error,
+    not an empty source: silently skipping a dir of .csv files would train on the other sources alone."""
+    if not p.is_dir():
+        return [p]
+    found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in CORPUS_SUFFIXES)
+    if not found:
+        others = sorted({q.suffix or q.name for q in p.rglob("*") if q.is_file()})
+        raise FileNotFoundError(f"{p}: no corpus files in this directory (allowed: {', '.join(CORPUS_SUFFIXES)}; "
+                                f"found: {', '.join(others[:10]) or 'nothing'})")
+    return found
 
 
 @register_source("files")
@@ -173,10 +223,7 @@ def files(src: P.FilesSource) -> Iterator[Doc]:
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"prepare.corpus files not found: {missing}")
-    expanded = []
-    for p in paths:  # a directory means every supported file inside it
-        expanded += sorted(q for q in p.rglob("*") if q.suffix.lower() in {".jsonl", ".json", ".parquet", ".txt"}) \
-            if p.is_dir() else [p]
+    expanded = [f for p in paths for f in _corpus_files(p)]
     for path in expanded:
         for i, rec in enumerate(_records_from_file(path, src.text_column, src.txt_mode)):
             domain = str(rec.get(src.domain_column)) if src.domain_column else (src.domain or path.stem)

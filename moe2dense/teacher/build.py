@@ -83,11 +83,14 @@ def record_real_teacher(source: str, out: Path) -> dict:
 
     from moe2dense.arch import get_adapter
 
+    from moe2dense.teacher.source import check_tokenizer, validate_checkpoint_dir
+
     path = resolve_checkpoint(source)
+    validate_checkpoint_dir(path)  # config keys, safetensors headers, tokenizer files: no weight is read
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     adapter = get_adapter(config)  # unsupported family / quantized experts fail here, with what to do
     files = weight_files(path)
-    load_tokenizer(path)  # its tokenizer must load offline too: prepare and evaluate use it
+    check_tokenizer(load_tokenizer(path), path)  # it must load offline with a vocabulary: prepare and evaluate use it
     for name in ("config.json", *TOKENIZER_FILES):
         if (path / name).is_file():
             shutil.copy2(path / name, out / name)

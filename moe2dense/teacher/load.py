@@ -6,17 +6,21 @@ from pathlib import Path
 
 import torch
 
-from moe2dense.teacher.source import teacher_checkpoint
+from moe2dense.teacher.source import teacher_checkpoint, validate_checkpoint_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str, key: str = "calibrate.device") -> torch.device:
-    """auto -> cuda when present, else cpu; `key` names the param in the error when cuda is missing."""
+    """auto -> cuda when present, else cpu; `key` names the param in the error."""
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"{key} {device!r}: choose auto, cpu, cuda or cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"{key}: cuda was asked for but torch sees no CUDA device; use auto or cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"{key} {device!r}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(device)
 
 
@@ -31,6 +35,10 @@ def load_teacher(teacher_dir: str | Path = "models/teacher", dtype: str = "float
 
 
 def teacher_config(teacher_dir: str | Path = "models/teacher"):
+    """The teacher's config, after validate_checkpoint_dir: calibrate calls this first, so a moved, truncated or
+    incomplete teacher fails in a second with the file named, before any weight is loaded."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(teacher_checkpoint(teacher_dir)), local_files_only=True)
+    path = teacher_checkpoint(teacher_dir)
+    validate_checkpoint_dir(path)
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
