@@ -25,6 +25,8 @@ PERPLEXITY_METRICS = ("bits_per_byte", "word_perplexity")  # byte_perplexity = 2
 COLORS = {"teacher": "#1f5fa8", "student": "#d95f02", "distilled": "#1b9e77"}
 PARAM_SECTIONS = ("score", "select", "group", "assemble", "distill", "evaluate")
 DASH = "—"
+SIGNIFICANT_SE = 2.0  # a difference between two models below this many combined standard errors is noise
+NOT_SIGNIFICANT = "not significant"
 
 
 # ---------------------------------------------------------------- the results dict: tasks and metrics
@@ -160,6 +162,26 @@ def recovered(teacher: float | None, student: float | None, distilled: float | N
     return (distilled - student) / (teacher - student)
 
 
+def significant(a: tuple[float | None, float | None], b: tuple[float | None, float | None]) -> bool | None:
+    """Whether two models' (value, stderr) differ by at least SIGNIFICANT_SE combined standard errors
+    sqrt(se_a^2 + se_b^2); None when a value or a stderr is missing (nothing to test)."""
+    (x, se_x), (y, se_y) = a, b
+    if x is None or y is None or se_x is None or se_y is None:
+        return None
+    return abs(x - y) >= SIGNIFICANT_SE * math.hypot(se_x, se_y)
+
+
+def recovery_cell(teacher: tuple, student: tuple, distilled: tuple) -> str:
+    """The "distillation recovers" cell from each model's (value, stderr): the percentage, or NOT_SIGNIFICANT when
+    the teacher-student gap or the distilled-student change is within noise (a ratio of noise means nothing)."""
+    r = recovered(teacher[0], student[0], distilled[0])
+    if r is None:
+        return DASH
+    if significant(teacher, student) is False or significant(distilled, student) is False:
+        return NOT_SIGNIFICANT
+    return f"{100 * r:.1f}%"
+
+
 def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
             *("| " + " | ".join(r) + " |" for r in rows)]
@@ -189,8 +211,7 @@ def _results_table(results: dict) -> list[str]:
             row = [task, f"{metric} {arrow}"]
             row += [DASH if v is None else fmt(v) + ("" if e is None else f" ± {fmt(e)}") for v, e in cells.values()]
             if gap:
-                r = recovered(*(cells[m][0] for m in ("teacher", "student", "distilled")))
-                row.append(DASH if r is None else f"{100 * r:.1f}%")
+                row.append(recovery_cell(*(cells[m] for m in ("teacher", "student", "distilled"))))
             rows.append(row)
     header = ["task", "metric", *models] + (["distillation recovers"] if gap else [])
     return _table(header, rows, "ll" + "r" * (len(header) - 2))
@@ -241,7 +262,9 @@ def render_summary(results: dict, *, metrics: dict[str, dict], params: dict, fig
              "## Results", "",
              "↑ higher is better, ↓ lower is better; ± is lm-eval's standard error. \"distillation recovers\" "
              "= (distilled − student) / (teacher − student), the share of the teacher–student gap that "
-             "distillation closes.", "", *_results_table(results), "",
+             "distillation closes; \"not significant\" where the teacher–student gap or the distilled–student "
+             "change is smaller than 2 standard errors of the difference, √(se₁² + se₂²) (metrics without a "
+             "standard error, the perplexities, are not tested).", "", *_results_table(results), "",
              *_distill_lines(metrics.get("distill", {})), *_selection_lines(metrics)]
     sections = {k: params[k] for k in PARAM_SECTIONS if k in params}
     if sections:

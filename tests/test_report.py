@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import REPO
 from moe2dense.report import (eval_bars_png, fmt, long_table, merge_eval, mib, plot_rows, recovered,
-                              render_summary)
+                              recovery_cell, render_summary, significant)
 
 
 def model(path, params, weight_bytes, model_type, acc, acc_norm, ami, bpb, word_ppl, acc_norm_err=0.04):
@@ -93,6 +93,37 @@ def test_number_formatting_and_recovery():
     assert recovered(1.0, 2.0, 2.5) == pytest.approx(-0.5)  # distillation made it worse
     assert recovered(0.25, 0.25, 0.3) is None  # no gap to recover
     assert recovered(0.5, None, 0.4) is None
+
+
+def test_significance_uses_two_combined_standard_errors():
+    # sqrt(0.03^2 + 0.04^2) = 0.05, so differences from 0.10 on are significant
+    assert significant((0.50, 0.03), (0.39, 0.04)) is True  # 0.11
+    assert significant((0.39, 0.04), (0.50, 0.03)) is True  # either order
+    assert significant((0.50, 0.03), (0.41, 0.04)) is False  # 0.09
+    assert significant((1.0, None), (2.0, 0.1)) is None  # no stderr: nothing to test
+    assert significant((None, 0.1), (2.0, 0.1)) is None
+
+
+def test_recovery_is_only_a_percentage_outside_the_noise():
+    # The demo's old figures, each +- 0.035: the gap 0.401 - 0.313 = 0.088 is under 2 * sqrt(2) * 0.035 = 0.0990,
+    # so not (0.417 - 0.313) / 0.088 = 118.2%.
+    assert recovery_cell((0.401, 0.035), (0.313, 0.035), (0.417, 0.035)) == "not significant"
+    # gap 0.2 and change 0.15 both >= 2 * sqrt(2) * 0.05 = 0.1414: (0.45 - 0.3) / 0.2
+    assert recovery_cell((0.5, 0.05), (0.3, 0.05), (0.45, 0.05)) == "75.0%"
+    # a real gap, but distillation moved the student by 0.05 < 0.1414
+    assert recovery_cell((0.5, 0.05), (0.3, 0.05), (0.35, 0.05)) == "not significant"
+    assert recovery_cell((0.5, 0.05), (0.3, 0.05), (0.15, 0.05)) == "-75.0%"  # significantly worse
+    assert recovery_cell((1.0, None), (2.0, None), (1.5, None)) == "50.0%"  # no stderr (perplexity): untested
+    assert recovery_cell((0.25, 0.01), (0.25, 0.01), (0.3, 0.01)) == "—"  # no gap
+
+
+def test_summary_marks_noise_as_not_significant():
+    three = per_model()
+    three["distilled"]["demo_continuation"]["acc"] = 0.35  # 0.05 above the student, 2 SE = 0.1414
+    md = render_summary(merge_eval(three), metrics={}, params={}, figures=[])
+    assert ("| demo_continuation | acc ↑ | 0.5000 ± 0.05000 | 0.3000 ± 0.05000 | 0.3500 ± 0.05000 | "
+            "not significant |") in md
+    assert "smaller than 2 standard errors" in md
 
 
 def test_summary_tables(results):
