@@ -199,20 +199,31 @@ def _layer_dirs(base: Path) -> list[tuple[int, Path]]:
     return sorted((int(d.name.split("=", 1)[1]), d) for d in base.glob("layer=*") if d.is_dir())
 
 
+_RERUN = "rerun `dvc repro calibrate`"
+
+
 def read_stats(root) -> dict[int, LayerStats]:
-    """layer -> LayerStats for every layer under `root/stats`, in layer order."""
+    """layer -> LayerStats for every layer under `root/stats`, in layer order. A missing, corrupt or inconsistent
+    file is a ValueError naming it (never a raw pyarrow traceback)."""
     out = {}
-    for layer, d in _layer_dirs(Path(root) / "stats"):
-        t = pq.ParquetFile(d / "stats.parquet").read().sort_by("expert")  # ParquetFile: no hive key inference
-        E = t.num_rows
-        if t["expert"].to_pylist() != list(range(E)):
-            raise ValueError(f"{d / 'stats.parquet'}: expected one row per expert 0..{E - 1}")
-        vec = {n: torch.tensor(t[n].to_numpy()) for n in _STAT_VECTORS if n in t.column_names}
-        gram = None
-        if "gram" in t.column_names:
-            gram = torch.tensor(t["gram"].combine_chunks().flatten().to_numpy().reshape(E, E))
-        out[layer] = LayerStats(n_tokens=int(t["n_tokens"][0].as_py()), top_k=int(t["top_k"][0].as_py()),
-                                gram=gram, **vec)
+    layers = _layer_dirs(Path(root) / "stats")
+    if not layers:
+        raise FileNotFoundError(f"{Path(root) / 'stats'}: no calibration statistics; {_RERUN}")
+    for layer, d in layers:
+        path = d / "stats.parquet"
+        try:
+            t = pq.ParquetFile(path).read().sort_by("expert")  # ParquetFile: no hive key inference
+            E = t.num_rows
+            if t["expert"].to_pylist() != list(range(E)):
+                raise ValueError(f"expected one row per expert 0..{E - 1}")
+            vec = {n: torch.tensor(t[n].to_numpy()) for n in _STAT_VECTORS if n in t.column_names}
+            gram = None
+            if "gram" in t.column_names:
+                gram = torch.tensor(t["gram"].combine_chunks().flatten().to_numpy().reshape(E, E))
+            out[layer] = LayerStats(n_tokens=int(t["n_tokens"][0].as_py()), top_k=int(t["top_k"][0].as_py()),
+                                    gram=gram, **vec)
+        except (pa.ArrowException, OSError, KeyError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable calibration statistics ({err}); {_RERUN}") from None
     return out
 
 
@@ -225,7 +236,16 @@ def write_meta(root, meta: dict) -> Path:
 
 
 def read_meta(root) -> dict:
-    return json.loads((Path(root) / "meta.json").read_text())
+    path = Path(root) / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; {_RERUN}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); {_RERUN}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object; {_RERUN}")
+    return meta
 
 
 def scan_routing(root) -> pl.LazyFrame:
@@ -238,6 +258,14 @@ def scan_routing(root) -> pl.LazyFrame:
 def usage_by_domain(root) -> pl.DataFrame:
     """Expert usage per layer and domain: `count` = selections of the expert by the domain's tokens, `share` =
     count / all selections of that (layer, domain), so shares sum to 1 per layer and domain (sf sums to k)."""
+    try:
+        return _usage_by_domain(root)
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise ValueError(f"{Path(root) / 'routing'}: unreadable calibration routing "
+                         f"({str(err).splitlines()[0]}); {_RERUN}") from None
+
+
+def _usage_by_domain(root) -> pl.DataFrame:
     return (
         scan_routing(root)
         .select("layer", "domain", pl.col("experts").alias("expert"))

@@ -90,7 +90,11 @@ def build_tokenizer(params: PrepareParams, out: Path, teacher_checkpoint: Path |
     """The teacher's own tokenizer when converting a real model; a freshly trained BPE for the demo."""
     tok_dir = out / "tokenizer"
     if teacher_checkpoint is not None:
+        from moe2dense.teacher.source import check_tokenizer, validate_checkpoint_dir
+
+        validate_checkpoint_dir(teacher_checkpoint)  # a teacher without tokenizer files would pack separators only
         tok = load_tokenizer(teacher_checkpoint)
+        check_tokenizer(tok, teacher_checkpoint)
         tok.save_pretrained(str(tok_dir))
         return tok
     texts = (t for batch in iter_texts(out / "text" / "train.parquet") for t in batch["text"])
