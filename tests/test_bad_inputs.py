@@ -25,7 +25,7 @@ from moe2dense.data.sources import iter_corpus
 from moe2dense.data.tokenizer import train_bpe
 from moe2dense.io import atomic_dir, write_json
 from moe2dense.teacher.build import TOKENIZER_FILES, record_real_teacher
-from moe2dense.teacher.load import teacher_config
+from moe2dense.teacher.load import load_teacher, teacher_config
 from moe2dense.teacher.source import TeacherSourceError, validate_checkpoint_dir
 from tiny_models import tiny_config
 
@@ -122,8 +122,9 @@ def test_teacher_moved_after_the_teacher_stage(teacher, tmp_path):
     record_real_teacher(str(src), recorded)
     assert teacher_config(recorded).model_type == "qwen3_moe"
     src.rename(tmp_path / "elsewhere")
-    with pytest.raises(TeacherSourceError, match=rf"recorded at {src}, which no longer holds a checkpoint \(moved"):
-        teacher_config(recorded)  # calibrate's first call
+    for load in (teacher_config, load_teacher):  # what calibrate, screen and group call first
+        with pytest.raises(TeacherSourceError, match=rf"recorded at {src}, which no longer holds a checkpoint \(mov"):
+            load(recorded)
 
 
 def _edit_config(path: Path, **changes) -> None:

@@ -28,7 +28,8 @@ def load_teacher(teacher_dir: str | Path = "models/teacher", dtype: str = "float
     """The frozen teacher in eval mode on `device`, loaded offline from the stage output (or where it points)."""
     from transformers import AutoModelForCausalLM
 
-    path = teacher_checkpoint(teacher_dir)
+    path = teacher_checkpoint(teacher_dir)  # a teacher moved since the teacher stage fails here, naming both
+    validate_checkpoint_dir(path)  # a truncated shard or missing config key: one line, before from_pretrained
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
     model.requires_grad_(False)
     return model.to(resolve_device(device)).eval()
