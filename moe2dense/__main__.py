@@ -10,13 +10,30 @@ from pathlib import Path
 from moe2dense.params import ParamsError, load_params
 
 
+#: What `check-params --stamp` writes: constant bytes, so a valid edit of params.yaml reruns only the DVC stage
+#: `check`, never the stages downstream of its output.
+STAMP = "params.yaml passed `python -m moe2dense check-params`\n"
+
+
 def check_params(args: argparse.Namespace) -> int:
+    """Every params check (pydantic sections, then moe2dense.checks.preflight) without loading any model."""
+    from moe2dense.checks import calibrated_passes, preflight, set_offline_env
+    from moe2dense.io import atomic_file, write_json
+
+    set_offline_env()
+    path = Path(args.params_opt or args.params)
     try:
-        params = load_params(args.params)
+        params = load_params(path)
+        preflight(params, path.resolve().parent, origin=str(path))  # relative paths in it: beside the file
     except ParamsError as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"{args.params}: OK ({', '.join(type(params).model_fields)})")
+    if args.stamp:
+        with atomic_file(args.stamp) as fh:
+            fh.write(STAMP)
+    if args.passes:  # calibrate's dep: it reruns when the passes change, not on every score.methods/group.method edit
+        write_json(args.passes, {"passes": sorted(calibrated_passes(params))})
+    print(f"{path}: OK ({', '.join(type(params).model_fields)})")
     return 0
 
 
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         if name == "check-params":
             p.add_argument("params", nargs="?", default="params.yaml")
+            p.add_argument("--params", dest="params_opt", metavar="PATH", help="the params file (default params.yaml)")
+            p.add_argument("--stamp", metavar="FILE", help="on success, write a constant marker file (DVC stage check)")
+            p.add_argument("--passes", metavar="FILE", help="on success, write the calibration passes as JSON")
         if name == "summary":
             p.add_argument("--metrics", default="metrics")
         if name == "convert":

@@ -20,7 +20,7 @@ from .arch.experts import ExpertWeights
 #: Inputs a grouping method may need (fields of `GroupInputs`), with where each comes from for error messages.
 INPUT_SOURCES = {
     "expert_weights": "the selected experts' weights, read from the teacher",
-    "gram": "the all-experts calibration pass, which runs only when a scoring method needs it: "
+    "gram": "the all-experts calibration pass, which calibrate runs when group.method needs it or when you "
             "add acp or do_acp to score.methods",
     "router_weight": "the layer's router weight, read from the teacher",
     "coselect": "the routing capture (see `coselection_counts`)",
@@ -183,6 +183,17 @@ def _grouper(method: str) -> Grouper:
 def required_input(method: str) -> str:
     """The `GroupInputs` field `method` reads."""
     return _grouper(method).needs
+
+
+#: The calibration pass (moe2dense.scoring.CAPTURES) each calibration-derived input comes from; the other inputs
+#: are read from the teacher's weights.
+CAPTURE_OF_INPUT = {"gram": "all_outputs", "coselect": "routing"}
+
+
+def required_capture(method: str) -> set[str]:
+    """Calibration passes grouping by `method` needs (empty: it reads the teacher's weights only)."""
+    need = required_input(method)
+    return {CAPTURE_OF_INPUT[need]} if need in CAPTURE_OF_INPUT else set()
 
 
 def group_experts(method: str, inputs: GroupInputs, k: int) -> list[list[int]]:

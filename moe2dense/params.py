@@ -1,11 +1,14 @@
 """Typed view of params.yaml: one pydantic model per stage section.
 
 Every stage validates the *whole* file before doing any work, so a typo in a later section fails the first stage
-instead of an hour into the run. Errors name the dotted key, what was given and what is allowed.
+instead of an hour into the run. Errors name the dotted key, what was given and what is allowed. Types are strict
+(`experts: true` or `experts: 4.0` is not an int, `store_probs: 1` not a bool). Checks across sections that need the
+teacher's shape, the registries or the environment live in moe2dense/checks.py (`preflight`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -20,7 +23,8 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML gives real ints, floats (an int is accepted as a float) and bools; a bool is not a count
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # ---------------------------------------------------------------- prepare: corpus sources (tagged by `kind`)
@@ -99,7 +103,7 @@ class TokenizerParams(Section):
 
 
 class PrepareParams(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     corpus: list[Source] = Field(
         default_factory=lambda: [BibleSource(kind="bible"), PythonDocsSource(kind="python_docs"),
                                  PythonCodeSource(kind="python_code")],
@@ -161,7 +165,7 @@ class DemoTrainParams(Section):
 
 class TeacherParams(Section):
     source: str = "demo"  # "demo", a local HF checkpoint dir, or a hub id resolved offline from the HF cache
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default (all cores)
     demo: DemoModelParams = DemoModelParams()
     train: DemoTrainParams = DemoTrainParams()
@@ -252,7 +256,7 @@ class DistillParams(Section):
     checkpoint_every: int = Field(50, ge=1)  # steps between Ray Train checkpoints
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
     eval_tokens: int = Field(16_384, gt=0)  # held-out tokens for the KL before / after
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -280,7 +284,7 @@ class EvaluateParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = as stored
     continuation: ContinuationParams = ContinuationParams()
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @field_validator("num_fewshot")
     @classmethod
@@ -394,14 +398,31 @@ def parse_params(data: dict[str, Any] | None, origin: str = "params") -> Params:
         raise ParamsError(_format(err, origin)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads `lr: 1e-3` as the string '1e-3', which a strict float rejects."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """params.yaml text -> Python data, with YAML 1.2 floats (use this, not yaml.safe_load, before parse_params)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run stages from the repository root, where params.yaml lives")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    if data is not None and not isinstance(data, dict):
+    if data is None or data == {}:  # an empty file would silently run everything on defaults
+        raise ParamsError(f"{path}: empty; it needs at least one stage section ({', '.join(Params.model_fields)})")
+    if not isinstance(data, dict):
         raise ParamsError(f"{path}: the top level must be a mapping of stage sections, got {type(data).__name__}")
     return parse_params(data, str(path))

@@ -1,26 +1,28 @@
-"""Shared entry point for stages: offline + no-telemetry environment, logging, and user errors as one clean line
-(exit code 2) instead of a traceback."""
+"""Shared entry point for stages: offline + no-telemetry environment, logging, the params pre-flight, and user
+errors as one clean line (exit code 2) instead of a traceback."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
-from moe2dense.params import ParamsError
+from moe2dense.checks import preflight, set_offline_env
+from moe2dense.params import ParamsError, load_params
 
-# Before anything imports transformers / datasets / huggingface_hub: never reach for the network at run time.
-for _var, _val in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                   "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_var, _val)
+set_offline_env()  # before anything imports transformers / datasets / huggingface_hub
 
 USER_ERRORS = (ParamsError, FileNotFoundError, KeyError, ValueError)
 
 
 def run(name: str, main: Callable[[], None]) -> None:
+    """Pre-flight the whole params.yaml (every check that reads no weights; lm-eval task resolution is left to the
+    DVC stage `check` and to the evaluate stage itself, as it costs ~25 s), then run `main`."""
     logging.basicConfig(level=os.environ.get("MOE2DENSE_LOG", "INFO"), format=f"[{name}] %(message)s")
     try:
+        preflight(load_params(), Path("."), lm_eval=False)
         main()
     except USER_ERRORS as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

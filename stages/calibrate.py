@@ -1,5 +1,5 @@
 """Stage `calibrate`: run the teacher over the calibration split and capture routing (+ expert outputs when a
-scoring method needs them) to Parquet under calibration/."""
+scoring method in score.methods or the grouping of group.method needs them) to Parquet under calibration/."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import logging
 import time
 
 from stages._runner import run
-from moe2dense.arch import get_adapter
 from moe2dense.calibrate.capture import calibration_batches, capture
-from moe2dense.io import atomic_dir, write_json
+from moe2dense.checks import capture_passes
+from moe2dense.io import atomic_dir, write_json, write_timings
 from moe2dense.params import load_params
-from moe2dense.scoring import required_capture
-from moe2dense.selection import check_budget
-from moe2dense.teacher.load import load_teacher, teacher_config
+from moe2dense.teacher.load import load_teacher
 
 PACKED = "data/prepared/packed/calibration.parquet"
 OUT = "calibration"
@@ -23,9 +21,7 @@ METRICS = "metrics/calibrate.json"
 def main() -> None:
     params = load_params()
     c = params.calibrate
-    adapter = get_adapter(teacher_config())
-    check_budget(params.select.experts, adapter.top_k, adapter.num_experts)  # fail now, not after calibration
-    needs = required_capture(params.score.methods)
+    needs = capture_passes(params.score.methods, params.group.method)  # what score and group will read
     model = load_teacher(dtype=c.dtype, device=c.device)
     batches = calibration_batches(PACKED, c.batch_size, max_tokens=c.max_tokens or None)
     start = time.perf_counter()
@@ -35,7 +31,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     n_tokens = next(iter(stats.values())).n_tokens
     write_json(METRICS, {"tokens": n_tokens, "moe_layers": len(stats), "passes": sorted(needs),
-                         "tokens_per_s": round(n_tokens / seconds, 1), "store_probs": c.store_probs})
+                         "store_probs": c.store_probs})
+    write_timings("calibrate", {"seconds": round(seconds, 2), "tokens_per_s": round(n_tokens / seconds, 1)})
     logging.info("captured %d tokens x %d MoE layers (%s) at %.0f tokens/s", n_tokens, len(stats),
                  ", ".join(sorted(needs)), n_tokens / seconds)
 
