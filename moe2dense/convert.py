@@ -37,6 +37,7 @@ from moe2dense.teacher.source import check_tokenizer, resolve_checkpoint, valida
 
 log = logging.getLogger(__name__)
 DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+PLAN_FILE = "moe2dense_plan.json"  # in every student convert writes: what marks a dir --overwrite may replace
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,18 @@ def _overlap(a: Path, b: Path) -> bool:
 
 
 def _check_out(out: Path, protected: dict[str, Path]) -> None:
-    """--out is replaced wholesale at the end (and with --overwrite, whatever was there is deleted): it must not
-    be, contain or lie inside the teacher or the calibration data, and its parent must be writable."""
+    """--out is replaced wholesale at the end (with --overwrite, whatever was there is deleted): it must not be,
+    contain or lie inside the teacher or the calibration data, may only replace an earlier student, and its parent
+    must be writable."""
     real = out.expanduser().resolve()
     for name, path in protected.items():
         if _overlap(real, path.resolve()):
             raise ValueError(f"--out {out} overlaps {name} {path} (same, inside or containing it); replacing it "
                              "would delete it: choose another --out")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / PLAN_FILE).is_file())):
+        # --overwrite deletes what --out holds: only ever an earlier student of this command (or nothing)
+        raise FileExistsError(f"--out {out} is not a student written by convert (no {PLAN_FILE} in it); "
+                              "--overwrite only replaces one: choose a new or empty directory")
     parent = next(p for p in real.parents if p.exists())
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: cannot write in {parent}")
@@ -209,5 +215,5 @@ def convert(args: ConvertArgs) -> dict:
     with atomic_dir(args.out) as out:
         summary = assemble(checkpoint, plan, out, dtype=args.student_dtype, tokenizer_dir=checkpoint,
                            progress=args.progress)
-        write_json(out / "moe2dense_plan.json", plan)
+        write_json(out / PLAN_FILE, plan)
     return summary

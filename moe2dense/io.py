@@ -47,15 +47,25 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}@{_HOST}."
 
 
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}@{_HOST}.old")
+
+
 def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Delete `path`'s temp siblings left by dead processes of this host; returns what was removed."""
+    """Delete `path`'s temp siblings left by dead processes of this host; returns what was removed.
+
+    A run killed between atomic_dir's two renames leaves the previous output as `.<name>.<pid>@<host>.old` and no
+    `path`: that one is put back in place (it is the only copy), or removed if `path` was written since."""
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@{re.escape(_HOST)}\.[A-Za-z0-9_]+\.tmp")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@{re.escape(_HOST)}\.(?:[A-Za-z0-9_]+\.tmp|old)")
     removed = []
     with contextlib.suppress(FileNotFoundError):
-        for entry in path.parent.iterdir():
+        for entry in sorted(path.parent.iterdir()):
             m = pattern.fullmatch(entry.name)
             if m is None or _pid_alive(int(m.group(1))):
+                continue
+            if entry.name.endswith(".old") and not os.path.lexists(path):
+                os.replace(entry, path)
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -75,16 +85,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = None
+    try:
+        if os.path.lexists(path):
+            old = _old_name(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:  # the previous output goes back in place: a failed rename must not lose it
+        if old is not None and not os.path.lexists(path):
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 @contextlib.contextmanager

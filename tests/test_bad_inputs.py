@@ -227,7 +227,16 @@ def test_bad_calibration_data_fails_before_the_teacher_loads(teacher, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
-def test_full_disk_under_out_is_one_line_and_leaves_nothing(teacher, tmp_path, capsys, monkeypatch):
+def test_overwrite_replaces_only_an_earlier_student(teacher, tmp_path, capsys, no_weights):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    assert _convert(teacher, mine, "--overwrite") == 2
+    assert f"--out {mine} is not a student written by convert (no moe2dense_plan.json in it)" in capsys.readouterr().err
+    assert (mine / "keep.txt").read_text() == "mine"
+
+
+def test_full_disk_under_out_is_one_line_and_keeps_the_previous_student(teacher, tmp_path, capsys, monkeypatch):
     import moe2dense.convert as convert_mod
 
     def full(checkpoint, plan, out, **kw):
@@ -236,10 +245,15 @@ def test_full_disk_under_out_is_one_line_and_leaves_nothing(teacher, tmp_path, c
 
     monkeypatch.setattr(convert_mod, "assemble", full)
     out = tmp_path / "dense"
-    assert _convert(teacher, out) == 2
+    out.mkdir()
+    (out / "moe2dense_plan.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"previous student")
+    before = _digest(out)
+    assert _convert(teacher, out, "--overwrite") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("[convert] error: No space left on device: ") and "model.safetensors" in err[-1]
-    assert not out.exists() and not list(tmp_path.glob(".dense.*"))
+    assert err[-1].startswith(f"[convert] error: No space left on device: {tmp_path}/.dense.")
+    assert err[-1].endswith("/model.safetensors")
+    assert _digest(out) == before and not list(tmp_path.glob(".dense.*"))
 
 
 # ------------------------------------------------------------------------------------------ prepare corpus
@@ -300,6 +314,13 @@ def test_atomic_dir_removes_leftovers_of_a_killed_run_but_not_live_ones(tmp_path
         (tmp / "done").write_text("ok")
     assert not leftover.exists() and live.is_dir() and unrelated.is_dir()
     assert (target / "done").read_text() == "ok"
+    # Killed between its two renames: the previous output sits in `.<name>.<pid>@<host>.old` and `path` is gone.
+    # The next writer puts it back (the only copy) before it starts, so a failure of its own loses nothing.
+    owner = leftover.name.split(".")[2]  # "<pid>@<host>" of the dead process
+    target.rename(tmp_path / f".out.{owner}.old")
+    with pytest.raises(RuntimeError), atomic_dir(target):
+        raise RuntimeError("this run fails too")
+    assert (target / "done").read_text() == "ok" and not list(tmp_path.glob(".out.*.old"))
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
