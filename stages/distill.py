@@ -1,5 +1,7 @@
 """Stage `distill`: train the assembled dense student to match the MoE teacher's next-token distribution on Ray
-Train -> models/distilled (HF checkpoint), metrics/distill.json, plots/distill_loss.csv."""
+Train -> models/distilled (HF checkpoint), metrics/distill.json, plots/distill_loss.csv (all byte-identical on a
+rerun; speed and resume point go to the untracked timings/distill.json). Ray and the batch split are checked before
+any model is loaded; the terminal shows one progress bar, Ray's logs go to .distill_runs/<run>/ray.log."""
 
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ from stages._runner import run
 from moe2dense.assemble import copy_tokenizer
 from moe2dense.distill.cache import FILE as CACHE_FILE
 from moe2dense.distill.data import load_rows
-from moe2dense.distill.driver import heldout_kl, run_distill
+from moe2dense.distill.driver import heldout_kl, prepare_distill
 from moe2dense.distill.loop import load_teacher, student_state_from_checkpoint
-from moe2dense.io import atomic_dir, atomic_file, write_json
+from moe2dense.io import atomic_dir, atomic_file, write_json, write_timings
 from moe2dense.params import load_params
-from moe2dense.teacher.source import teacher_checkpoint
 
 STUDENT = "models/student"
 TEACHER = "models/teacher"
@@ -40,16 +41,17 @@ def main() -> None:
 
     p = load_params().distill
     cached = f"{CACHE}/{CACHE_FILE}" if p.teacher_logits == "cached" else None
-    teacher_dir = teacher_checkpoint(TEACHER)
-    eval_rows = load_rows(EVAL)
-    eval_rows = eval_rows[: max(1, p.eval_tokens // eval_rows.shape[1])]
-    teacher = load_teacher(str(teacher_dir), p.teacher_top_k, torch.float32, torch.device("cpu"))
-    student = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32).eval()
-    before = heldout_kl(student, teacher, eval_rows)
-    logging.info("held-out KL(teacher || assembled student) = %.4f over %d tokens", before, eval_rows.size)
     try:
-        res = run_distill(p, student_dir=STUDENT, teacher_dir=teacher_dir, train_path=TRAIN, storage=STORAGE,
-                          cached_logits=cached)
+        # Ray (RAY_ADDRESS), workers, device and batch split first: they fail in seconds, the models load slowly.
+        job = prepare_distill(p, student_dir=STUDENT, teacher_dir=TEACHER, train_path=TRAIN,
+                              storage=STORAGE, cached_logits=cached)
+        eval_rows = load_rows(EVAL)
+        eval_rows = eval_rows[: max(1, p.eval_tokens // eval_rows.shape[1])]
+        teacher = load_teacher(job.cfg["teacher_dir"], p.teacher_top_k, torch.float32, torch.device("cpu"))
+        student = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32).eval()
+        before = heldout_kl(student, teacher, eval_rows)
+        logging.info("held-out KL(teacher || assembled student) = %.4f over %d tokens", before, eval_rows.size)
+        res = job.fit()
     finally:
         ray.shutdown()
     state, history = student_state_from_checkpoint(res["checkpoint"])
@@ -67,11 +69,12 @@ def main() -> None:
     write_json(METRICS, {
         "loss": p.loss, "steps": res["steps"], "tokens": history[-1][1], "workers": res["workers"],
         "device": res["device"], "final_loss": losses[-1], "best_loss": min(losses),
-        "tokens_per_s": round(m["tokens_per_s"], 1), "resumed_from_step": m["resumed_from"],
         "heldout_kl_before": round(before, 6), "heldout_kl_after": round(after, 6),
         # not "teacher_logits": a metric named like a stage output breaks `dvc exp show --drop` (duplicate column)
         "teacher_logits_source": p.teacher_logits, "run_name": res["run_name"],
     })
+    write_timings("distill", {"tokens_per_s": round(m["tokens_per_s"], 1), "resumed_from_step": m["resumed_from"],
+                              "ray_log": res["ray_log"]})
     with atomic_file(PLOT) as fh:
         fh.write("step,tokens,loss\n" + "".join(f"{s},{t},{l}\n" for s, t, l in history))
     logging.info("held-out KL %.4f -> %.4f after %d steps (%s tokens, %.0f tokens/s on %d %s worker(s))", before,

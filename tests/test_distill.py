@@ -3,8 +3,13 @@ is replaced and the run resumes from its last checkpoint to the same weights as 
 teacher logits covering the whole vocabulary train exactly like the online teacher."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from moe2dense.arch import get_adapter
@@ -27,6 +33,7 @@ from moe2dense.distill.loop import lr_factor, student_state_from_checkpoint
 from moe2dense.params import DistillParams
 from moe2dense.plan import build_plan
 from moe2dense.selection import select_layers
+from conftest import REPO, free_port
 from tiny_models import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -198,3 +205,85 @@ def test_cached_full_vocabulary_logits_train_like_the_online_teacher(setup, clea
     (_, h_online), (_, h_cached) = _trained(setup, clean), _trained(setup, cached)
     # The history keeps 6 decimals.
     np.testing.assert_allclose([h[2] for h in h_cached], [h[2] for h in h_online], rtol=1e-4, atol=2e-6)
+
+
+# ---------------------------------------------------------------- the stage, run the way users run it
+STAGE_ENV = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token"}  # token: see test_ray_cluster.py
+RAY_CHATTER = ("Failed to query Ray Train Controller", "core_worker", "TrainController", "RayTrainWorker",
+               "Checkpoint successfully created", "Started a local Ray instance", "Token authentication")
+
+
+def _stage_repo(setup, root: Path, **distill) -> Path:
+    """A pipeline directory with the fixture's models and data and the smoke params (distill overridden)."""
+    (root / "models").mkdir(parents=True)
+    shutil.copytree(setup / "student", root / "models/student")
+    _word_tokenizer().save_pretrained(root / "models/student")  # the stage copies it next to the distilled weights
+    (root / "models/teacher").symlink_to(setup / "teacher")
+    (root / "data/prepared/packed").mkdir(parents=True)
+    for split in ("train", "eval"):
+        (root / f"data/prepared/packed/{split}.parquet").symlink_to(setup / f"{split}.parquet")
+    params = yaml.safe_load((REPO / "tests/smoke_params.yaml").read_text())
+    params["distill"].update(distill)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+
+
+def _stage(repo: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.distill"], cwd=repo, capture_output=True, text=True,
+                          env={**STAGE_ENV, **env}, timeout=600)
+
+
+def test_stage_shows_a_progress_bar_keeps_ray_in_a_log_and_reproduces_the_weights(setup, clean, tmp_path):
+    """The stage (joining the fixture's Ray, as with RAY_ADDRESS) with the params of `clean`: its terminal shows the
+    bar and none of Ray's chatter, Ray's logs are in the run's ray.log, the metrics hold no wall-clock figure, and
+    the distilled weights are bit-identical to the `clean` run's, trained by other worker processes."""
+    import ray
+
+    repo = _stage_repo(setup, tmp_path / "repo", **_params().model_dump())
+    proc = _stage(repo, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert re.search(r"distill: 100%\|.*\| 6\.14k/6\.14k \[.*tok/s, loss=0\.\d{4}\]", out), out[-2000:]
+    assert not [c for c in RAY_CHATTER if c in out], out[-3000:]
+    ray_log = Path(re.search(r"Ray's logs: (\S+)", out).group(1))
+    assert ray_log.parent.parent == repo / ".distill_runs" and out.count("Ray's logs:") == 1
+    assert "RayTrainWorker" in ray_log.read_text() and "\x1b[" not in ray_log.read_text()
+    metrics = json.loads((repo / "metrics/distill.json").read_text())
+    assert "tokens_per_s" not in metrics and metrics["run_name"] == clean["run_name"]
+    assert json.loads((repo / "timings/distill.json").read_text())["tokens_per_s"] > 0
+    distilled = AutoModelForCausalLM.from_pretrained(repo / "models/distilled").state_dict()
+    reference, _ = _trained(setup, clean)
+    for name, weight in reference.state_dict().items():
+        assert torch.equal(weight, distilled[name]), name
+
+
+def test_unreachable_ray_address_fails_fast_before_any_model_loads(tmp_path):
+    """No models at all here: the stage must stop at the RAY_ADDRESS check, in bounded time, with one line."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "tests/smoke_params.yaml", repo / "params.yaml")
+    address = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    proc = _stage(repo, RAY_ADDRESS=address)
+    assert time.monotonic() - start < 60 and proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and f"RAY_ADDRESS = {address}" in errors[0], proc.stderr[-2000:]
+
+
+def test_batch_split_is_checked_before_any_model_loads(setup, ray_cluster, tmp_path):
+    import ray
+
+    repo = _stage_repo(setup, tmp_path / "repo", batch_size=3, workers=2)
+    proc = _stage(repo, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "distill.batch_size = 3" in proc.stderr and "Loading weights" not in proc.stderr + proc.stdout
+    assert "held-out KL" not in proc.stderr

@@ -1,10 +1,15 @@
 """Ray Train driver for distillation: one code path for 2 local CPU workers, a GPU box, or an existing cluster.
 
-- Cluster: `RAY_ADDRESS` set -> join it (the package ships to the workers as a py_module); otherwise start a local
-  Ray with this machine's CPUs (and GPUs).
+- `prepare_distill` does every check that needs no model, before the stage loads one: RAY_ADDRESS answers (a TCP
+  connect bounded by RAY_CONNECT_TIMEOUT_S: ray.init retries an unreachable GCS forever), the workers Ray can place,
+  distill.device, the batch split. Cluster: `RAY_ADDRESS` set -> join it (the package ships to the workers as a
+  py_module); otherwise start a local Ray with this machine's CPUs (and GPUs).
 - Workers are clamped to the CPUs (or GPUs) Ray reports, with a warning: asking for more hangs Ray silently.
-- The run's storage name is a hash of everything that defines the run (params, student weights, data), so rerunning
-  an interrupted run resumes it from its last checkpoint, and a changed config never resumes an old one.
+- The run's storage name is a hash of everything that defines the run (params, student weights, data content), so
+  rerunning an interrupted run resumes it from its last checkpoint, and a changed config never resumes an old one.
+- The terminal shows one progress bar fed by rank 0 through a Ray queue; Ray's own logs (its driver logger and what
+  its actors print) go to <run dir>/ray.log, or to the terminal with MOE2DENSE_DEBUG=1.
+- Determinism: see `moe2dense.distill.loop.make_deterministic`.
 """
 from __future__ import annotations
 
@@ -12,32 +17,123 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
-from moe2dense.distill.data import check_batch_split, load_rows, step_rows
+from moe2dense.distill.cache import FILE as CACHE_FILE
+from moe2dense.distill.data import check_batch_split, step_rows
 from moe2dense.params import DistillParams
+from moe2dense.teacher.source import teacher_checkpoint
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+RAY_LOG = "ray.log"
+RAY_CONNECT_TIMEOUT_S = 10.0
 
 
-def start_ray() -> dict:
-    """Connect to RAY_ADDRESS or start a local instance; returns the cluster's resources."""
+def debug() -> bool:
+    """The project's debug switch (stages/_runner.py): tracebacks, and here Ray's logs in the terminal."""
+    return bool(os.environ.get("MOE2DENSE_DEBUG"))
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A host:port RAY_ADDRESS must accept a TCP connection within `timeout` s (`auto` is resolved by Ray)."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"RAY_ADDRESS = {address!r} is not host:port (or auto); unset RAY_ADDRESS to start a local Ray")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(f"RAY_ADDRESS = {address}: no Ray cluster answers there ({err.strerror or err}, waited at "
+                         f"most {timeout:.0f} s); start its head with `ray start --head --port={port}` or unset "
+                         "RAY_ADDRESS to run on a local Ray") from None
+
+
+class _RayRecords(logging.Filter):
+    """Keeps (keep=True) or drops the records of Ray's own loggers ("ray", "ray.*")."""
+
+    def __init__(self, keep: bool):
+        super().__init__()
+        self.keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.name == "ray" or record.name.startswith("ray.")) == self.keep
+
+
+def _ray_logs_to_file(path: Path) -> None:
+    """The driver's "ray" loggers (init, auth, Train) to `path` instead of the terminal. ray.init(configure_logging=
+    False) leaves them propagating to the root logger (it clears handlers on "ray" itself): route them there."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.addFilter(_RayRecords(keep=False))
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RayRecords(keep=True))
+    root.addHandler(handler)
+    logging.getLogger("ray").propagate = True
+
+
+class _PlainText:
+    """A text sink without the ANSI colours Ray puts in front of forwarded lines."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, path: Path):
+        self.fh = open(path, "a", buffering=1)  # noqa: SIM115  (lives as long as the Ray connection)
+
+    def write(self, text: str) -> int:
+        return self.fh.write(self.ANSI.sub("", text))
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _actor_output_to_file(path: Path) -> None:
+    """What Ray's actors print (Train controller, workers, core_worker errors) to `path`: Ray forwards it to the
+    driver through one dispatcher handler, which prints it to the terminal; swap its sink for the file."""
+    from ray._private import worker as ray_worker
+
+    sink = _PlainText(path)
+    ray_worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    ray_worker.global_worker_stdstream_dispatcher.add_handler(
+        "ray_print_logs", lambda data: ray_worker.print_worker_logs(data, sink))
+
+
+def start_ray(log_file: Path | None = None) -> dict:
+    """Connect to RAY_ADDRESS or start a local instance; returns the cluster's resources. With `log_file` (and no
+    MOE2DENSE_DEBUG), Ray's logs go there instead of the terminal; an already connected Ray is left as it is."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_ray_address(address)
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
+        quiet = log_file is not None and not debug()
+        if quiet:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            _ray_logs_to_file(log_file)
         if address:
-            ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}, log_to_driver=True)
+            ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}, log_to_driver=True,
+                     configure_logging=not quiet)
         else:
             # Local workers import this checkout's code (a DVC experiment runs in a temp copy of the repo).
             os.environ["PYTHONPATH"] = os.pathsep.join(
                 [str(PACKAGE_DIR.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=not quiet)
+        if quiet:
+            _actor_output_to_file(log_file)
+            log.info("Ray's logs: %s (MOE2DENSE_DEBUG=1 shows them here)", log_file)
     return ray.cluster_resources()
 
 
@@ -64,34 +160,145 @@ def _hash_files(paths: list[Path], h) -> None:
                 h.update(chunk)
 
 
+def _hash_parquet(path: Path, h) -> None:
+    """Size + footer (schema, row counts, per-chunk sizes and statistics): identical for an identically rebuilt
+    file whatever its mtime, without reading the data pages."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(size - 8)
+        footer_len = int.from_bytes(fh.read(4), "little")
+        fh.seek(size - 8 - footer_len)
+        h.update(f"{size}:".encode() + fh.read(footer_len))
+
+
 def run_name(p: DistillParams, student_dir: Path, train_path: Path, cached_logits: Path | None) -> str:
-    """Hash of the params that change training (not the worker count: batches are global) and of the inputs."""
+    """Hash of the params that change training (not the worker count: batches are global) and of the inputs'
+    content (not their paths or mtimes: a DVC experiment's temp copy or a rebuilt identical file keep the name)."""
     h = hashlib.sha256()
     h.update(json.dumps(p.model_dump(exclude={"workers", "max_failures", "eval_tokens"}), sort_keys=True).encode())
     _hash_files(list(student_dir.glob("*.safetensors")) + [student_dir / "config.json"], h)
-    h.update(f"{train_path.resolve()}:{train_path.stat().st_size}:{train_path.stat().st_mtime_ns}".encode())
+    _hash_parquet(train_path, h)
     if cached_logits is not None:
-        h.update(str(cached_logits.resolve()).encode())
+        _hash_parquet(cached_logits / CACHE_FILE if cached_logits.is_dir() else cached_logits, h)
     return "distill-" + h.hexdigest()[:16]
 
 
-def run_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: str | Path, train_path: str | Path,
-                storage: str | Path, cached_logits: str | Path | None = None) -> dict:
-    """Train; returns {"checkpoint": dir of the final checkpoint, "metrics": ..., "history": [...], ...}."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def seq_len_of(train_path: Path) -> int:
+    """Tokens per packed row, from the Parquet schema alone."""
+    return pq.read_schema(train_path).field("input_ids").type.list_size
 
+
+@dataclass
+class DistillJob:
+    """A checked distillation run, connected to Ray, ready to `fit`."""
+
+    cfg: dict
+    name: str
+    storage: Path
+    steps: int
+    seq_len: int
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: int
+    max_failures: int
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage / self.name
+
+    def fit(self, progress: bool = True) -> dict:
+        """Train; returns {"checkpoint": dir of the final checkpoint, "metrics": ..., "run_name", ...}."""
+        from ray.util.queue import Queue
+
+        queue = Queue(actor_options={"num_cpus": 0})  # rank 0 -> the driver's progress bar
+        bar = ProgressBar(queue, self.steps * self.cfg["global_batch"] * self.seq_len, enabled=progress)
+        try:
+            from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+            from ray.train.torch import TorchConfig, TorchTrainer
+
+            from moe2dense.distill.loop import train_worker
+
+            trainer = TorchTrainer(
+                train_worker,
+                train_loop_config={**self.cfg, "progress": queue},
+                torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,
+                                             resources_per_worker={"GPU": 1} if self.use_gpu else
+                                             {"CPU": self.cpus_per_worker}),
+                run_config=RunConfig(name=self.name, storage_path=str(self.storage),
+                                     failure_config=FailureConfig(max_failures=self.max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            )
+            result = trainer.fit()
+        finally:
+            bar.close()
+            queue.shutdown(force=True)
+        if result.checkpoint is None:
+            raise RuntimeError(f"distillation run {self.name} finished without a checkpoint")
+        return {"checkpoint": result.checkpoint.path, "metrics": result.metrics, "run_name": self.name,
+                "steps": self.steps, "workers": self.workers, "device": "cuda" if self.use_gpu else "cpu",
+                "seq_len": self.seq_len, "ray_log": str(self.run_dir / RAY_LOG)}
+
+
+class ProgressBar:
+    """One tqdm bar (tokens done / total, tokens/s, ETA, loss) driven by what rank 0 puts in `queue`: a thread
+    polls it while trainer.fit() blocks the main thread (which keeps Ctrl-C)."""
+
+    def __init__(self, queue, total_tokens: int, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.queue, self.stop = queue, threading.Event()
+        self.bar = tqdm(total=total_tokens, desc="distill", unit="tok", unit_scale=True, disable=not enabled,
+                        dynamic_ncols=True, smoothing=0.1)
+        self.bar.set_postfix_str("starting workers")
+        self.thread = threading.Thread(target=self._poll, name="distill-progress", daemon=True)
+        self.thread.start()
+
+    def _show(self, item: dict) -> None:
+        if "start_tokens" in item:  # a worker group (re)started: rate and ETA count from here
+            self.bar.reset()
+            self.bar.initial = self.bar.n = self.bar.last_print_n = item["start_tokens"]
+        else:
+            self.bar.set_postfix(loss=f"{item['loss']:.4f}", refresh=False)
+            self.bar.update(item["tokens"] - self.bar.n)
+
+    def _poll(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                self._show(self.queue.get(timeout=0.5))
+            except Empty:
+                if self.stop.is_set():
+                    return
+            except Exception:  # the queue actor is gone (Ray shut down): the run itself reports its error
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.bar.close()
+
+
+def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: str | Path, train_path: str | Path,
+                    storage: str | Path, cached_logits: str | Path | None = None,
+                    deterministic: bool = True) -> DistillJob:
+    """Every check a run can fail without loading a model: RAY_ADDRESS, steps, device, workers, batch split.
+    Connects to (or starts) Ray. `teacher_dir`: a teacher checkpoint or the teacher stage's pointer dir."""
+    if os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])  # first: before anything is read
     student_dir, train_path = Path(student_dir).resolve(), Path(train_path).resolve()
+    teacher_dir = teacher_checkpoint(teacher_dir)  # the dir itself, or where its pointer leads
     cached_logits = Path(cached_logits).resolve() if cached_logits else None
-    rows = load_rows(train_path)
-    steps = p.tokens // (p.batch_size * rows.shape[1])
+    seq_len = seq_len_of(train_path)
+    steps = p.tokens // (p.batch_size * seq_len)
     if steps < 1:
         raise ValueError(f"distill.tokens = {p.tokens} is less than one step of distill.batch_size x seq_len = "
-                         f"{p.batch_size * rows.shape[1]} tokens")
-    resources = start_ray()
-    workers, use_gpu, cpus_per_worker = plan_workers(p.workers, p.device, resources)
-    check_batch_split(p.batch_size, workers, p.grad_accum)
+                         f"{p.batch_size * seq_len} tokens")
     name = run_name(p, student_dir, train_path, cached_logits)
+    storage = Path(storage).resolve()
+    workers, use_gpu, cpus_per_worker = plan_workers(p.workers, p.device, start_ray(storage / name / RAY_LOG))
+    check_batch_split(p.batch_size, workers, p.grad_accum)
     cfg = {
         "student_dir": str(student_dir), "teacher_dir": str(Path(teacher_dir).resolve()),
         "teacher_top_k": p.teacher_top_k, "train_path": str(train_path),
@@ -101,27 +308,20 @@ def run_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: str |
         "lr": p.lr, "min_lr_ratio": p.min_lr_ratio, "warmup_steps": p.warmup_steps,
         "weight_decay": p.weight_decay, "grad_clip": p.grad_clip, "freeze": list(p.freeze), "seed": p.seed,
         "checkpoint_every": p.checkpoint_every, "strategy": p.strategy,
-        "threads": 0 if use_gpu else cpus_per_worker,
+        "threads": 0 if use_gpu else cpus_per_worker, "deterministic": deterministic,
     }
-    from moe2dense.distill.loop import train_worker
-
     log.info("distilling %d steps x %d sequences of %d tokens on %d %s worker(s); run %s", steps, p.batch_size,
-             rows.shape[1], workers, "GPU" if use_gpu else "CPU", name)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=cfg,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
-                             failure_config=FailureConfig(max_failures=p.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"distillation run {name} finished without a checkpoint")
-    return {"checkpoint": result.checkpoint.path, "metrics": result.metrics, "run_name": name, "steps": steps,
-            "workers": workers, "device": "cuda" if use_gpu else "cpu", "seq_len": int(rows.shape[1])}
+             seq_len, workers, "GPU" if use_gpu else "CPU", name)
+    return DistillJob(cfg=cfg, name=name, storage=storage, steps=steps, seq_len=seq_len, workers=workers,
+                      use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=p.max_failures)
+
+
+def run_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: str | Path, train_path: str | Path,
+                storage: str | Path, cached_logits: str | Path | None = None, deterministic: bool = True,
+                progress: bool = True) -> dict:
+    """`prepare_distill` + `fit` in one call."""
+    return prepare_distill(p, student_dir=student_dir, teacher_dir=teacher_dir, train_path=train_path,
+                           storage=storage, cached_logits=cached_logits, deterministic=deterministic).fit(progress)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ next-token distribution (online teacher forward, or cached top-N log-probs), cli
 schedule. Every `checkpoint_every` steps rank 0 writes (student, optimizer, step, loss history) and every rank calls
 `ray.train.report`; a restarted worker group resumes from the last reported checkpoint at the next step, and since
 batches are a function of the step alone, the resumed run trains on exactly the batches the uninterrupted one would.
+After every step rank 0 puts (tokens, loss) in the driver's progress queue.
 """
 from __future__ import annotations
 
@@ -47,6 +48,25 @@ def load_teacher(path: str, top_k: int | None, dtype: torch.dtype, device: torch
         config.num_experts_per_tok = top_k
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     return model.to(device).eval().requires_grad_(False)
+
+
+def make_deterministic(cuda: bool) -> None:
+    """Bit-identical reruns on one machine. What already holds by construction: batches are a function of
+    (seed, step) (data.py); every worker runs the same fixed thread count (cfg["threads"]), so CPU reductions split
+    the same way; the teacher is frozen and run in eval mode (no dropout, its MoE routing/index_add is a pure
+    function of the input on CPU); ranks only pick data slices, and all ranks run identical code, so which process
+    gets which rank does not matter on one node; a 2-worker gloo/NCCL all-reduce sums a + b, which is commutative
+    (more workers: a ring order fixed by rank). What this adds: deterministic kernels where PyTorch has a choice
+    (CUDA index_add/scatter in the MoE forward, cuBLAS workspace), warning instead of failing where it has none."""
+    if cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when the cuBLAS handle is created
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def worker_seed(seed: int, rank: int) -> int:
+    """Each rank its own dropout stream, the same on every rerun (weights come from the checkpoint, not init)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def freeze(student: nn.Module, parts: list[str]) -> None:
@@ -101,9 +121,12 @@ def train_worker(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(worker_seed(cfg["seed"], rank))
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
+    if cfg.get("deterministic", True):
+        make_deterministic(cuda)
+    progress = cfg.get("progress") if rank == 0 else None  # a ray.util.queue.Queue of the driver
     dtype = torch.bfloat16 if cuda else torch.float32
 
     teacher = None if cfg["cached_logits"] else load_teacher(cfg["teacher_dir"], cfg["teacher_top_k"], dtype, device)
@@ -134,6 +157,8 @@ def train_worker(cfg: dict) -> None:
     tokens_per_step = cfg["global_batch"] * seq_len
     accum = cfg["accum"]
     trained_tokens, t0 = 0, time.perf_counter()
+    if progress is not None:
+        progress.actor.put_nowait.remote({"start_tokens": start * tokens_per_step})  # fire and forget
     for step in range(start, cfg["steps"]):
         micro = worker_micro_rows(step, cfg["global_batch"], len(rows), cfg["seed"], rank, world, accum)
         step_loss = torch.zeros((), device=device)
@@ -155,6 +180,8 @@ def train_worker(cfg: dict) -> None:
             step_loss /= world
         trained_tokens += tokens_per_step
         history.append([step + 1, (step + 1) * tokens_per_step, round(float(step_loss), 6)])
+        if progress is not None:
+            progress.actor.put_nowait.remote({"tokens": history[-1][1], "loss": history[-1][2]})
         last = step + 1 == cfg["steps"]
         if (step + 1) % cfg["checkpoint_every"] == 0 or last:
             seconds = time.perf_counter() - t0
