@@ -27,9 +27,13 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from flows.cli import FlowError, check_server, run
+
 REPO = Path(__file__).resolve().parents[1]
 MAIN_TARGET = "report"  # the conversion job; the design-space screen is its own target (flows/screen.py)
 _RAN = re.compile(r"Running stage '([^']+)'")
+_EXITED = re.compile(r"exited with (-?\d+)")
+_STAGE_ERROR = re.compile(r"^\[[^\]]+\] error: ")
 
 
 def stage_order(repo: Path, target: str | None = None) -> list[str]:
@@ -49,28 +53,76 @@ def stage_order(repo: Path, target: str | None = None) -> list[str]:
         return [s for s in order if s in needed]
 
 
-def run_logged(cmd: list[str], cwd: str, what: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `cmd`, relay its output lines (not progress-bar redraws) to the run log; a failure raises with the
-    last lines of its output."""
+def check_before_run(repo: str | Path, stage: str | None) -> Path:
+    """What a flow run can be refused for, checked in seconds before Prefect or DVC starts any work: the Prefect
+    server named by PREFECT_API_URL, the repository and the target stage. Raises a one-line FlowError."""
+    from dvc.exceptions import DvcException
+    from prefect.settings import PREFECT_API_URL
+
+    check_server(PREFECT_API_URL.value())
+    root = Path(repo).resolve()
+    try:
+        stage_order(root, stage)
+    except ValueError as err:
+        raise FlowError(str(err)) from None
+    except DvcException as err:
+        raise FlowError(f"{root}: {err}") from None
+    return root
+
+
+def run_logged(cmd: list[str], cwd: str) -> subprocess.CompletedProcess:
+    """Run `cmd`; relay its output lines (not progress-bar redraws) to the run log."""
     logger = get_run_logger()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.strip() and "\r" not in line:
             logger.info("%s", line)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{tail}")
     return proc
 
 
+class StageFailed(FlowError):
+    """A DVC stage that failed, with the stage's own error message. `status`: the stage command's exit status
+    (DVC's when the command never ran); 2 is the stage's verdict on its input (stages/_runner.py): not retried."""
+
+    def __init__(self, stage: str, status: int, detail: str):
+        self.stage, self.status, self.detail = stage, status, detail
+        self.code = 2 if status == 2 else 1
+        super().__init__(f"stage {stage!r} failed (exit {status}): {detail}")
+
+    def __reduce__(self):  # Prefect pickles task exceptions: rebuild from the fields
+        return StageFailed, (self.stage, self.status, self.detail)
+
+    @classmethod
+    def from_dvc(cls, stage: str, proc: subprocess.CompletedProcess) -> "StageFailed":
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip() and "\r" not in line]
+        dvc_errors = [line for line in lines if line.startswith("ERROR:")]
+        exited = _EXITED.search(" ".join(dvc_errors))
+        own = [line for line in lines if _STAGE_ERROR.match(line)]  # stages/_runner.py's one line
+        rest = [line for line in lines if not line.startswith("ERROR:")]
+        status = int(exited.group(1)) if exited else proc.returncode
+        # the stage's own error line(s); exit 2 without one: all it said; a crash: its last line (the exception);
+        # no stage output: DVC's error
+        said = rest if status == 2 else rest[-1:]
+        detail = ("; ".join(own or (said if exited else [])) or "; ".join(dvc_errors)
+                  or (proc.stdout.strip().splitlines() or ["no output"])[-1])
+        return cls(stage, status, detail)
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    return not (isinstance(state.data, StageFailed) and state.data.status == 2)
+
+
 @task(name="dvc-stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
-      task_run_name="dvc repro {stage}")
+      retry_condition_fn=_retry_unless_user_error, task_run_name="dvc repro {stage}")
 def run_stage(stage: str, repo: str, force: bool = False) -> dict:
-    """`dvc repro --single-item <stage>`: upstream stages already ran as earlier tasks of this flow."""
+    """`dvc repro --single-item <stage>`: upstream stages already ran as earlier tasks of this flow. A failure
+    raises StageFailed; it is retried once unless the stage rejected its input (exit 2)."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     start = time.perf_counter()
-    proc = run_logged(cmd, repo, f"stage {stage!r}")
+    proc = run_logged(cmd, repo)
+    if proc.returncode != 0:
+        raise StageFailed.from_dvc(stage, proc)
     seconds = round(time.perf_counter() - start, 2)
     status = "ran" if stage in _RAN.findall(proc.stdout) else "skipped"
     logger.info("stage %s %s in %.1fs", stage, status, seconds)
@@ -118,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_const", const=None, dest="stage", help="every stage, screen included")
     parser.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
     args = parser.parse_args(argv)
-    results = pipeline(repo=args.repo, stage=args.stage, force=args.force)
-    for r in results:
-        print(f"{r['stage']:>12}: {r['status']} ({r['seconds']} s)")
-    return 0
+
+    def go() -> None:
+        check_before_run(args.repo, args.stage)
+        for r in pipeline(repo=args.repo, stage=args.stage, force=args.force):
+            print(f"{r['stage']:>12}: {r['status']} ({r['seconds']} s)")
+
+    return run(go)
 
 
 if __name__ == "__main__":

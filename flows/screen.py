@@ -10,13 +10,15 @@ configurations as a table artifact and screen/results.md as a markdown artifact.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import REPO, pipeline
+from flows.cli import run
+from flows.pipeline import REPO, check_before_run, pipeline
 
 TABLE_COLUMNS = ("config", "method", "experts", "grouping", "scaling", "perplexity", "routed_mass_kept")
 
@@ -37,14 +39,18 @@ def screen(repo: str = str(REPO)) -> list[dict]:
     return table.to_dicts()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", default=str(REPO))
-    args = parser.parse_args()
-    rows = screen(repo=args.repo)
-    for r in rows[:10]:
-        print(f"{r['config']:>32}: perplexity {r['perplexity']:.3f}")
+    args = parser.parse_args(argv)
+
+    def go() -> None:
+        check_before_run(args.repo, "screen")
+        for r in screen(repo=args.repo)[:10]:
+            print(f"{r['config']:>32}: perplexity {r['perplexity']:.3f}")
+
+    return run(go)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,11 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 
-import httpx
-
+from flows.cli import check_server, run
 from flows.pipeline import MAIN_TARGET, REPO, pipeline
-
-HEALTH_TIMEOUT_S = 5.0
 
 
 def pipeline_deployment(args: argparse.Namespace):
@@ -58,20 +55,6 @@ DEPLOYMENTS: list[Callable[[argparse.Namespace], object]] = [pipeline_deployment
                                                              sweep_deployment]
 
 
-def check_server(api_url: str | None) -> str | None:
-    """None if the Prefect server at `api_url` answers /health, else a one-line error."""
-    hint = ("start one with `prefect server start`, then "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
-    if not api_url:
-        return f"PREFECT_API_URL is not set; serving deployments needs a running Prefect server: {hint}"
-    url = f"{api_url.rstrip('/')}/health"
-    try:
-        httpx.get(url, timeout=HEALTH_TIMEOUT_S).raise_for_status()
-    except httpx.HTTPError as exc:
-        return f"no Prefect server answers at {url} ({type(exc).__name__}: {exc}); {hint}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve the moe2dense Prefect deployments with cron schedules")
     parser.add_argument("--repo", default=str(REPO), help="repository root holding dvc.yaml (default: this repo)")
@@ -83,18 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-jobs", type=int, default=1, help="experiments the sweep runs at a time (1)")
     args = parser.parse_args(argv)
 
-    from prefect.settings import PREFECT_API_URL
+    def go() -> None:
+        from prefect import serve
+        from prefect.settings import PREFECT_API_URL
 
-    error = check_server(PREFECT_API_URL.value())
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        check_server(PREFECT_API_URL.value(), required=True)
+        serve(*[build(args) for build in DEPLOYMENTS])
 
-    from prefect import serve
-
-    deployments = [build(args) for build in DEPLOYMENTS]
-    serve(*deployments)
-    return 0
+    return run(go)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ the same command.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -27,8 +28,11 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from flows.pipeline import REPO
+from flows.cli import run
+from flows.pipeline import REPO, check_before_run
 from moe2dense import sweep as sw
 
 REPORT = "reports/experiments.md"
@@ -58,9 +62,19 @@ def queue(repo: str, exps: list[sw.Experiment], target: str) -> list[str]:
 
 
 @task(name="run-queue", cache_policy=NO_CACHE)
-def run_queue(repo: str, jobs: int) -> None:
+def run_queue(repo: str, jobs: int, names: list[str], progress_id) -> None:
+    """The queue, with one progress bar in the terminal (experiments done / total) and the progress artifact
+    moving from 20 to 90 % as experiments finish; DVC's output goes to the run log."""
     logger = get_run_logger()
-    sw.run_queue(repo, jobs, on_line=lambda line: logger.info("%s", line))
+
+    with tqdm(total=len(names), desc="sweep", unit="experiment", disable=None) as bar, \
+            logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("prefect")]):
+        def done(n: int) -> None:
+            bar.update(n - bar.n)
+            logger.info("%d of %d experiments done", n, len(names))
+            update_progress_artifact(progress_id, 20.0 + 70.0 * n / len(names))
+
+        sw.run_queue(repo, jobs, on_line=lambda line: logger.info("%s", line), names=names, on_done=done)
 
 
 @task(name="collect-experiments", cache_policy=NO_CACHE)
@@ -83,7 +97,7 @@ def sweep(repo: str = str(REPO), grid: dict[str, list] | None = None, configs: l
         to_run = queue(str(root), exps, target)
         update_progress_artifact(progress, 20.0)
         if to_run:
-            run_queue(str(root), jobs)
+            run_queue(str(root), jobs, to_run, progress)
         update_progress_artifact(progress, 90.0)
         records = collect(str(root), exps)
     md = sw.markdown(records, f"Sweep: {len(exps)} experiments ({len(to_run)} run now) on {records[0]['name']}",
@@ -109,22 +123,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", "-j", type=int, default=1, help="experiments run at a time (default 1)")
     parser.add_argument("--target", default=sw.TARGET, help=f"stage each experiment runs up to (default {sw.TARGET})")
     args = parser.parse_args(argv)
-    try:
+
+    def go() -> None:
         grid = sw.parse_axes(args.set) if args.set else None
-        configs = yaml.safe_load(args.configs.read_text()) if args.configs else None
-        if configs is not None and not (isinstance(configs, list) and all(isinstance(c, dict) for c in configs)):
-            raise sw.SweepError(f"{args.configs}: expected a YAML list of mappings {{dotted.param: value}}")
+        configs = read_configs(args.configs) if args.configs else None
         # checked here too, so a bad grid or a dirty workspace fails in a second, before Prefect starts
-        repo = Path(args.repo).resolve()
+        repo = check_before_run(args.repo, args.target)
         sw.validate(repo, sw.experiments(configurations(repo, grid, configs, args.from_screen)))
         sw.check_clean(repo)
         records = sweep(repo=str(repo), grid=grid, configs=configs, from_screen=args.from_screen, jobs=args.jobs,
                         target=args.target)
-    except (sw.SweepError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(sw.markdown(records, "Sweep results"))
-    return 0
+        print(sw.markdown(records, "Sweep results"))
+
+    return run(go, user_errors=(sw.SweepError, OSError))
+
+
+def read_configs(path: Path) -> list[dict]:
+    """The --configs file: a YAML list of {dotted.param: value} mappings; anything else is a one-line error."""
+    try:
+        configs = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise sw.SweepError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not (isinstance(configs, list) and all(isinstance(c, dict) for c in configs)):
+        raise sw.SweepError(f"{path}: expected a YAML list of mappings {{dotted.param: value}}")
+    return configs
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -231,18 +232,68 @@ def queue(repo: str | Path, exps: list[Experiment], target: str = TARGET) -> lis
     return to_run
 
 
-def run_queue(repo: str | Path, jobs: int, on_line=None) -> None:
+def run_queue(repo: str | Path, jobs: int, on_line=None, names: Iterable[str] = (), on_done=None) -> None:
     """`dvc exp run --run-all -j jobs`: every queued experiment, at most `jobs` at a time, each in its own temp
-    workspace; output lines go to `on_line` (the Prefect log) as they come."""
+    workspace; output lines go to `on_line` (the Prefect log) as they come, and `on_done(n)` (from another thread)
+    whenever the number of `names` that finished (succeeded or failed) changes, polled every PROGRESS_POLL_S."""
+    names = set(names)
+    poller = _Progress(repo, names, on_done) if on_done and names else None
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", str(max(1, jobs))]
-    with subprocess.Popen(cmd, cwd=repo, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as proc:
-        for line in proc.stdout:
-            if line.strip() and on_line:
-                on_line(line.rstrip())
-        rc = proc.wait()
+    try:
+        with subprocess.Popen(cmd, cwd=repo, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as proc:
+            for line in proc.stdout:
+                if line.strip() and on_line:
+                    on_line(line.rstrip())
+            rc = proc.wait()
+    finally:
+        if poller:
+            poller.close()
     if rc != 0:
         raise SweepError(f"`dvc exp run --run-all` failed (exit {rc}); see `dvc queue logs <name>`")
+
+
+PROGRESS_POLL_S = 5.0  # a look at DVC's queue costs ~20 ms
+
+
+def finished_experiments(repo: str | Path) -> dict[str, str | None]:
+    """stash rev -> name of every experiment DVC's queue has finished (succeeded or failed)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return {entry.stash_rev: entry.name for entry, _ in dvc_repo.experiments.celery_queue.iter_done()}
+
+
+class _Progress:
+    """Counts the sweep's experiments DVC's queue finishes after now (earlier runs of the same names excluded)."""
+
+    def __init__(self, repo: str | Path, names: set[str], on_done):
+        self.repo, self.names, self.on_done = repo, names, on_done
+        self.before = set(finished_experiments(repo))
+        self.done = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="sweep-progress", daemon=True)
+        self.thread.start()
+
+    def _count(self) -> None:
+        try:
+            done = sum(1 for rev, name in finished_experiments(self.repo).items()
+                       if rev not in self.before and name in self.names)
+        except Exception as err:  # noqa: BLE001 - a queue DVC is writing to: the next poll reads it
+            log.debug("sweep progress: %s", err)
+            return
+        if done != self.done:
+            self.done = done
+            self.on_done(done)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(PROGRESS_POLL_S):
+            self._count()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._count()
 
 
 def exp_show(repo: str | Path, *revs: str, all_branches: bool = False) -> list[dict]:

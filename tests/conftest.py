@@ -27,8 +27,8 @@ for var, val in {
 }.items():
     os.environ[var] = val
 os.environ.pop("PREFECT_API_URL", None)
-# Stage commands in dvc.yaml call `python`: make it this interpreter.
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+# No PATH set-up here: the code under test must make stage commands (`python -m stages.x`) run with this interpreter
+# itself (moe2dense.env), as it must when cron or a Prefect deployment starts it without an activated venv.
 
 PIPELINE_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "stages", "moe2dense",
                   "flows")
@@ -52,8 +52,18 @@ def copy_pipeline_repo(dest: Path, params: Path | None = None) -> Path:
     return dest
 
 
+def without_venv(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this interpreter's directory taken off PATH: a shell, cron or systemd that never activated it."""
+    bindir = str(Path(sys.executable).parent)
+    return {**env, "PATH": os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir)}
+
+
 def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    """`dvc ARGS` the way a user in the activated venv runs it: stage commands find this interpreter on PATH."""
+    from moe2dense.env import stage_env
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=stage_env(), capture_output=True,
+                          text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -1,9 +1,12 @@
-"""`flows/serve.py` against a real `prefect server start` on loopback: the deployment is registered with its cron
-schedule, a run triggered through the API completes and publishes its artifacts; no server: a clear error."""
+"""`flows/serve.py` against a real `prefect server start` on loopback, started as a scheduler would (another directory,
+no venv on PATH): the deployments are registered with their cron schedules, a run triggered with the README's
+`prefect deployment run` completes (its stages ran with the serve process's interpreter) and publishes its artifacts,
+and the README's `prefect` CLI commands answer; no server: a clear error."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,15 +16,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, free_port, stop, wait_for
+from conftest import REPO, free_port, stop, wait_for, without_venv
 
 pytestmark = pytest.mark.slow
 
 CRON = "0 3 * * *"
+PREFECT = Path(sys.executable).parent / "prefect"
 DVC_YAML = """\
 stages:
-  make:
-    cmd: python -c "open('a.txt', 'w').write('a')"
+  make:  # which Python DVC found on PATH for `python`
+    cmd: python -c "import sys; open('a.txt', 'w').write(sys.prefix)"
     outs: [a.txt]
   copy:
     cmd: python -c "open('b.txt', 'w').write(open('a.txt').read() * 2)"
@@ -33,6 +37,7 @@ stages:
 def tiny_repo(dest: Path) -> Path:
     """A git + DVC repo with two trivial stages (make -> copy)."""
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    dest.mkdir(exist_ok=True)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
     (dest / "dvc.yaml").write_text(DVC_YAML)
@@ -41,14 +46,18 @@ def tiny_repo(dest: Path) -> Path:
     return dest
 
 
+def prefect_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PREFECT), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
 def test_served_deployment_runs_and_publishes_artifacts(prefect_server, tmp_path):
     api, env = prefect_server
-    repo = tiny_repo(tmp_path)
+    repo = tiny_repo(tmp_path / "repo")
     serve_log = tmp_path.parent / f"{tmp_path.name}-serve.log"
     with open(serve_log, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--repo", str(repo), "--cron", CRON,
                                  "--stage", "copy"],  # the tiny repo's last stage (default: report)
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=tmp_path, env=without_venv(env), stdout=log, stderr=subprocess.STDOUT)
         try:
             with httpx.Client(base_url=api, timeout=30) as client:
                 def deployment():
@@ -74,12 +83,20 @@ def test_served_deployment_runs_and_publishes_artifacts(prefect_server, tmp_path
                 assert served == {"moe2dense-pipeline/nightly": [CRON], "moe2dense-screen/weekly": ["0 4 * * 0"],
                                   "moe2dense-sweep/weekly": ["0 6 * * 0"]}, served
 
-                def trigger():  # 503 while the server's scheduler holds the SQLite lock: retry
-                    resp = client.post(f"/deployments/{dep['id']}/create_flow_run", json={})
-                    assert resp.status_code in (201, 503), resp.text
-                    return resp.json()["id"] if resp.status_code == 201 else None
+                def trigger(*args: str):  # the README's command; retried while SQLite is locked (503)
+                    cli = prefect_cli(env, "deployment", "run", *args)
+                    assert cli.returncode == 0 or "503" in cli.stdout + cli.stderr, cli.stdout + cli.stderr
+                    found = re.search(r"UUID: ([0-9a-f-]{36})", cli.stdout)
+                    return found.group(1) if cli.returncode == 0 and found else None
 
-                run_id = wait_for("a triggered flow run", trigger, 30, proc, interval=1)
+                run_id = wait_for("a triggered flow run", lambda: trigger("moe2dense-pipeline/nightly"), 60, proc,
+                                  interval=1)
+                # parameters per run; started in an hour, so this test's serve process never executes it
+                sweep_id = wait_for("a sweep run", lambda: trigger("moe2dense-sweep/weekly", "-p", "from_screen=5",
+                                                                   "-p", "jobs=2", "--start-in", "1 hour"), 60, proc)
+                sweep_run = client.get(f"/flow_runs/{sweep_id}").json()
+                assert sweep_run["parameters"]["from_screen"] == 5 and sweep_run["parameters"]["jobs"] == 2
+                assert sweep_run["state"]["type"] == "SCHEDULED"
 
                 def finished():
                     state = client.get(f"/flow_runs/{run_id}").json()["state"]
@@ -96,7 +113,16 @@ def test_served_deployment_runs_and_publishes_artifacts(prefect_server, tmp_path
                 assert "| make | ran |" in by_type["markdown"]["data"]
                 assert "| copy | ran |" in by_type["markdown"]["data"]
                 assert float(by_type["progress"]["data"]) == 100.0
-            assert (repo / "b.txt").read_text() == "aa"
+            # the stages ran with the serve process's interpreter, not the `python` its PATH would find
+            assert (repo / "b.txt").read_text() == sys.prefix * 2
+
+            # the CLI's listings (422 from prefect 3.8.8's client against fastapi 0.154)
+            listings = {("deployment", "ls"): ["moe2dense-pipeline/nightly", "moe2dense-sweep/weekly"],
+                        ("flow", "ls"): ["moe2dense-pipeline"], ("flow-run", "ls"): ["COMPLETED", "SCHEDULED"],
+                        ("artifact", "ls"): ["moe2dense-pipeline", "moe2dense-pipeline-progress"]}
+            for args, expected in listings.items():
+                cli = prefect_cli({**env, "COLUMNS": "250"}, *args)
+                assert cli.returncode == 0 and all(e in cli.stdout for e in expected), (args, cli.stdout, cli.stderr)
         except AssertionError:
             log.flush()
             print(serve_log.read_text()[-4000:])

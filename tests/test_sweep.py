@@ -4,12 +4,16 @@ test_pipeline.py on the smoke pipeline."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
 
+from conftest import without_venv
 from moe2dense import sweep as sw
 
 # The shape `dvc exp show --json` prints (DVC 3): one entry per commit, its experiments as ranges of revs.
@@ -148,3 +152,48 @@ def test_exp_show_is_flattened_into_a_comparison_table():
     assert [sw.label(c) for c in ("eval.student.demo_continuation.acc_mutual_info", "eval.teacher.arc_easy.acc",
                                   "assemble.parameter_ratio", "distill.heldout_kl_before", "select.experts")] == [
         "student continuation acc_mi", "teacher arc_easy acc", "params / teacher", "KL before", "select.experts"]
+
+
+def tiny_params_repo(dest: Path) -> Path:
+    """A git + DVC repo with one stage that writes its param `x` and whether DVC's `python` is this interpreter."""
+    dest.mkdir()
+    (dest / "params.yaml").write_text("x: 1\n")
+    cmd = ("python -c \"import json, sys, yaml; x = yaml.safe_load(open('params.yaml'))['x']; "
+           f"json.dump({{'x': x, 'this_python': int(sys.prefix == {sys.prefix!r})}}, open('m.json', 'w'))\"")
+    stage = {"cmd": cmd, "params": ["x"], "metrics": [{"m.json": {"cache": False}}]}
+    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"echo": stage}}))
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "tiny"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.mark.slow
+def test_queue_runs_with_this_interpreter_and_counts_finished_experiments(tmp_path, monkeypatch):
+    """DVC's queue workers and the stages in their temp workspaces run with this interpreter although PATH lacks the
+    venv (a sweep started by cron or a deployment); progress counts the sweep's finished experiments."""
+    repo = tiny_params_repo(tmp_path / "repo")
+    monkeypatch.setenv("PATH", without_venv(dict(os.environ))["PATH"])
+    monkeypatch.setattr(sw, "PROGRESS_POLL_S", 0.2)
+    exps = sw.experiments([{"x": 2}, {"x": 3}])
+    assert sw.queue(repo, exps, "echo") == ["x2", "x3"]
+    seen: list[int] = []
+    sw.run_queue(repo, 1, names=["x2", "x3"], on_done=seen.append)
+    assert seen[-1] == 2 and seen == sorted(set(seen)), seen  # each change once, ending at all done
+    shown = {r["name"]: r["metrics"] for r in sw.exp_rows(sw.exp_show(repo)) if not r["baseline"]}
+    assert shown == {"x2": {"m.x": 2, "m.this_python": 1}, "x3": {"m.x": 3, "m.this_python": 1}}
+
+
+def test_malformed_configs_file_is_one_line_naming_it(tmp_path, capsys):
+    from flows.sweep import main
+
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text("- {select.experts: 8\n- {distill.loss: jsd}\n")
+    assert main(["--repo", str(tmp_path), "--configs", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: not valid YAML at line 2"), err
+    bad.write_text("select.experts: 8\n")
+    assert main(["--repo", str(tmp_path), "--configs", str(bad)]) == 2
+    assert "expected a YAML list of mappings" in capsys.readouterr().err
