@@ -104,13 +104,16 @@ def _evaluate_checks(params: Params, lm_eval: bool) -> list[str]:
     their datasets are resolved with the evaluate stage's own functions, without the demo tasks."""
     from moe2dense.evaluate.tasks import CONTINUATION, PPL_PREFIX
 
+    def demo(task: str) -> bool:
+        return task == "demo" or task.startswith(PPL_PREFIX) or task == CONTINUATION
+
     p = params.evaluate
-    demo_shots = sorted(t for t in p.num_fewshot if t.startswith(PPL_PREFIX) or t == CONTINUATION)
+    demo_shots = sorted(t for t in p.num_fewshot if demo(t))
     out = []
-    if demo_shots and "demo" not in p.tasks:
-        out.append(f"evaluate.num_fewshot: {demo_shots} are demo tasks, but evaluate.tasks {p.tasks} has no `demo`")
-    external = [t for t in p.tasks if t != "demo"]
-    shots = {t: n for t, n in p.num_fewshot.items() if t not in demo_shots}
+    if demo_shots and not any(demo(t) for t in p.tasks):
+        out.append(f"evaluate.num_fewshot: {demo_shots} are demo tasks, but evaluate.tasks {p.tasks} has none")
+    external = [t for t in p.tasks if not demo(t)]
+    shots = {t: n for t, n in p.num_fewshot.items() if not demo(t)}
     if lm_eval and (external or shots):
         set_offline_env()
         from moe2dense.evaluate.runner import load_tasks

@@ -39,7 +39,7 @@ def found(data: dict, **kw) -> str:
     ({"score": {"method": "sf", "methods": ["sf"]}, "group": {"method": "weight"}, "screen": {"methods": ["sf"]}},
      ["screen.groupings: ['dominant', 'output'] need the ['all_outputs']"]),
     ({"evaluate": {"tasks": ["paper"], "num_fewshot": {"demo_continuation": 1}}},
-     ["evaluate.num_fewshot: ['demo_continuation'] are demo tasks, but evaluate.tasks ['paper'] has no `demo`"]),
+     ["evaluate.num_fewshot: ['demo_continuation'] are demo tasks, but evaluate.tasks ['paper'] has none"]),
     ({"teacher": {"source": "/no/such/teacher"}}, ["teacher.source='/no/such/teacher': no such directory"]),
 ])
 def test_each_check_names_its_key(data, needles):
@@ -51,6 +51,8 @@ def test_each_check_names_its_key(data, needles):
 def test_valid_params_pass_and_every_problem_is_listed_at_once():
     for path in (REPO / "params.yaml", REPO / "tests" / "smoke_params.yaml"):
         assert problems(load_params(path), REPO, lm_eval=False) == []
+    demo_only = {"evaluate": {"tasks": ["demo_ppl_bible", "demo_continuation"], "num_fewshot": {"demo_continuation": 2}}}
+    assert problems(parse_params(demo_only)) == []  # demo task names are the eval_tasks stage's: lm-eval not asked
     bad = parse_params({"select": {"experts": 64}, "distill": {"teacher_top_k": 64, "loss": "jsd",
                                                                "loss_options": {"beta": 2}}})
     with pytest.raises(ParamsError) as err:
