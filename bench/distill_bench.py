@@ -2,6 +2,7 @@
 
     python bench/distill_bench.py throughput   # stage on 1 Ray worker vs a plain single-process loop
     python bench/distill_bench.py cached       # cached teacher logits vs the online teacher
+    python bench/distill_bench.py determinism  # deterministic kernels (the default) vs the previous setting
 
 throughput: the same student, teacher, chunked KD loss, batch and optimizer, (a) in a plain PyTorch loop in this
 process and (b) through `run_distill` on one Ray Train worker given every core. Tokens/s of (b) is what the worker
@@ -11,6 +12,11 @@ wall time of the whole stage call is printed too. Budget: (b) >= 0.9 x (a).
 cached: one distillation run with `distill.teacher_logits: cached` (the cache built beforehand, as the
 `teacher_logits` stage does once per sweep) against the same run with the online teacher, both on one worker.
 Budget: cached <= 0.6 x online, for the training loop (and, for information, for the whole call).
+
+determinism: the same run (2 Ray workers by default) with `deterministic=True` (torch.use_deterministic_algorithms,
+what the stage uses) and `False` (the previous setting), interleaved; tokens/s of each, their ratio, and whether
+the deterministic runs ended with bit-identical weights. Budget: deterministic >= 0.9 x not.
+`--root DIR` takes models/student, models/teacher and data/prepared/packed/train.parquet from DIR instead of the demo.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from moe2dense.distill.cache import write_cached_logits  # noqa: E402
 from moe2dense.distill.data import load_rows, worker_micro_rows  # noqa: E402
 from moe2dense.distill.driver import run_distill, visited_rows  # noqa: E402
-from moe2dense.distill.loop import Objective, _labels, _online_target, load_teacher, lr_factor  # noqa: E402
+from moe2dense.distill.loop import (Objective, _labels, _online_target, load_teacher, lr_factor,  # noqa: E402
+                                    student_state_from_checkpoint)
 from moe2dense.params import DistillParams  # noqa: E402
 from moe2dense.teacher.source import teacher_checkpoint  # noqa: E402
 
@@ -67,13 +74,34 @@ def plain_loop(a, p: DistillParams) -> float:
     return a.steps * a.batch * rows.shape[1] / (time.perf_counter() - start)
 
 
-def stage(p: DistillParams, cached: Path | None = None) -> tuple[float, float]:
-    """(loop tokens/s as the worker measured it, wall seconds of the whole call)."""
+def stage(p: DistillParams, cached: Path | None = None, deterministic: bool = True, weights: list | None = None
+          ) -> tuple[float, float]:
+    """(loop tokens/s as the worker measured it, wall seconds of the whole call); the final student weights are
+    appended to `weights` when given."""
     with tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
         res = run_distill(p, student_dir=STUDENT, teacher_dir=teacher_checkpoint(TEACHER), train_path=TRAIN,
-                          storage=storage, cached_logits=cached)
+                          storage=storage, cached_logits=cached, deterministic=deterministic, progress=False)
+        if weights is not None:
+            weights.append(student_state_from_checkpoint(res["checkpoint"])[0])
         return res["metrics"]["tokens_per_s"], time.perf_counter() - start
+
+
+def determinism(a) -> None:
+    p = params(a, workers=a.workers)
+    det, nondet, weights = [], [], []
+    for r in range(a.reps):
+        det.append(stage(p, deterministic=True, weights=weights)[0])
+        nondet.append(stage(p, deterministic=False)[0])
+        print(f"round {r + 1}: deterministic {det[-1]:,.0f} tok/s, previous setting {nondet[-1]:,.0f} tok/s",
+              flush=True)
+    ratio = statistics.median(d / n for d, n in zip(det, nondet))
+    same = all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+    print(f"\n{a.steps} steps x {a.batch} sequences on {a.workers} worker(s); medians of {a.reps} interleaved rounds")
+    print(f"  deterministic     {statistics.median(det):>10,.0f} tok/s")
+    print(f"  previous setting  {statistics.median(nondet):>10,.0f} tok/s")
+    print(f"deterministic / previous = {ratio:.3f}x   budget >= 0.9x   {'OK' if ratio >= 0.9 else 'MISSED'}")
+    print(f"deterministic runs bit-identical: {same} ({len(weights)} runs)")
 
 
 def throughput(a) -> None:
@@ -120,12 +148,18 @@ def cached(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["throughput", "cached"])
+    ap.add_argument("what", choices=["throughput", "cached", "determinism"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--top-n", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2, help="determinism: Ray workers")
+    ap.add_argument("--root", type=Path, help="a pipeline dir with models/ and data/prepared (default: this repo)")
     a = ap.parse_args()
+    if a.root:
+        global STUDENT, TEACHER, TRAIN
+        STUDENT, TEACHER = a.root / "models/student", a.root / "models/teacher"
+        TRAIN = a.root / "data/prepared/packed/train.parquet"
     for path in (STUDENT, TEACHER, TRAIN):
         if not path.exists():
             sys.exit(f"{path} is missing: run `make demo` (or `dvc repro assemble`) first")
@@ -133,7 +167,7 @@ def main() -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        {"throughput": throughput, "cached": cached}[a.what](a)
+        {"throughput": throughput, "cached": cached, "determinism": determinism}[a.what](a)
     finally:
         ray.shutdown()
 

@@ -11,7 +11,7 @@ from stages._runner import run
 from moe2dense.distill.cache import write_cached_logits
 from moe2dense.distill.data import load_rows
 from moe2dense.distill.driver import visited_rows
-from moe2dense.distill.loop import load_teacher
+from moe2dense.distill.loop import load_teacher, make_deterministic
 from moe2dense.io import atomic_dir
 from moe2dense.params import load_params
 from moe2dense.teacher.load import resolve_device
@@ -34,7 +34,8 @@ def main() -> None:
             return
         rows = load_rows(TRAIN)
         ids = visited_rows(p, len(rows), rows.shape[1])
-        device = resolve_device("auto" if p.device == "auto" else p.device)
+        device = resolve_device(p.device, key="distill.device")
+        make_deterministic(device.type == "cuda")  # the cache is a DVC output: the same bytes on every rerun
         teacher = load_teacher(str(teacher_checkpoint(TEACHER)), p.teacher_top_k, torch.float32, device)
         write_cached_logits(teacher, rows, ids, out, top_n=p.cached_top_n, temperature=p.temperature,
                             meta={"teacher_top_k": p.teacher_top_k})

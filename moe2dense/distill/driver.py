@@ -50,7 +50,8 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> N
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"RAY_ADDRESS = {address!r} is not host:port (or auto); unset RAY_ADDRESS to start a local Ray")
+        raise ValueError(f"RAY_ADDRESS = {address!r} is not host:port (or auto); unset RAY_ADDRESS to start a "
+                         "local Ray")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
@@ -124,8 +125,12 @@ def start_ray(log_file: Path | None = None) -> dict:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             _ray_logs_to_file(log_file)
         if address:
-            ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}, log_to_driver=True,
-                     configure_logging=not quiet)
+            try:
+                ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}, log_to_driver=True,
+                         configure_logging=not quiet)
+            except (ConnectionError, RuntimeError) as err:  # something answers there, but not a Ray GCS
+                raise ValueError(f"RAY_ADDRESS = {address}: could not join a Ray cluster there "
+                                 f"({str(err).splitlines()[0]}); check the head's address and port") from None
         else:
             # Local workers import this checkout's code (a DVC experiment runs in a temp copy of the repo).
             os.environ["PYTHONPATH"] = os.pathsep.join(
