@@ -264,13 +264,13 @@ EVAL_MODELS = ("teacher", "student", "distilled")
 
 
 class ContinuationParams(Section):
-    """The generated multiple-choice task: pick a passage's true continuation among distractors from other
-    documents of the same domain."""
+    """The generated multiple-choice task: pick a passage's true next words among equally long spans from elsewhere
+    in the same document."""
 
-    items_per_domain: int = Field(64, ge=1)
+    items_per_domain: int = Field(200, ge=1)
     distractors: int = Field(4, ge=1)
     context_chars: int = Field(300, ge=16)
-    continuation_chars: int = Field(150, ge=16)
+    continuation_words: int = Field(2, ge=1)
 
 
 class EvaluateParams(Section):

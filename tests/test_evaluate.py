@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moe2dense.evaluate.runner import expand, load_tasks, reduce_results, shots
-from moe2dense.evaluate.tasks import CONTINUATION, build_demo_tasks, continuation_items, windows
+from moe2dense.evaluate.tasks import CONTINUATION, build_demo_tasks, continuation_items, windows, words
 from moe2dense.params import ContinuationParams, EvaluateParams
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -46,41 +46,57 @@ def _docs(n_per_domain=4, words=120, seed=0) -> pl.DataFrame:
 
 # ---------------------------------------------------------------- task generation
 def test_windows_cut_on_word_boundaries():
-    text = "aaaa bbbb cccc dddd eeee ffff"
-    # context: first whitespace at/after 6 -> index 9 ("aaaa bbbb"); continuation: at/after 9+4=13 -> 14.
-    assert windows(text, 6, 4) == [("aaaa bbbb", "cccc"), ("dddd eeee", "ffff")]
-    # A tail shorter than half the continuation target is dropped.
-    assert windows("aaaa bbbb c", 6, 8) == []
+    text = "aa bb cc dd ee ff gg hh"
+    spans = words(text)
+    assert [text[a:b] for a, _, b in spans] == ["aa", " bb", " cc", " dd", " ee", " ff", " gg", " hh"]
+    assert [text[a:b] for _, a, b in spans[:2]] == ["aa", "bb"]
+    # context: words until one ends >= 4 characters after the first's start ("aa bb"), then 2 words of truth
+    assert windows(spans, 4, 2) == [(0, 2), (4, 6)]
+    assert windows(words("aa bb cc"), 4, 2) == []  # no room for a whole continuation
+
+
+def _unique_doc(n_words: int, doc: int) -> str:
+    """Every word unique (so a span's text tells its position), a newline and indent before every 7th."""
+    return "".join(("\n    " if i % 7 == 0 else " ") + f"d{doc}w{i}" for i in range(n_words)).lstrip()
 
 
 def test_continuation_items_are_deterministic_and_well_formed():
-    docs = _docs().filter(pl.col("domain") == "prose")
-    opts = ContinuationParams(items_per_domain=10, distractors=3, context_chars=60, continuation_chars=30)
+    docs = pl.DataFrame([{"doc_id": f"p{d}", "domain": "prose", "text": _unique_doc(150, d)} for d in range(3)])
+    opts = ContinuationParams(items_per_domain=10, distractors=3, context_chars=60, continuation_words=4)
     items = continuation_items(docs, opts, seed=1)
     assert items == continuation_items(docs, opts, seed=1)
     assert items != continuation_items(docs, opts, seed=2)
-    assert len(items) == 10
-    by_doc = {d: t for d, t in docs.select("doc_id", "text").iter_rows()}
+    assert len(items) == 10 and {i["label"] for i in items} > {0}
+    by_doc = dict(docs.select("doc_id", "text").iter_rows())
     for item in items:
-        doc_id = item["id"].split(":")[0]
+        doc_id, cut = item["id"].split(":")
+        text, cut = by_doc[doc_id], int(cut)
         assert len(item["choices"]) == 4 and item["domain"] == "prose"
         truth = item["choices"][item["label"]]
-        # the true continuation follows the context in its document
-        assert f"{item['context']} {truth}" in by_doc[doc_id]
+        # the true continuation follows the context in its document, its own whitespace (newline, indent) kept
+        assert item["context"] + truth in text and truth == text[words(text)[cut][0]:words(text)[cut + 3][2]]
+        assert len(item["context"]) >= 60 and not item["context"][0].isspace()
+        context_words = item["context"].split()
+        first = int(context_words[0].split("w")[1])
         for j, choice in enumerate(item["choices"]):
-            if j != item["label"]:  # distractors come from other documents of the same domain
-                assert choice not in by_doc[doc_id] and any(choice in t for t in by_doc.values())
+            assert choice[0].isspace() and len(choice.split()) == 4 and choice in text  # same document
+            start = int(choice.split()[0].split("w")[1])
+            if j != item["label"]:  # outside the context, the truth and the 4 words after it
+                assert start + 4 <= first or start >= cut + 8, (item, choice)
 
 
-def test_too_few_documents_give_no_items():
-    docs = _docs(n_per_domain=1).filter(pl.col("domain") == "prose")
-    assert continuation_items(docs, ContinuationParams(distractors=4), seed=0) == []
+def test_documents_without_distinct_distractors_give_no_items():
+    opts = ContinuationParams(distractors=4, context_chars=16, continuation_words=4)
+    short = pl.DataFrame({"doc_id": ["a"], "domain": ["prose"], "text": [_unique_doc(14, 0)]})
+    assert continuation_items(short, opts, seed=0) == []  # no words left outside context + truth + 4
+    same = pl.DataFrame({"doc_id": ["a"], "domain": ["prose"], "text": [" ".join(["amen"] * 400)]})
+    assert continuation_items(same, opts, seed=0) == []  # every span reads like the truth
 
 
 def test_build_demo_tasks_is_byte_identical_across_runs(tmp_path):
     path = tmp_path / "eval.parquet"
     _docs().write_parquet(path)
-    opts = ContinuationParams(items_per_domain=5, distractors=3, context_chars=60, continuation_chars=30)
+    opts = ContinuationParams(items_per_domain=5, distractors=3, context_chars=60, continuation_words=4)
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     manifest = build_demo_tasks(path, a, opts, seed=0)
@@ -134,7 +150,7 @@ def tiny_lm(tmp_path_factory):
     tasks = root / "tasks"
     tasks.mkdir()
     build_demo_tasks(root / "eval.parquet", tasks, ContinuationParams(items_per_domain=4, distractors=3,
-                                                                      context_chars=80, continuation_chars=40), 0)
+                                                                      context_chars=80, continuation_words=4), 0)
     return model, tok, tasks
 
 
@@ -171,8 +187,8 @@ def test_lm_eval_offline_matches_a_plain_forward(tiny_lm, no_network):
     hits = []
     for item in items:
         ctx = tok(item["context"])["input_ids"]
-        # lm-eval splits the pair as encode(context + " " + choice)[len(encode(context)):]
-        scores = [_continuation_ll(model, ctx, tok(item["context"] + " " + c)["input_ids"][len(ctx):])
+        # lm-eval splits the pair as encode(context + choice)[len(encode(context)):] (choices carry their space)
+        scores = [_continuation_ll(model, ctx, tok(item["context"] + c)["input_ids"][len(ctx):])
                   for c in item["choices"]]
         hits.append(int(np.argmax(scores) == item["label"]))
     mc = result["demo_continuation"]

@@ -3,8 +3,8 @@
 Two kinds, one registry entry each:
 - `perplexity` (one task per corpus domain): loglikelihood_rolling over every held-out document of the domain;
   bits per byte, byte and word perplexity.
-- `continuation` (one task over all domains): a held-out passage and its true continuation among `distractors`
-  continuations cut from other documents of the same domain; acc, acc_norm and acc_mutual_info.
+- `continuation` (one task over all domains): a held-out passage and its true next `continuation_words` words
+  among `distractors` equally long spans from elsewhere in the same document; acc, acc_norm and acc_mutual_info.
 
 The data (jsonl) and a manifest are a stage output that DVC hashes. The YAML is rendered just before evaluation
 with absolute paths, because lm-eval resolves relative `data_files` against the process CWD and a DVC experiment
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "tasks.json"
 PPL_PREFIX = "demo_ppl_"
 CONTINUATION = "demo_continuation"
-_WS = re.compile(r"\s")
+_WORD = re.compile(r"(\s*)(\S+)")
 
 
 def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -40,46 +40,81 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def _cut(text: str, at: int) -> int:
-    """The first whitespace at or after `at` (so passages end on a word boundary), or the end of the text."""
-    m = _WS.search(text, at)
-    return m.start() if m else len(text)
+Span = tuple[int, int, int]
 
 
-def windows(text: str, context_chars: int, continuation_chars: int) -> list[tuple[str, str]]:
-    """Consecutive (context, continuation) pairs covering `text`; pairs whose continuation is shorter than half
-    its target length (the document's tail) are dropped."""
-    pairs, i = [], 0
-    while i < len(text):
-        mid = _cut(text, i + context_chars)
-        end = _cut(text, mid + continuation_chars)
-        context, continuation = text[i:mid].strip(), text[mid:end].strip()
-        if context and len(continuation) >= continuation_chars // 2:
-            pairs.append((context, continuation))
-        i = end
-    return pairs
+def words(text: str) -> list[Span]:
+    """(start, word_start, end) of every whitespace-delimited word of `text`: `start` takes in the whitespace
+    before the word, `word_start` does not."""
+    return [(m.start(), m.start(2), m.end()) for m in _WORD.finditer(text)]
+
+
+def windows(spans: list[Span], context_chars: int, continuation_words: int) -> list[tuple[int, int]]:
+    """Consecutive non-overlapping (first, cut) word indices over a document's `spans`: the context runs from
+    word `first` through the first word that reaches `context_chars`; the true continuation is the
+    `continuation_words` words from `cut` on. Windows without room for a whole continuation are dropped."""
+    out, first = [], 0
+    while first < len(spans):
+        origin = spans[first][1]
+        cut = next((i + 1 for i in range(first, len(spans)) if spans[i][2] - origin >= context_chars), len(spans))
+        if cut + continuation_words > len(spans):
+            break
+        out.append((first, cut))
+        first = cut + continuation_words
+    return out
+
+
+def _span(text: str, spans: list[Span], first: int, n: int) -> str:
+    return text[spans[first][0]:spans[first + n - 1][2]]
+
+
+def _same(a: str, b: str) -> bool:
+    return a.split() == b.split()
 
 
 def continuation_items(docs: pl.DataFrame, opts: ContinuationParams, seed: int) -> list[dict[str, Any]]:
-    """Multiple-choice items for one domain's documents (doc_id, text). Deterministic in (docs, opts, seed)."""
-    pairs = [(doc_id, ctx, cont) for doc_id, text in docs.sort("doc_id").select("doc_id", "text").iter_rows()
-             for ctx, cont in windows(text, opts.context_chars, opts.continuation_chars)]
+    """Multiple-choice items for one domain's documents (doc_id, domain, text). Deterministic in (docs, opts,
+    seed).
+
+    Every choice is `continuation_words` words of the item's own document with the whitespace before them, so all
+    choices are equally long in words and equally fluent, and the context is the only thing that tells them apart:
+    the true one follows the context; each distractor starts at another word of the document, outside the context,
+    the truth and the `continuation_words` words after it (so never the truth shifted by a word or two), and differs
+    from the truth and the other distractors in its words. A small model separates them by whether the first words
+    fit the end of the context, which raw log-likelihood (acc) can measure once lengths no longer differ.
+    """
+    n = opts.continuation_words
+    docs = docs.sort("doc_id")
+    texts = dict(docs.select("doc_id", "text").iter_rows())
+    spans = {doc_id: words(text) for doc_id, text in texts.items()}
+    pairs = [(doc_id, first, cut) for doc_id in texts
+             for first, cut in windows(spans[doc_id], opts.context_chars, n)]
     if not pairs:
         return []
-    doc_ids = np.array([p[0] for p in pairs])
     domain = docs["domain"][0]
     rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
     items = []
     for idx in rng.permutation(len(pairs)):
-        doc_id, context, truth = pairs[idx]
-        others = np.flatnonzero(doc_ids != doc_id)
-        if len(others) < opts.distractors:
+        doc_id, first, cut = pairs[idx]
+        text, sp = texts[doc_id], spans[doc_id]
+        truth = _span(text, sp, cut, n)
+        # no overlap with [first, cut + 2n): the context, the truth and the words right after it; never the
+        # document's first word, which has no whitespace to separate it from the context
+        starts = np.arange(1, len(sp) - n + 1)
+        starts = starts[(starts + n <= first) | (starts >= cut + 2 * n)]
+        choices: list[str] = []
+        for j in rng.permutation(starts):
+            candidate = _span(text, sp, int(j), n)
+            if not any(_same(candidate, c) for c in (truth, *choices)):
+                choices.append(candidate)
+                if len(choices) == opts.distractors:
+                    break
+        if len(choices) < opts.distractors:
             continue
-        choices = [pairs[j][2] for j in rng.choice(others, opts.distractors, replace=False)]
         label = int(rng.integers(opts.distractors + 1))
         choices.insert(label, truth)
-        items.append({"id": f"{doc_id}:{idx}", "domain": domain, "context": context, "choices": choices,
-                      "label": label})
+        items.append({"id": f"{doc_id}:{cut}", "domain": domain, "context": text[sp[first][1]:sp[cut - 1][2]],
+                      "choices": choices, "label": label})
         if len(items) == opts.items_per_domain:
             break
     return items
@@ -100,8 +135,10 @@ def build_demo_tasks(eval_text: str | Path, out: Path, opts: ContinuationParams,
                        "chars": int(part["text"].str.len_chars().sum())}
         items = continuation_items(part, opts, seed)
         if len(items) < opts.items_per_domain:
-            log.warning("continuation: domain %r gives %d of %d items (needs held-out documents with other "
-                        "documents to draw %d distractors from)", domain, len(items), opts.items_per_domain,
+            log.warning("continuation: domain %r gives %d of %d items (its held-out documents hold too few "
+                        "windows (%d characters of context, %d words of continuation) with %d distinct distractors "
+                        "elsewhere in their document)", domain,
+                        len(items), opts.items_per_domain, opts.context_chars, opts.continuation_words,
                         opts.distractors)
         mc.extend(items)
     if mc:
@@ -110,7 +147,7 @@ def build_demo_tasks(eval_text: str | Path, out: Path, opts: ContinuationParams,
                                "choices": opts.distractors + 1,
                                "domains": sorted({item["domain"] for item in mc})}
     else:
-        log.warning("continuation: no domain has enough held-out documents; the task is left out")
+        log.warning("continuation: no held-out document is long enough for one item; the task is left out")
     manifest = {"tasks": tasks}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -127,7 +164,8 @@ def _perplexity_yaml(name: str, data: Path) -> dict[str, Any]:
 
 def _continuation_yaml(name: str, data: Path) -> dict[str, Any]:
     return {"output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "choices",
-            "doc_to_target": "label", "target_delimiter": " ",
+            # each choice carries the document's own whitespace before it (a newline and indent in code)
+            "doc_to_target": "label", "target_delimiter": "",
             # acc_mutual_info scores log p(choice | context) - log p(choice): whether the model *uses* the
             # context, which separates weak models that raw acc leaves near chance.
             "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
