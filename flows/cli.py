@@ -3,9 +3,10 @@ that failed: its own exit status's class), and no tracebacks on the console for 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 
@@ -49,14 +50,42 @@ class _OneLineErrors(logging.Filter):
         return True
 
 
-def quiet_tracebacks(errors: tuple[type[BaseException], ...]) -> None:
-    """On the console handlers of Prefect's loggers (the API log handler, i.e. the UI, keeps them)."""
+def console_handlers() -> list[logging.Handler]:
+    """Prefect's console log handlers (its API handler, which feeds the UI, is not one)."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
+    found = []
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # "": Prefect 3.9 logs to the console
         for handler in logging.getLogger(name).handlers:                 # through the root logger
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(_OneLineErrors(errors))
+            if isinstance(handler, PrefectConsoleHandler) and handler not in found:
+                found.append(handler)
+    return found
+
+
+def quiet_tracebacks(errors: tuple[type[BaseException], ...]) -> None:
+    """On the console only: the UI keeps the tracebacks."""
+    for handler in console_handlers():
+        handler.addFilter(_OneLineErrors(errors))
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, unit: str) -> Iterator:
+    """One tqdm bar on stderr (none without a terminal); console log lines print above it instead of through it."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, disable=None) as bar:
+        patched = console_handlers()
+        for handler in patched:
+            def emit(record: logging.LogRecord, _emit=handler.emit) -> None:
+                with tqdm.external_write_mode(file=sys.stderr):  # clears the bar, logs, redraws it
+                    _emit(record)
+
+            handler.emit = emit
+        try:
+            yield bar
+        finally:
+            for handler in patched:
+                del handler.emit  # back to the class's
 
 
 def run(main: Callable[[], int | None], user_errors: tuple[type[BaseException], ...] = ()) -> int:

@@ -14,7 +14,6 @@ the same command.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -28,10 +27,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from flows.cli import run
+from flows.cli import progress_bar, run
 from flows.pipeline import REPO, check_before_run
 from moe2dense import sweep as sw
 
@@ -67,8 +64,7 @@ def run_queue(repo: str, jobs: int, names: list[str], progress_id) -> None:
     moving from 20 to 90 % as experiments finish; DVC's output goes to the run log."""
     logger = get_run_logger()
 
-    with tqdm(total=len(names), desc="sweep", unit="experiment", disable=None) as bar, \
-            logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("prefect")]):
+    with progress_bar(len(names), "sweep", "experiment") as bar:
         def done(n: int) -> None:
             bar.update(n - bar.n)
             logger.info("%d of %d experiments done", n, len(names))
