@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 from stages._runner import run
 from moe2dense.evaluate.runner import evaluate_model, load_model, load_tasks
-from moe2dense.io import write_json
+from moe2dense.io import write_json, write_timings
 from moe2dense.params import EVAL_MODELS, load_params
 
 TASKS = "eval_tasks"
@@ -26,10 +27,14 @@ def main() -> None:
     try:
         logging.info("%s: %s on %s", args.model, ", ".join(tasks.names), MODELS[args.model])
         model, tokenizer = load_model(MODELS[args.model], p)
+        start = time.perf_counter()
         result = evaluate_model(model, tokenizer, tasks, p)
+        seconds = time.perf_counter() - start
     finally:
         tasks.close()
     write_json(OUT.format(model=args.model), {"path": MODELS[args.model], **result})
+    # the evaluation's wall time stays out of eval/<model>.json, which must be byte-identical across reruns
+    write_timings(f"evaluate_{args.model}", {"seconds": round(seconds, 2)})
     for task in tasks.names:
         shown = {k: v for k, v in result[task].items() if not k.endswith("stderr") and k != "samples"}
         logging.info("%s %s: %s", args.model, task, ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+import yaml
 
+from conftest import REPO
 from moe2dense.evaluate.runner import expand, load_tasks, reduce_results, shots
 from moe2dense.evaluate.tasks import CONTINUATION, build_demo_tasks, continuation_items, windows, words
 from moe2dense.params import ContinuationParams, EvaluateParams
@@ -245,3 +251,23 @@ def test_missing_inputs_are_named(tmp_path):
         load_tasks(EvaluateParams(), tmp_path / "eval_tasks")
     with pytest.raises(FileNotFoundError, match="models/distilled holds no model"):
         load_model(tmp_path / "models/distilled", EvaluateParams())
+
+
+def test_evaluate_stage_keeps_wall_time_out_of_its_output(tiny_lm, tmp_path):
+    """`python -m stages.evaluate teacher` from another directory: eval/teacher.json holds only results (so a rerun
+    is byte-identical) and the wall time goes to the untracked timings/evaluate_teacher.json."""
+    model, tok, tasks_dir = tiny_lm
+    model.save_pretrained(tmp_path / "models/teacher")
+    tok.save_pretrained(tmp_path / "models/teacher")
+    shutil.copytree(tasks_dir, tmp_path / "eval_tasks")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"].update(tasks=["demo_ppl_prose"], device="cpu", max_length=64)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "teacher"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval/teacher.json").read_text())
+    assert list(result) == ["demo_ppl_prose", "path", "size"] and result["demo_ppl_prose"]["samples"] == 5
+    timings = json.loads((tmp_path / "timings/evaluate_teacher.json").read_text())
+    assert list(timings) == ["seconds"] and timings["seconds"] > 0
