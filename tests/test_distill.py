@@ -279,11 +279,14 @@ def test_unreachable_ray_address_fails_fast_before_any_model_loads(tmp_path):
     assert len(errors) == 1 and f"RAY_ADDRESS = {address}" in errors[0], proc.stderr[-2000:]
 
 
-def test_batch_split_is_checked_before_any_model_loads(setup, ray_cluster, tmp_path):
+@pytest.mark.parametrize("distill, error", [({"batch_size": 3}, "distill.batch_size = 3 sequences per step must "
+                                                                 "split evenly over 2 worker(s)"),
+                                            ({"device": "cuda"}, "distill.device = cuda, but the Ray cluster "
+                                                                 "reports no GPU")])
+def test_cluster_checks_fail_before_any_model_loads(setup, ray_cluster, tmp_path, distill, error):
     import ray
 
-    repo = _stage_repo(setup, tmp_path / "repo", batch_size=3, workers=2)
+    repo = _stage_repo(setup, tmp_path / "repo", **{"workers": 2, **distill})
     proc = _stage(repo, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "distill.batch_size = 3" in proc.stderr and "Loading weights" not in proc.stderr + proc.stdout
-    assert "held-out KL" not in proc.stderr
+    assert proc.returncode == 2 and error in proc.stderr, proc.stderr[-2000:]
+    assert "Loading weights" not in proc.stderr + proc.stdout and "held-out KL" not in proc.stderr

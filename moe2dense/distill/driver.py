@@ -263,6 +263,7 @@ class ProgressBar:
         if "start_tokens" in item:  # a worker group (re)started: rate and ETA count from here
             self.bar.reset()
             self.bar.initial = self.bar.n = self.bar.last_print_n = item["start_tokens"]
+            self.bar.set_postfix_str(f"resumed at {item['start_tokens']:,} tokens" if item["start_tokens"] else "")
         else:
             self.bar.set_postfix(loss=f"{item['loss']:.4f}", refresh=False)
             self.bar.update(item["tokens"] - self.bar.n)
