@@ -14,10 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from moe2dense.arch import Adapter
-from moe2dense.calibrate.store import routing_path
+from moe2dense.calibrate.store import routing_batches
 from moe2dense.checkpoint import CheckpointReader
 from moe2dense.grouping import GroupInputs, coselection_counts, group_experts, merge_weights, required_input
 from moe2dense.scaling import group_scales, routed_mass
@@ -29,12 +27,6 @@ MERGE_SCORE = {"do_acp": "acp"}  # methods whose scores are not a quality to ave
 
 def merge_score_method(method: str) -> str:
     return MERGE_SCORE.get(method, method)
-
-
-def _routing_batches(calibration: Path, layer: int, top_k: int):
-    for batch in pq.ParquetFile(routing_path(calibration, layer)).iter_batches(columns=["experts"],
-                                                                               batch_size=65536):
-        yield batch.column(0).flatten().to_numpy().reshape(-1, top_k)
 
 
 def _group_inputs(need: str, experts: list[int], layer: int, stats: LayerStats, adapter: Adapter,
@@ -51,7 +43,7 @@ def _group_inputs(need: str, experts: list[int], layer: int, stats: LayerStats, 
     if need == "coselect":
         if calibration is None:
             raise ValueError("grouping by coactivation needs the calibration routing Parquet")
-        counts = coselection_counts(_routing_batches(calibration, layer, adapter.top_k), adapter.num_experts)
+        counts = coselection_counts(routing_batches(calibration, layer, adapter.top_k), adapter.num_experts)
         return GroupInputs(experts, coselect=counts)
     raise ValueError(f"unknown grouping input {need!r}")
 

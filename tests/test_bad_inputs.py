@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from moe2dense import params as P
 from moe2dense.__main__ import main
-from moe2dense.calibrate.store import read_meta, read_stats, usage_by_domain, write_meta
+from moe2dense.calibrate.store import read_meta, read_stats, routing_batches, usage_by_domain, write_meta
 from moe2dense.data.prepare import build_tokenizer
 from moe2dense.data.sources import iter_corpus
 from moe2dense.data.tokenizer import train_bpe
@@ -283,6 +283,8 @@ def test_corrupt_calibration_store_names_the_file(tmp_path):
     routing.write_bytes(b"PAR1garbagePAR1")
     with pytest.raises(ValueError, match="unreadable calibration routing"):
         usage_by_domain(tmp_path)
+    with pytest.raises(ValueError, match=rf"{routing}: unreadable calibration routing .*dvc repro calibrate"):
+        list(routing_batches(tmp_path, 0, top_k=2))  # what the group stage reads for coactivation grouping
     write_meta(tmp_path, {"ok": 1})
     assert read_meta(tmp_path) == {"ok": 1}
 

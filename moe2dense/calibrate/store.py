@@ -255,6 +255,17 @@ def scan_routing(root) -> pl.LazyFrame:
                            hive_partitioning=True, hive_schema={"layer": pl.Int32})
 
 
+def routing_batches(root, layer: int, top_k: int, batch_size: int = 65536):
+    """One layer's routed expert ids as [tokens, top_k] int arrays, streamed one row batch at a time; a missing or
+    corrupt file is a ValueError naming it."""
+    path = routing_path(root, layer)
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["experts"], batch_size=batch_size):
+            yield batch.column(0).flatten().to_numpy().reshape(-1, top_k)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: unreadable calibration routing ({str(err).splitlines()[0]}); {_RERUN}") from None
+
+
 def usage_by_domain(root) -> pl.DataFrame:
     """Expert usage per layer and domain: `count` = selections of the expert by the domain's tokens, `share` =
     count / all selections of that (layer, domain), so shares sum to 1 per layer and domain (sf sums to k)."""
