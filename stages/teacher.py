@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from stages._runner import run
-from moe2dense.io import atomic_dir, atomic_file, write_json
+from moe2dense.io import atomic_dir, atomic_file, write_json, write_timings
 from moe2dense.params import load_params
 from moe2dense.teacher.build import build_demo_teacher, record_real_teacher
 
@@ -22,18 +22,20 @@ def main() -> None:
     t = params.teacher
     with atomic_dir(OUT) as out:
         if t.source == "demo":
-            metrics, loss_rows = build_demo_teacher(t, DATA, out)
+            metrics, loss_rows, timings = build_demo_teacher(t, DATA, out)
         else:
-            metrics, loss_rows = record_real_teacher(t.source, out), []
+            metrics, loss_rows, timings = record_real_teacher(t.source, out), [], {}
     write_json(METRICS, metrics)
+    if timings:  # speeds vary run to run: kept out of the DVC-tracked metrics
+        write_timings("teacher", timings)
     with atomic_file(LOSS_PLOT) as fh:  # empty (header only) for a real teacher: nothing was trained
         writer = csv.DictWriter(fh, fieldnames=["step", "tokens", "loss", "aux_loss", "lr"])
         writer.writeheader()
         writer.writerows(loss_rows)
     if metrics.get("trained"):
-        logging.info("perplexity %.2f (unigram %.2f, ratio %.3f); max expert token share per layer %s",
-                     metrics["perplexity"], metrics["unigram_perplexity"], metrics["perplexity_vs_unigram"],
-                     metrics["max_token_share"])
+        logging.info("perplexity %.2f (unigram %.2f, ratio %.3f); max expert token share per layer %s; %.0f train "
+                     "tokens/s", metrics["perplexity"], metrics["unigram_perplexity"],
+                     metrics["perplexity_vs_unigram"], metrics["max_token_share"], timings["train_tokens_per_s"])
 
 
 if __name__ == "__main__":

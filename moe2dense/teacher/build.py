@@ -31,8 +31,11 @@ def eval_rows(path: Path, max_tokens: int) -> tuple[np.ndarray, list[str]]:
     return ids[pick], [domains[i] for i in pick]
 
 
-def build_demo_teacher(t: TeacherParams, data_dir: Path, out: Path, progress: bool = True) -> tuple[dict, list]:
-    """Train the demo Qwen3-MoE on data_dir/packed/train.parquet, save it to `out`, return (metrics, loss log)."""
+def build_demo_teacher(t: TeacherParams, data_dir: Path, out: Path,
+                       progress: bool = True) -> tuple[dict, list, dict]:
+    """Train the demo Qwen3-MoE on data_dir/packed/train.parquet, save it to `out`, return (metrics, loss log,
+    timings). Metrics and weights are byte-identical for the same params, data and thread count; the wall-clock
+    figures are returned apart, for the untracked timings file."""
     from transformers import GenerationConfig, Qwen3MoeForCausalLM
 
     if t.threads:
@@ -64,7 +67,6 @@ def build_demo_teacher(t: TeacherParams, data_dir: Path, out: Path, progress: bo
         "top_k": cfg.num_experts_per_tok,
         "moe_layers": cfg.num_hidden_layers,
         "train_tokens": log.tokens,
-        "train_tokens_per_s": round(log.tokens_per_s, 1),
         "final_train_loss": log.rows[-1]["loss"],
         "eval_tokens": quality["eval_tokens"],
         "perplexity": round(quality["perplexity"], 4),
@@ -73,7 +75,9 @@ def build_demo_teacher(t: TeacherParams, data_dir: Path, out: Path, progress: bo
         "perplexity_vs_unigram": round(quality["perplexity"] / unigram, 4),
         **quality["routing"],
     }
-    return metrics, log.rows
+    timings = {"train_seconds": round(log.seconds, 3), "train_tokens_per_s": round(log.tokens_per_s, 1),
+               "threads": torch.get_num_threads()}
+    return metrics, log.rows, timings
 
 
 def record_real_teacher(source: str, out: Path) -> dict:

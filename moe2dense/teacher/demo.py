@@ -2,12 +2,18 @@
 routing MoE to convert on a laptop CPU.
 
 The training loop is deliberately plain (no Trainer): one forward, the next-token loss plus the load-balancing
-auxiliary loss that keeps the router from collapsing onto a few experts, AdamW, warmup + cosine."""
+auxiliary loss that keeps the router from collapsing onto a few experts, AdamW, warmup + cosine.
+
+Training is byte-reproducible on one machine (same params, data and thread count -> same weights): the seeds fix the
+init and the data order, and torch's deterministic algorithms fix the one run-to-run source, the backward of the
+experts kernel's row gather (`hidden_states[perm // k]`), which on CPU accumulates duplicate rows with parallel
+atomic adds in whatever order the threads finish."""
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +48,24 @@ def demo_config(m: DemoModelParams, vocab_size: int, seq_len: int, eos_id: int, 
     )
     cfg._experts_implementation = "grouped_mm"  # the fast CPU kernel; batched_mm is ~40x slower here
     return cfg
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """torch.use_deterministic_algorithms(enabled) for the block, the caller's settings restored after. Its NaN fill
+    of every new uninitialized tensor is left off: it only guards kernels that read memory they never wrote (none on
+    this path; the identical-weights test would catch one) and costs ~10% of a training step."""
+    import torch.utils.deterministic as det
+
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(enabled)
+    det.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        det.fill_uninitialized_memory = prev[2]
 
 
 def lm_loss(model, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,8 +112,10 @@ class TrainLog:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress: bool = True) -> TrainLog:
-    """Train `model` in place on packed rows `train` (N, seq_len) for `t.tokens` tokens."""
+def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress: bool = True,
+               deterministic: bool = True) -> TrainLog:
+    """Train `model` in place on packed rows `train` (N, seq_len) for `t.tokens` tokens. `deterministic=False`
+    is the old, run-to-run varying setting, kept only for bench/determinism_bench.py to price the fix."""
     if len(train) < t.batch_size:
         raise ValueError(f"the train split has {len(train)} sequences, fewer than teacher.train.batch_size="
                          f"{t.batch_size}; add text or lower the batch size")
@@ -106,21 +132,22 @@ def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress
     bar = tqdm(total=steps * t.batch_size * seq_len, desc="teacher: train", unit="tok", unit_scale=True,
                disable=not progress, mininterval=2)
     start = time.perf_counter()
-    for step, ids in enumerate(batches(train, t.batch_size, steps, seed)):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, t)
-        loss, ce, aux = lm_loss(model, ids, aux_coef)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        log.tokens += ids.numel()
-        bar.update(ids.numel())
-        if step % t.log_every == 0 or step == steps - 1:
-            ce_v, aux_v = ce.item(), aux.item()  # the only host syncs, once every log_every steps
-            log.rows.append({"step": step, "tokens": log.tokens, "loss": round(ce_v, 5), "aux_loss": round(aux_v, 5),
-                             "lr": lr_at(step, steps, t)})
-            bar.set_postfix(loss=f"{ce_v:.3f}", aux=f"{aux_v:.3f}")
+    with deterministic_algorithms(deterministic):
+        for step, ids in enumerate(batches(train, t.batch_size, steps, seed)):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, t)
+            loss, ce, aux = lm_loss(model, ids, aux_coef)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            log.tokens += ids.numel()
+            bar.update(ids.numel())
+            if step % t.log_every == 0 or step == steps - 1:
+                ce_v, aux_v = ce.item(), aux.item()  # the only host syncs, once every log_every steps
+                log.rows.append({"step": step, "tokens": log.tokens, "loss": round(ce_v, 5),
+                                 "aux_loss": round(aux_v, 5), "lr": lr_at(step, steps, t)})
+                bar.set_postfix(loss=f"{ce_v:.3f}", aux=f"{aux_v:.3f}")
     log.seconds = time.perf_counter() - start
     bar.close()
     model.eval()
