@@ -55,15 +55,20 @@ def stage_order(repo: Path, target: str | None = None) -> list[str]:
 
 def check_before_run(repo: str | Path, stage: str | None) -> Path:
     """What a flow run can be refused for, checked in seconds before Prefect or DVC starts any work: the Prefect
-    server named by PREFECT_API_URL, the repository and the target stage. Raises a one-line FlowError."""
+    server named by PREFECT_API_URL, the repository and the target stage, params.yaml (every problem, as the
+    pipeline's `check` stage reports them). Raises FlowError."""
     from dvc.exceptions import DvcException
     from prefect.settings import PREFECT_API_URL
+
+    from moe2dense.checks import preflight
+    from moe2dense.params import ParamsError, load_params
 
     check_server(PREFECT_API_URL.value())
     root = Path(repo).resolve()
     try:
         stage_order(root, stage)
-    except ValueError as err:
+        preflight(load_params(root / "params.yaml"), root)
+    except (ValueError, ParamsError) as err:
         raise FlowError(str(err)) from None
     except DvcException as err:
         raise FlowError(f"{root}: {err}") from None
