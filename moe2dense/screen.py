@@ -215,12 +215,21 @@ def inputs_digest(root: str | Path, inp: ScreenInputs) -> str:
 
 # ---------------------------------------------------------------- outputs
 def results_table(results: list[dict[str, Any]]):
-    """One row per configuration, best (lowest perplexity) first; ties by name."""
+    """One row per configuration, best (lowest perplexity) first; ties by name. Without the wall-clock `seconds`:
+    the table is a DVC output and must be byte-identical for the same inputs (see `timings`)."""
     import polars as pl
 
-    rows = [{k: v for k, v in r.items() if k != "seconds"} | {f"seconds_{k}": v for k, v in r["seconds"].items()}
-            for r in results]
+    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in results]
     return pl.DataFrame(rows).sort(["perplexity", "config"])
+
+
+def timings(results: list[dict[str, Any]], computed: list[str]) -> dict[str, Any]:
+    """Per-configuration seconds of the configurations computed in this run (cached ones cost nothing now), for
+    the untracked timings/screen.json."""
+    now = set(computed)
+    per_config = {r["config"]: r["seconds"] for r in results if r["config"] in now}
+    return {"computed": len(per_config), "cached": len(results) - len(per_config),
+            "seconds_total": round(sum(s["total"] for s in per_config.values()), 3), "configurations": per_config}
 
 
 def results_markdown(table, best: int) -> str:

@@ -1,6 +1,7 @@
 """Stage `screen`: the design space (scoring x grouping x scaling x K from params `screen`) assembled from the shared
 calibration and scored by held-out perplexity, each configuration cached by content in .screen_cache/ ->
-screen/results.parquet, screen/results.md, metrics/screen.json, plots/screen_perplexity_vs_k.png."""
+screen/results.parquet, screen/results.md, metrics/screen.json, plots/screen_perplexity_vs_k.png (byte-identical for
+the same inputs); the seconds of the configurations computed now go to the untracked timings/screen.json."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 
 from stages._runner import run
 from moe2dense.arch import get_adapter
-from moe2dense.io import atomic_dir, atomic_file, write_json
+from moe2dense.io import atomic_dir, atomic_file, write_json, write_timings
 from moe2dense.params import load_params
 from moe2dense.screen import (check_experts, configurations, default_experts, inputs_digest, load_inputs,
-                              plot_perplexity_vs_k, results_markdown, results_table, run_screen)
+                              plot_perplexity_vs_k, results_markdown, results_table, run_screen, timings)
 from moe2dense.teacher.load import teacher_config
 
 CACHE = ".screen_cache"  # one JSON per configuration, keyed by content; never DVC-tracked
@@ -43,6 +44,7 @@ def main() -> None:
     # outputs depend on the inputs only, not on what the cache already held: "computed now" is logged, not written
     write_json(METRICS, {"configurations": table.height, "best_config": best["config"],
                          "best_perplexity": best["perplexity"], "experts": experts})
+    write_timings("screen", timings(results, computed))
     logging.info("best of %d: %s (perplexity %.3f); %d computed now -> %s/results.md", table.height,
                  best["config"], best["perplexity"], len(computed), OUT)
 

@@ -48,3 +48,19 @@ def test_unknown_method_in_the_grid_is_a_params_error():
         parse_params({"screen": {"methods": ["sf", "magic"]}}, "params.yaml")
     with pytest.raises(ParamsError, match="screen.experts"):
         parse_params({"screen": {"experts": [0, 4]}}, "params.yaml")
+
+
+def test_results_table_has_no_wall_clock_and_timings_hold_the_computed_ones():
+    from moe2dense.screen import results_table, timings
+
+    def result(name: str, ppl: float, total: float) -> dict:
+        return {"config": name, "method": "sf", "experts": 8, "grouping": "output", "scaling": "uniform",
+                "perplexity": ppl, "seconds": {"select_plan": 0.1, "assemble": 0.2, "evaluate": 0.3, "total": total}}
+
+    results = [result("b", 9.0, 1.5), result("a", 7.0, 2.0)]
+    table = results_table(results)
+    assert table["config"].to_list() == ["a", "b"] and not [c for c in table.columns if "second" in c]
+    # the same results with other run times give the same table: the DVC output depends on the inputs only
+    assert table.equals(results_table([result("b", 9.0, 4.0), result("a", 7.0, 0.5)]))
+    t = timings(results, computed=["b"])
+    assert t == {"computed": 1, "cached": 1, "seconds_total": 1.5, "configurations": {"b": results[0]["seconds"]}}
