@@ -73,10 +73,16 @@ class _RayRecords(logging.Filter):
 
 def _ray_logs_to_file(path: Path) -> None:
     """The driver's "ray" loggers (init, auth, Train) to `path` instead of the terminal. ray.init(configure_logging=
-    False) leaves them propagating to the root logger (it clears handlers on "ray" itself): route them there."""
+    False) leaves them propagating to the root logger (it clears handlers on "ray" itself): route them there. A
+    later call (another run in the same process) replaces the file."""
     root = logging.getLogger()
-    for handler in root.handlers:
-        handler.addFilter(_RayRecords(keep=False))
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and any(isinstance(f, _RayRecords) and f.keep
+                                                            for f in handler.filters):
+            root.removeHandler(handler)
+            handler.close()
+        elif not any(isinstance(f, _RayRecords) for f in handler.filters):
+            handler.addFilter(_RayRecords(keep=False))
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_RayRecords(keep=True))
@@ -316,8 +322,9 @@ def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: s
         "checkpoint_every": p.checkpoint_every, "strategy": p.strategy,
         "threads": 0 if use_gpu else cpus_per_worker, "deterministic": deterministic,
     }
-    log.info("distilling %d steps x %d sequences of %d tokens on %d %s worker(s); run %s", steps, p.batch_size,
-             seq_len, workers, "GPU" if use_gpu else "CPU", name)
+    # The thread count is part of what makes a rerun bit-identical (CPU reductions split by thread): say it.
+    log.info("distilling %d steps x %d sequences of %d tokens on %d %s; run %s", steps, p.batch_size, seq_len,
+             workers, "GPU worker(s)" if use_gpu else f"CPU worker(s) x {cpus_per_worker} thread(s)", name)
     return DistillJob(cfg=cfg, name=name, storage=storage, steps=steps, seq_len=seq_len, workers=workers,
                       use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=p.max_failures)
 
