@@ -91,7 +91,8 @@ def test_distillation_lowers_the_heldout_kl_and_exports_a_model(repo):
     # The smoke teacher is too little trained for its pruned student to be far from it (KL ~1e-4), so the drop
     # of the KL is asserted where it is measurable: tests/test_distill.py and the demo (bench/RESULTS.md).
     assert 0 <= m["heldout_kl_before"] < 1 and 0 <= m["heldout_kl_after"] < 1, m
-    assert m["best_loss"] <= m["final_loss"] and m["tokens_per_s"] > 0
+    assert m["best_loss"] <= m["final_loss"] and "tokens_per_s" not in m  # wall clock: timings/, not metrics
+    assert json.loads((repo / "timings/distill.json").read_text())["tokens_per_s"] > 0
     lines = (repo / "plots/distill_loss.csv").read_text().splitlines()
     assert lines[0] == "step,tokens,loss" and len(lines) == 13
     model = AutoModelForCausalLM.from_pretrained(repo / "models/distilled")
