@@ -270,7 +270,7 @@ class ContinuationParams(Section):
     items_per_domain: int = Field(200, ge=1)
     distractors: int = Field(4, ge=1)
     context_chars: int = Field(300, ge=16)
-    continuation_words: int = Field(2, ge=1)
+    continuation_words: int = Field(1, ge=1)
 
 
 class EvaluateParams(Section):

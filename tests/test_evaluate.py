@@ -91,12 +91,25 @@ def test_continuation_items_are_deterministic_and_well_formed():
                 assert start + 4 <= first or start >= cut + 8, (item, choice)
 
 
+def test_distractors_match_the_truths_word_frequency():
+    # "t" occurs 3 times, as do x, y, z, w; f 30 times; the rest once. The truth after "cc0 ... cc4" is " t": its
+    # distractors are the four other words of frequency 3 (never another "t", never the frequent or rare words).
+    filler = ["x", "y", "z", "w"] * 3 + ["t", "t"] + ["f"] * 30 + [f"u{i}" for i in range(10)]
+    order = np.random.default_rng(0).permutation(len(filler))
+    text = " ".join(["cc0", "cc1", "cc2", "cc3", "cc4", "t", "s0", "s1", *(filler[i] for i in order)])
+    docs = pl.DataFrame({"doc_id": ["a"], "domain": ["prose"], "text": [text]})
+    opts = ContinuationParams(items_per_domain=100, distractors=4, context_chars=16, continuation_words=1)
+    item = next(i for i in continuation_items(docs, opts, seed=0) if i["id"] == "a:5")
+    assert item["context"] == "cc0 cc1 cc2 cc3 cc4" and item["choices"][item["label"]] == " t"
+    assert sorted(item["choices"]) == [" t", " w", " x", " y", " z"]
+
+
 def test_documents_without_distinct_distractors_give_no_items():
     opts = ContinuationParams(distractors=4, context_chars=16, continuation_words=4)
     short = pl.DataFrame({"doc_id": ["a"], "domain": ["prose"], "text": [_unique_doc(14, 0)]})
     assert continuation_items(short, opts, seed=0) == []  # no words left outside context + truth + 4
-    same = pl.DataFrame({"doc_id": ["a"], "domain": ["prose"], "text": [" ".join(["amen"] * 400)]})
-    assert continuation_items(same, opts, seed=0) == []  # every span reads like the truth
+    same = pl.DataFrame({"doc_id": ["a"], "domain": ["prose"], "text": [" ".join(["amen", "Amen,"] * 200)]})
+    assert continuation_items(same, opts, seed=0) == []  # every span starts with the truth's first word
 
 
 def test_build_demo_tasks_is_byte_identical_across_runs(tmp_path):

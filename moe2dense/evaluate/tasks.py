@@ -4,7 +4,8 @@ Two kinds, one registry entry each:
 - `perplexity` (one task per corpus domain): loglikelihood_rolling over every held-out document of the domain;
   bits per byte, byte and word perplexity.
 - `continuation` (one task over all domains): a held-out passage and its true next `continuation_words` words
-  among `distractors` equally long spans from elsewhere in the same document; acc, acc_norm and acc_mutual_info.
+  among `distractors` equally long, about equally frequent spans from elsewhere in the same document; acc,
+  acc_norm and acc_mutual_info.
 
 The data (jsonl) and a manifest are a stage output that DVC hashes. The YAML is rendered just before evaluation
 with absolute paths, because lm-eval resolves relative `data_files` against the process CWD and a DVC experiment
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import string
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +36,7 @@ MANIFEST = "tasks.json"
 PPL_PREFIX = "demo_ppl_"
 CONTINUATION = "demo_continuation"
 _WORD = re.compile(r"(\s*)(\S+)")
+_PUNCT = string.punctuation
 
 
 def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -68,20 +73,34 @@ def _span(text: str, spans: list[Span], first: int, n: int) -> str:
     return text[spans[first][0]:spans[first + n - 1][2]]
 
 
-def _same(a: str, b: str) -> bool:
-    return a.split() == b.split()
+def _head(span: str) -> str:
+    """A span's first word without surrounding punctuation, lower-cased: distractors must differ in it from the
+    truth and from each other, so none reads as an equally good continuation ("LORD," for "LORD")."""
+    word = span.split()[0]
+    return word.strip(_PUNCT).lower() or word
+
+
+def _log_frequencies(texts: dict[str, str], spans: dict[str, list[Span]]) -> dict[str, np.ndarray]:
+    """Per document, the cumulative sum of its words' log relative frequencies over all `texts` (one domain), so
+    that a span's unigram log-likelihood is cum[j + n] - cum[j]."""
+    counts = Counter(w for text in texts.values() for w in text.split())
+    total = sum(counts.values())
+    return {doc_id: np.concatenate([[0.0], np.cumsum([math.log(counts[texts[doc_id][s:e]] / total)
+                                                      for _, s, e in spans[doc_id]])])
+            for doc_id in texts}
 
 
 def continuation_items(docs: pl.DataFrame, opts: ContinuationParams, seed: int) -> list[dict[str, Any]]:
     """Multiple-choice items for one domain's documents (doc_id, domain, text). Deterministic in (docs, opts,
     seed).
 
-    Every choice is `continuation_words` words of the item's own document with the whitespace before them, so all
-    choices are equally long in words and equally fluent, and the context is the only thing that tells them apart:
-    the true one follows the context; each distractor starts at another word of the document, outside the context,
-    the truth and the `continuation_words` words after it (so never the truth shifted by a word or two), and differs
-    from the truth and the other distractors in its words. A small model separates them by whether the first words
-    fit the end of the context, which raw log-likelihood (acc) can measure once lengths no longer differ.
+    Every choice is `continuation_words` words of the item's own document with the whitespace before them; the
+    true one follows the context. The distractors are the spans elsewhere in the document (outside the context,
+    the truth and the `continuation_words` words after it) whose words are, summed, about as frequent in the domain
+    as the truth's, and whose first word differs from the truth's and from each other's. So all choices are equally
+    long in words and about equally likely *without* the context: raw log-likelihood (acc) then measures whether a
+    model uses the context, as acc_mutual_info does, instead of rewarding the shortest or most common choice
+    (random spans left the 4.4M-parameter demo teacher near chance on acc).
     """
     n = opts.continuation_words
     docs = docs.sort("doc_id")
@@ -93,6 +112,7 @@ def continuation_items(docs: pl.DataFrame, opts: ContinuationParams, seed: int) 
         return []
     domain = docs["domain"][0]
     rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
+    cum = _log_frequencies(texts, spans)
     items = []
     for idx in rng.permutation(len(pairs)):
         doc_id, first, cut = pairs[idx]
@@ -102,11 +122,17 @@ def continuation_items(docs: pl.DataFrame, opts: ContinuationParams, seed: int) 
         # document's first word, which has no whitespace to separate it from the context
         starts = np.arange(1, len(sp) - n + 1)
         starts = starts[(starts + n <= first) | (starts >= cut + 2 * n)]
+        # closest unigram log-likelihood first; the random permutation breaks ties
+        order = rng.permutation(starts)
+        c = cum[doc_id]
+        order = order[np.argsort(np.abs(c[order + n] - c[order] - (c[cut + n] - c[cut])), kind="stable")]
         choices: list[str] = []
-        for j in rng.permutation(starts):
+        heads = {_head(truth)}
+        for j in order:
             candidate = _span(text, sp, int(j), n)
-            if not any(_same(candidate, c) for c in (truth, *choices)):
+            if _head(candidate) not in heads:
                 choices.append(candidate)
+                heads.add(_head(candidate))
                 if len(choices) == opts.distractors:
                     break
         if len(choices) < opts.distractors:
