@@ -10,6 +10,7 @@ Nothing runs in the user's workspace: experiments are built from the last commit
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import fcntl
 import itertools
@@ -272,7 +273,9 @@ class _Progress:
         self.before = set(finished_experiments(repo))
         self.done = 0
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._poll, name="sweep-progress", daemon=True)
+        # the caller's context (Prefect's run and settings, e.g. the API URL of a temporary server, are contextvars)
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._poll,),
+                                       name="sweep-progress", daemon=True)
         self.thread.start()
 
     def _count(self) -> None:
@@ -284,7 +287,10 @@ class _Progress:
             return
         if done != self.done:
             self.done = done
-            self.on_done(done)
+            try:
+                self.on_done(done)
+            except Exception as err:  # noqa: BLE001 - a progress display must not fail the sweep
+                log.warning("sweep progress not updated: %s", err)
 
     def _poll(self) -> None:
         while not self.stop.wait(PROGRESS_POLL_S):

@@ -4,6 +4,7 @@ test_pipeline.py on the smoke pipeline."""
 
 from __future__ import annotations
 
+import contextvars
 import os
 import subprocess
 import sys
@@ -179,9 +180,13 @@ def test_queue_runs_with_this_interpreter_and_counts_finished_experiments(tmp_pa
     monkeypatch.setattr(sw, "PROGRESS_POLL_S", 0.2)
     exps = sw.experiments([{"x": 2}, {"x": 3}])
     assert sw.queue(repo, exps, "echo") == ["x2", "x3"]
-    seen: list[int] = []
-    sw.run_queue(repo, 1, names=["x2", "x3"], on_done=seen.append)
-    assert seen[-1] == 2 and seen == sorted(set(seen)), seen  # each change once, ending at all done
+    seen: list[tuple[int, str]] = []
+    caller = contextvars.ContextVar("caller")
+    caller.set("sweep")  # like Prefect's run context and settings: on_done sees the caller's contextvars
+    sw.run_queue(repo, 1, names=["x2", "x3"], on_done=lambda n: seen.append((n, caller.get())))
+    counts = [n for n, _ in seen]
+    assert counts[-1] == 2 and counts == sorted(set(counts)), seen  # each change once, ending at all done
+    assert {ctx for _, ctx in seen} == {"sweep"}, seen
     shown = {r["name"]: r["metrics"] for r in sw.exp_rows(sw.exp_show(repo)) if not r["baseline"]}
     assert shown == {"x2": {"m.x": 2, "m.this_python": 1}, "x3": {"m.x": 3, "m.this_python": 1}}
 
