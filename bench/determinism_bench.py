@@ -1,11 +1,13 @@
-"""Price of byte-reproducible teacher training: the `teacher` stage's loop with torch's deterministic algorithms
-(what the stage runs) vs without (the old setting, whose weights differ run to run), same model and batches.
+"""Price of byte-reproducible teacher training: the `teacher` stage's training step with torch's deterministic
+algorithms (what the stage runs) vs without (the old setting, whose weights differ run to run).
 
-Both run the demo architecture from params.yaml on identical random batches; rounds alternate (which one goes first
-alternates too) so machine noise hits both alike, and the medians are compared. Each round also checks what the
-switch buys: the two deterministic runs of a round pair give identical weights.
+Throughput: two copies of the demo model from params.yaml (same init) train on the same random batches in lock-step,
+one step each in alternation (which goes first alternates too), so machine noise hits both alike even on a busy
+machine; tokens/s from the median step time of each. Each step is the stage's own (`lm_loss`, backward, clip,
+AdamW) inside `deterministic_algorithms(on/off)`. Then what the switch buys: `train_demo` run twice per setting,
+weights compared.
 
-    python bench/determinism_bench.py [--params params.yaml] [--steps 6] [--rounds 4] [--threads N]
+    python bench/determinism_bench.py [--params params.yaml] [--steps 24] [--check-steps 3] [--threads N]
 Budget: deterministic tokens/s >= 0.9x non-deterministic.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,56 +24,76 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe2dense.params import load_params  # noqa: E402
-from moe2dense.teacher.demo import demo_config, train_demo  # noqa: E402
+from moe2dense.teacher.demo import deterministic_algorithms, demo_config, lm_loss, train_demo  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=24, help="timed steps per setting")
+    ap.add_argument("--check-steps", type=int, default=3, help="steps of each identical-weights run")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: teacher.threads, 0 = all cores)")
     args = ap.parse_args()
-    if args.steps < 1 or args.rounds < 1 or (args.threads is not None and args.threads < 0):
-        sys.exit("--steps and --rounds must be >= 1, --threads >= 0")
+    if args.steps < 1 or args.check_steps < 1 or (args.threads is not None and args.threads < 0):
+        sys.exit("--steps and --check-steps must be >= 1, --threads >= 0")
     p = load_params(args.params)
     seq_len, t = p.prepare.seq_len, p.teacher.train
     threads = p.teacher.threads if args.threads is None else args.threads
     if threads:
         torch.set_num_threads(threads)
-    rows = np.random.default_rng(0).integers(0, args.vocab, (args.steps * t.batch_size, seq_len), dtype=np.int32)
-    tp = t.model_copy(update={"tokens": args.steps * t.batch_size * seq_len, "warmup_steps": 1, "log_every": 1})
+    n_rows = max(args.steps, args.check_steps) * t.batch_size
+    rows = np.random.default_rng(0).integers(0, args.vocab, (n_rows, seq_len), dtype=np.int32)
     from transformers import Qwen3MoeForCausalLM
 
-    def run(deterministic: bool):
+    def fresh():
         torch.manual_seed(0)
-        model = Qwen3MoeForCausalLM(demo_config(p.teacher.demo, args.vocab, seq_len, eos_id=0, pad_id=None))
-        log = train_demo(model, rows, tp, seed=0, progress=False, deterministic=deterministic)
-        return log.tokens_per_s, [q.detach().clone() for q in model.parameters()]
+        return Qwen3MoeForCausalLM(demo_config(p.teacher.demo, args.vocab, seq_len, eos_id=0, pad_id=None)).train()
 
-    run(False), run(True)  # warm up kernels, allocator and lazy imports once for both
-    speed: dict[bool, list[float]] = {True: [], False: []}
-    weights: dict[bool, list] = {True: [], False: []}
-    for r in range(args.rounds):
-        for det in ((True, False) if r % 2 else (False, True)):
-            tps, w = run(det)
-            speed[det].append(tps)
-            weights[det].append(w)
-        print(f"round {r}: non-deterministic {speed[False][-1]:8.0f} tok/s   deterministic {speed[True][-1]:8.0f} "
-              "tok/s", flush=True)
+    models = {det: fresh() for det in (False, True)}
+    opts = {det: torch.optim.AdamW(m.parameters(), lr=t.lr, betas=(0.9, 0.95)) for det, m in models.items()}
 
-    def all_equal(ws) -> bool:
-        return all(all(torch.equal(a, b) for a, b in zip(ws[0], w)) for w in ws[1:])
+    def step(det: bool, ids: torch.Tensor) -> float:
+        model, opt = models[det], opts[det]
+        start = time.perf_counter()
+        with deterministic_algorithms(det):
+            loss, _, _ = lm_loss(model, ids, model.config.router_aux_loss_coef)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
-    md, mn = statistics.median(speed[True]), statistics.median(speed[False])
-    ratio = md / mn
-    print(f"\nmodel: demo Qwen3-MoE {p.teacher.demo.num_experts} experts top-{p.teacher.demo.num_experts_per_tok}, "
-          f"hidden {p.teacher.demo.hidden_size}, batch {t.batch_size} x {seq_len}, {args.steps} steps, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"identical weights over {args.rounds} runs: deterministic {all_equal(weights[True])}, "
-          f"non-deterministic {all_equal(weights[False])}")
-    print(f"median tokens/s: non-deterministic {mn:.0f}, deterministic {md:.0f}")
+    batch = [torch.from_numpy(rows[i * t.batch_size:(i + 1) * t.batch_size].astype(np.int64))
+             for i in range(args.steps)]
+    step(False, batch[0]), step(True, batch[0])  # warm up kernels, allocator and lazy imports once for both
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.steps):
+        for det in ((True, False) if i % 2 else (False, True)):
+            times[det].append(step(det, batch[i]))
+    tokens = t.batch_size * seq_len
+    tps = {det: tokens / statistics.median(v) for det, v in times.items()}
+    ratio = tps[True] / tps[False]
+    pair = statistics.median(n / d for n, d in zip(times[False], times[True]))
+
+    tp = t.model_copy(update={"tokens": args.check_steps * tokens, "warmup_steps": 1, "log_every": 1})
+
+    def weights(det: bool) -> list[torch.Tensor]:
+        model = fresh()
+        train_demo(model, rows, tp, seed=0, progress=False, deterministic=det)
+        return [q.detach() for q in model.parameters()]
+
+    def identical(det: bool) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(weights(det), weights(det)))
+
+    print(f"model: demo Qwen3-MoE {p.teacher.demo.num_experts} experts top-{p.teacher.demo.num_experts_per_tok}, "
+          f"hidden {p.teacher.demo.hidden_size}, batch {t.batch_size} x {seq_len}, torch threads "
+          f"{torch.get_num_threads()}, {args.steps} timed steps per setting, alternating")
+    print(f"identical weights in two {args.check_steps}-step train_demo runs: deterministic {identical(True)}, "
+          f"non-deterministic {identical(False)}")
+    print(f"median step: non-deterministic {statistics.median(times[False]):.3f} s ({tps[False]:.0f} tok/s), "
+          f"deterministic {statistics.median(times[True]):.3f} s ({tps[True]:.0f} tok/s); median per-pair speed "
+          f"ratio {pair:.3f}")
     print(f"ratio deterministic/non-deterministic = {ratio:.3f}  (budget >= 0.9: {'PASS' if ratio >= 0.9 else 'FAIL'})")
 
 
