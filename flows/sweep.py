@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.cli import progress_bar, run
 from flows.pipeline import REPO, check_before_run
 from moe2dense import sweep as sw
+from moe2dense.params import read_yaml
 
 REPORT = "reports/experiments.md"
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 def read_configs(path: Path) -> list[dict]:
     """The --configs file: a YAML list of {dotted.param: value} mappings; anything else is a one-line error."""
     try:
-        configs = yaml.safe_load(path.read_text())
+        configs = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -24,10 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import yaml
-
 from moe2dense.env import stage_env
-from moe2dense.params import ParamsError, parse_params
+from moe2dense.params import ParamsError, parse_params, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ def parse_axes(items: Iterable[str]) -> dict[str, list[Any]]:
             raise SweepError(f"sweep axis {item!r}: expected key=value[,value...], e.g. select.experts=4,8")
         raw = raw.strip()
         parts = [raw] if raw.startswith("[") else raw.split(",")
-        axes[key.strip()] = [yaml.safe_load(p) for p in parts]
+        axes[key.strip()] = [read_yaml(p) for p in parts]
     return axes
 
 
@@ -128,40 +126,28 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def teacher_shape(repo: Path, params) -> tuple[int, int] | None:
-    """(router top-k, experts per layer) of the teacher, or None when it is not built yet and not the demo."""
-    from moe2dense.arch import get_adapter
-    from moe2dense.teacher.load import teacher_config
-
-    try:
-        adapter = get_adapter(teacher_config(repo / "models/teacher"))
-        return adapter.top_k, adapter.num_experts
-    except (OSError, ValueError, KeyError):
-        if params.teacher.source == "demo":
-            return params.teacher.demo.num_experts_per_tok, params.teacher.demo.num_experts
-        return None
-
-
 def validate(repo: str | Path, exps: list[Experiment]) -> None:
-    """Every experiment's params must validate (unknown keys or methods are named) and its K must fit the teacher."""
-    from moe2dense.selection import check_budget
+    """Every experiment's params must validate (unknown keys or methods are named) and pass the same pre-flight as
+    a stage (K against the teacher, loss options, calibration passes, ...; lm-eval tasks when it changes them)."""
+    from moe2dense.checks import problems
 
     repo = Path(repo)
     if not exps:
         raise SweepError("the sweep is empty: give a grid (--set key=v1,v2), a configs file or --from-screen N")
-    base = yaml.safe_load((repo / "params.yaml").read_text()) or {}
-    errors, shape = [], None
+    base = read_yaml((repo / "params.yaml").read_text()) or {}
+    errors = []
     for exp in exps:
         data = copy.deepcopy(base)
+        label = f"{exp.name} ({', '.join(f'{k}={v}' for k, v in exp.overrides.items())})"
         try:
             for key, value in exp.overrides.items():
                 _set_dotted(data, key, value)
             params = parse_params(data, origin=f"sweep experiment {exp.name!r}")
-            shape = shape or teacher_shape(repo, params)
-            if shape:
-                check_budget(params.select.experts, *shape)
         except (ParamsError, ValueError) as err:
-            errors.append(f"{exp.name} ({', '.join(f'{k}={v}' for k, v in exp.overrides.items())}): {err}")
+            errors.append(f"{label}: {err}")
+            continue
+        found = problems(params, repo, lm_eval=any(k.startswith("evaluate.") for k in exp.overrides))
+        errors += [f"{label}: {p}" for p in found]
     if errors:
         raise SweepError("the sweep has invalid configurations; nothing was queued:\n" + "\n".join(errors))
 

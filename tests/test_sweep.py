@@ -44,6 +44,7 @@ def test_axes_grid_and_names():
                           "distill.teacher_top_k=null"])
     assert axes == {"select.experts": [4, 8], "group.method": ["output"],
                     "distill.freeze": [["embeddings", "attention"]], "distill.teacher_top_k": [None]}
+    assert sw.parse_axes(["distill.lr=1e-3,5e-4"]) == {"distill.lr": [0.001, 0.0005]}  # YAML 1.2 floats, not str
     configs = sw.grid({"select.experts": [4, 8], "group.method": ["output", "weight"]})
     assert configs == [{"select.experts": 4, "group.method": "output"}, {"select.experts": 4, "group.method": "weight"},
                        {"select.experts": 8, "group.method": "output"}, {"select.experts": 8, "group.method": "weight"}]
@@ -94,7 +95,9 @@ def test_validation_names_every_bad_configuration(tmp_path, smoke_params):
     good = sw.experiments([{"select.experts": 8, "group.method": "coactivation"}])
     sw.validate(tmp_path, good)
     bad = sw.experiments([{"score.method": "nope"}, {"select.experts": 33}, {"group.k": 6},
-                          {"select.experts": 8, "distill.lr": 0.001}, {"selct.experts": 8}])
+                          {"select.experts": 8, "distill.lr": 0.001}, {"selct.experts": 8},
+                          {"distill.loss": "jsd", "distill.loss_options": {"beta": 2}},
+                          {"distill.teacher_top_k": 64}])
     with pytest.raises(sw.SweepError) as err:
         sw.validate(tmp_path, bad)
     text = str(err.value)
@@ -103,6 +106,7 @@ def test_validation_names_every_bad_configuration(tmp_path, smoke_params):
     assert "K33" in text and "4 <= select.experts <= 32" in text
     assert "group.k = 6 must be <= select.experts = 4" in text
     assert "selct: unknown key" in text and "select" in text
+    assert "jsd beta must be in (0, 1)" in text and "distill.teacher_top_k = 64" in text  # the stages' pre-flight
     assert "K8-lr0.001" not in text  # the valid one is not reported
     with pytest.raises(sw.SweepError, match="the sweep is empty"):
         sw.validate(tmp_path, [])
