@@ -67,4 +67,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf data/prepared models metrics plots reports calibration scores selection grouping teacher_logits eval_tasks eval \
-		screen .screen_cache
+		screen .screen_cache checks timings .distill_runs
