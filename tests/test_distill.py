@@ -279,6 +279,34 @@ def test_unreachable_ray_address_fails_fast_before_any_model_loads(tmp_path):
     assert len(errors) == 1 and f"RAY_ADDRESS = {address}" in errors[0], proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("reply", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_ray_address_that_accepts_but_is_no_ray_head_is_one_bounded_error(reply):
+    """A port that accepts and stays silent (ray.init would retry for ever) or answers as another service."""
+    import socket
+    import threading
+
+    from moe2dense.distill.driver import check_ray_address
+
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+
+    def serve():
+        conn, _ = server.accept()
+        if reply:
+            conn.recv(64)
+            conn.sendall(reply)
+        time.sleep(3)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    start = time.monotonic()
+    expected = "no Ray head answered within 1 s" if reply is None else "is not a Ray head"
+    with pytest.raises(ValueError, match=f"RAY_ADDRESS = {address}: .*{expected}"):
+        check_ray_address(address, timeout=1.0)
+    assert time.monotonic() - start < 3
+    server.close()
+
+
 @pytest.mark.parametrize("distill, error", [({"batch_size": 3}, "distill.batch_size = 3 sequences per step must "
                                                                  "split evenly over 2 worker(s)"),
                                             ({"device": "cuda"}, "distill.device = cuda, but the Ray cluster "

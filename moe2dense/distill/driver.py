@@ -44,7 +44,8 @@ def debug() -> bool:
 
 
 def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """A host:port RAY_ADDRESS must accept a TCP connection within `timeout` s (`auto` is resolved by Ray)."""
+    """A host:port RAY_ADDRESS must accept a connection and answer as a gRPC server, each within `timeout` s (`auto`
+    is resolved by Ray)."""
     if address in ("auto", "local"):
         return
     hostport = address.split("://", 1)[-1]
@@ -53,11 +54,34 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> N
         raise ValueError(f"RAY_ADDRESS = {address!r} is not host:port (or auto); unset RAY_ADDRESS to start a "
                          "local Ray")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as err:
         raise ValueError(f"RAY_ADDRESS = {address}: no Ray cluster answers there ({err.strerror or err}, waited at "
                          f"most {timeout:.0f} s); start its head with `ray start --head --port={port}` or unset "
                          "RAY_ADDRESS to run on a local Ray") from None
+    with sock:
+        if not os.environ.get("RAY_USE_TLS"):  # a TLS head needs certificates: ray.init's own wait applies there
+            _check_http2(sock, address, timeout)
+
+
+# The client's HTTP/2 connection preface followed by an empty SETTINGS frame (RFC 9113, section 3.4).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _check_http2(sock: socket.socket, address: str, timeout: float) -> None:
+    """A Ray head's GCS is a gRPC (HTTP/2) server, whose first frame is a SETTINGS frame (type 4), sent at once. A
+    port that accepts connections and then says nothing (a stuck head, a firewall, another service) would keep
+    ray.init retrying for ever: ask for that frame with a deadline instead."""
+    try:
+        sock.sendall(_H2_PREFACE)
+        head = sock.recv(9)
+    except OSError as err:  # socket.timeout included
+        raise ValueError(f"RAY_ADDRESS = {address}: the port accepts connections but no Ray head answered within "
+                         f"{timeout:.0f} s ({err.strerror or err}); check the head's address and port, or unset "
+                         "RAY_ADDRESS to run on a local Ray") from None
+    if len(head) < 4 or head[3] != 4:
+        raise ValueError(f"RAY_ADDRESS = {address}: the service there is not a Ray head (it does not speak gRPC); "
+                         "check the head's address and port (`ray start --head` prints it)")
 
 
 class _RayRecords(logging.Filter):
