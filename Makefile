@@ -31,6 +31,7 @@ help:
 	@echo "make screen - the design-space screen on the demo (dvc repro screen)"
 	@echo "make sweep  - distil the screen's BEST=3 configurations as DVC experiments, JOBS=1 at a time"
 	@echo "make compare REVS='main my-branch' - metrics across git revisions (default: every branch)"
+	@echo "make clean  - remove the pipeline's untracked outputs (data/prepared, models, caches, timings, Ray runs)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +66,7 @@ bench: $(STAMP)
 	python bench/eval_perplexity.py
 	python bench/screen_bench.py
 
+# Removes what the pipeline built (untracked); the committed metrics/ and plots/ stay: `make demo` rewrites them.
 clean:
-	rm -rf data/prepared models metrics plots reports calibration scores selection grouping teacher_logits eval_tasks eval \
+	rm -rf data/prepared models reports calibration scores selection grouping teacher_logits eval_tasks eval \
 		screen .screen_cache checks timings .distill_runs
