@@ -65,6 +65,7 @@ bench: $(STAMP)
 	python bench/dvc_noop.py
 	python bench/eval_perplexity.py
 	python bench/screen_bench.py
+	python bench/determinism_bench.py
 
 # Removes what the pipeline built (untracked); the committed metrics/ and plots/ stay: `make demo` rewrites them.
 clean:
