@@ -1,5 +1,5 @@
-"""Dense assembly (DESIGN.md "Assembly", the paper's Eq. 2): execute a conversion plan on a teacher checkpoint and
-write the dense student as a standard Hugging Face checkpoint dir.
+"""Dense assembly (README "Grouping, merging and scaling", the paper's Eq. 2): execute a conversion plan on a
+teacher checkpoint and write the dense student as a standard Hugging Face checkpoint dir.
 
 Per MoE layer the k merged experts (plus shared experts) become one SwiGLU MLP: gate and up rows are stacked, down
 columns concatenated with block g's columns times c_g, so Dense(x) = sum_g c_g E_g(x) exactly (biases: the down bias

@@ -1,6 +1,6 @@
 """Grouping registry (K selected experts -> k groups) and merging (one expert per group).
 
-Definitions follow DESIGN.md ("Method definitions"). A grouping method is a similarity among the K selected experts
+Definitions: README "Grouping, merging and scaling". A grouping method is a similarity among the K selected experts
 plus a clustering rule; it declares the one input it reads (`needs`) so the caller only gathers that (the Gram
 matrix, for one, needs the expensive all-experts calibration pass). Clustering is deterministic: ties go to the
 better-ranked experts, ranks being positions in the best-first selection, so a rerun gives the same dense model.

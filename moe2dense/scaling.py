@@ -1,4 +1,5 @@
-"""Magnitude scaling: the constant c_g that stands in for dense block g's routing weight (DESIGN.md "Assembly").
+"""Magnitude scaling: the constant c_g that stands in for dense block g's routing weight (README "Grouping,
+merging and scaling").
 
 In the teacher, a token's FFN output is sum_{e in S_t} g_{t,e} f_e(x_t); the dense student computes
 sum_g c_g E_g(x_t) for every token. Both rules keep the total weight per token at m, the mean total routed weight

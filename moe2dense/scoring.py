@@ -1,6 +1,6 @@
 """Expert scoring registry: one score per expert per MoE layer, from calibration aggregates.
 
-Definitions follow DESIGN.md ("Method definitions"). Every scorer reads a `LayerStats` of per-layer *sums*, so
+Definitions: README "Scoring methods". Every scorer reads a `LayerStats` of per-layer *sums*, so
 calibration can stream tokens and never keep per-token outputs. A scorer declares which calibration pass it needs
 (`needs`) so the expensive all-experts pass only runs when an enabled method asks for it.
 """
@@ -133,8 +133,8 @@ def output_cosine(gram: Tensor) -> Tensor:
 
 
 def do_acp_kernel(s: LayerStats, lam: float = DO_ACP_LAMBDA) -> Tensor:
-    """L = diag(q) C diag(q) + lam I with q = acp / max(acp). The max-normalisation is our choice (DESIGN.md says
-    q = acp): it equals q = acp with ridge lam * max(acp)^2, so `lam` is relative to the best expert and means the
+    """L = diag(q) C diag(q) + lam I with q = acp / max(acp). The max-normalisation is our choice (the paper
+    uses q = acp): it equals q = acp with ridge lam * max(acp)^2, so `lam` is relative to the best expert and means the
     same across models and layers whatever their activation scale."""
     if not lam > 0:
         raise ValueError(f"do_acp lambda must be > 0 (it keeps L positive definite), got {lam}")

@@ -1,4 +1,5 @@
-"""Expert selection: which K experts of a layer survive into the dense model (DESIGN.md "Selection")."""
+"""Expert selection: which K experts of a layer survive into the dense model (README "What the pipeline does",
+stage `select`)."""
 from __future__ import annotations
 
 import torch

@@ -48,7 +48,7 @@ def record_router(model, adapter: Adapter) -> tuple[dict[int, list], list]:
 
 
 def scores(adapter: Adapter, logits: torch.Tensor) -> torch.Tensor:
-    """p_t: sigmoid for deepseek_v3, softmax over all experts otherwise (DESIGN.md notation)."""
+    """p_t: sigmoid for deepseek_v3, softmax over all experts otherwise (README "Scoring methods" notation)."""
     return logits.sigmoid() if adapter.model_type == "deepseek_v3" else logits.softmax(-1)
 
 

@@ -1,4 +1,5 @@
-"""One spec per supported MoE family (transformers 5.x module names; see DESIGN.md "Architectures")."""
+"""One spec per supported MoE family (transformers 5.x module names; each family's dense student: the README's
+"Grouping, merging and scaling")."""
 
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ class FamilySpec:
     shared_gate_attr: str | None = None
     # On-disk name of the MoE block where it differs from `block_attr` (mixtral: "block_sparse_moe").
     disk_block_attr: str | None = None
-    # The dense student (DESIGN.md "Architectures"): "mlp" = a plain SwiGLU MLP (gate_proj/up_proj/down_proj);
+    # The dense student (the README's teacher -> dense student table): "mlp" = a plain SwiGLU MLP
+    # (gate_proj/up_proj/down_proj);
     # "single_expert" = the same family with one always-on expert, for families without a dense twin.
     dense_mlp: Literal["mlp", "single_expert"] = "mlp"
     # Config field giving the number of leading dense layers; the student sets it to num_hidden_layers (deepseek).

@@ -1,9 +1,9 @@
 """Capture routing and expert-output statistics of a frozen MoE teacher over calibration tokens.
 
 One forward hook per MoE layer on the router module sees the hidden states entering the router and the routing the
-router returned, `(logits, top-k weights, top-k index)` (DESIGN.md "Architectures"). For each batch it adds the
-`LayerStats` sums in float64 (p_t = the family's softmax or sigmoid of the logits) and streams one Parquet row
-per token to `routing/layer=<L>/` (layout in `store`). The expert-output passes run only when a
+router returned, `(logits, top-k weights, top-k index)` (each FamilySpec's router, moe2dense/arch). For each batch
+it adds the `LayerStats` sums in float64 (p_t = the family's softmax or sigmoid of the logits) and streams one
+Parquet row per token to `routing/layer=<L>/` (layout in `store`). The expert-output passes run only when a
 scoring method needs them (`scoring.required_capture`):
 
 - "routed_outputs": ||f_e(x_t)|| for each routed pair (t, e), each expert run on its own tokens only;
