@@ -220,7 +220,10 @@ def results_table(results: list[dict[str, Any]]):
     import polars as pl
 
     rows = [{k: v for k, v in r.items() if k != "seconds"} for r in results]
-    return pl.DataFrame(rows).sort(["perplexity", "config"])
+    # Columns in name order: a result computed now and one read back from the cache (JSON, sorted keys) list their
+    # keys in different orders, and the Parquet bytes would depend on which configurations were cached.
+    columns = sorted({k for r in rows for k in r})
+    return pl.DataFrame(rows).select(columns).sort(["perplexity", "config"])
 
 
 def timings(results: list[dict[str, Any]], computed: list[str]) -> dict[str, Any]:

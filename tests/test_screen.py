@@ -62,5 +62,8 @@ def test_results_table_has_no_wall_clock_and_timings_hold_the_computed_ones():
     assert table["config"].to_list() == ["a", "b"] and not [c for c in table.columns if "second" in c]
     # the same results with other run times give the same table: the DVC output depends on the inputs only
     assert table.equals(results_table([result("b", 9.0, 4.0), result("a", 7.0, 0.5)]))
+    # a result read back from the cache (JSON, sorted keys) gives the same columns in the same order
+    cached = [dict(sorted(r.items())) for r in results]
+    assert results_table(cached).columns == table.columns and results_table(cached).equals(table)
     t = timings(results, computed=["b"])
     assert t == {"computed": 1, "cached": 1, "seconds_total": 1.5, "configurations": {"b": results[0]["seconds"]}}
