@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from moe2dense.arch import Adapter, ExpertWeights, get_adapter
 from moe2dense.checkpoint import CheckpointReader, ShardedWriter
 from moe2dense.grouping import merge_experts
+from moe2dense.markdown import table
 from moe2dense.teacher_weights import (dense_mlp_width, read_dense_mlp, read_experts, read_shared_experts,
                                        shared_width)
 
@@ -296,23 +298,28 @@ WHY_SINGLE_EXPERT = (
 )
 
 
+# The card names the code that made the checkpoint; read at import, so a missing install fails before any work.
+PACKAGE = "moe2dense"
+VERSION = version(PACKAGE)
+
+
 def model_card(plan: dict, summary: dict, teacher_dir: Path, single_expert: bool) -> str:
     t = plan["teacher"]
     lines = [
         "---", "library_name: transformers", "tags: [moe2dense, dense, pruned, moe-to-dense]", "---", "",
         f"# Dense {summary['model_type']} converted from a {t['model_type']} MoE", "",
-        f"Made by [moe2dense](https://github.com/) from the teacher at `{teacher_dir}` ({t['model_type']}, "
+        f"Made by {PACKAGE} {VERSION} from the teacher at `{teacher_dir}` ({t['model_type']}, "
         f"{t['num_experts']} experts per layer, top-{t['top_k']}, {len(t['moe_layers'])} MoE layers).", "",
-        "| | |", "|---|---|",
-        f"| parameters | {summary['num_parameters']:,} |",
-        f"| dtype | {summary['dtype']} |",
-        f"| MLP width | {summary['intermediate_size']} |",
-        f"| expert scoring | {plan['score_method']} (merge weights by {plan['merge_scores']}) |",
-        f"| experts kept per layer (K) | {plan['experts_per_layer']} |",
-        f"| dense blocks per layer (k) | {plan['blocks_per_layer']} |",
-        f"| grouping | {'none (pure pruning, K == k)' if plan['pure_pruning'] else plan['group_method']}"
-        f"{' + neuron alignment' if plan['align'] else ''} |",
-        f"| magnitude scaling | {plan['scaling']} |", "",
+        *table(["", ""], [
+            ["parameters", f"{summary['num_parameters']:,}"],
+            ["dtype", summary["dtype"]],
+            ["MLP width", summary["intermediate_size"]],
+            ["expert scoring", f"{plan['score_method']} (merge weights by {plan['merge_scores']})"],
+            ["experts kept per layer (K)", plan["experts_per_layer"]],
+            ["dense blocks per layer (k)", plan["blocks_per_layer"]],
+            ["grouping", f"{'none (pure pruning, K == k)' if plan['pure_pruning'] else plan['group_method']}"
+                         f"{' + neuron alignment' if plan['align'] else ''}"],
+            ["magnitude scaling", plan["scaling"]]]), "",
         "## How it was made", "",
         "Routing statistics of the teacher over calibration text scored every expert; K experts per layer were "
         "kept, grouped into k blocks and merged (score-weighted average), and the blocks concatenated into one "

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import yaml
 
+from moe2dense.markdown import table
 from moe2dense.params import EVAL_MODELS
 from moe2dense.plots import DPI, _grid, _save, _title
 
@@ -182,11 +183,6 @@ def recovery_cell(teacher: tuple, student: tuple, distilled: tuple) -> str:
     return f"{100 * r:.1f}%"
 
 
-def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def _models_table(results: dict, metrics: dict) -> list[str]:
     teacher_params = results.get("teacher", {}).get("size", {}).get("parameters") \
         or metrics.get("assemble", {}).get("teacher_parameters")
@@ -197,7 +193,7 @@ def _models_table(results: dict, metrics: dict) -> list[str]:
         share = f"{100 * n / teacher_params:.2f}%" if n and teacher_params else DASH
         rows.append([model, size.get("model_type", DASH), f"{n:,}" if n is not None else DASH, share,
                      mib(size.get("weight_bytes")), size.get("dtype", DASH)])
-    return _table(["model", "model_type", "parameters", "% of teacher", "weights (MiB)", "dtype"], rows, "llrrrl")
+    return table(["model", "model_type", "parameters", "% of teacher", "weights (MiB)", "dtype"], rows, "llrrrl")
 
 
 def _results_table(results: dict) -> list[str]:
@@ -214,7 +210,7 @@ def _results_table(results: dict) -> list[str]:
                 row.append(recovery_cell(*(cells[m] for m in ("teacher", "student", "distilled"))))
             rows.append(row)
     header = ["task", "metric", *models] + (["distillation recovers"] if gap else [])
-    return _table(header, rows, "ll" + "r" * (len(header) - 2))
+    return table(header, rows, "ll" + "r" * (len(header) - 2))
 
 
 def _distill_lines(d: dict) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from moe2dense import markdown
 from moe2dense.io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -237,21 +238,22 @@ def timings(results: list[dict[str, Any]], computed: list[str]) -> dict[str, Any
 
 def results_markdown(table, best: int) -> str:
     cols = ["config", "method", "experts", "grouping", "scaling", "perplexity", "routed_mass_kept"]
-    lines = [f"# Design-space screen: {table.height} configurations", "",
-             "Held-out perplexity of the assembled student, before distillation; lower is better.", "",
-             f"## Best {min(best, table.height)}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in table.head(best).select(cols).iter_rows():
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
-    lines += ["", "## Best per scoring method and K", "", "| method | " + " | ".join(
-        f"K={K}" for K in sorted(table["experts"].unique())) + " |", "|---|" + "---|" * table["experts"].n_unique()]
+    top = [[f"{v:.4g}" if isinstance(v, float) else v for v in row]
+           for row in table.head(best).select(cols).iter_rows()]
+    Ks = sorted(table["experts"].unique())
+    per_method = []
     for method in sorted(table["method"].unique()):
         sub = table.filter(table["method"] == method)
         cells = []
-        for K in sorted(table["experts"].unique()):
+        for K in Ks:
             hit = sub.filter(sub["experts"] == K)
             cells.append(f"{hit['perplexity'].min():.4g} ({hit.row(0, named=True)['grouping']}, "
                          f"{hit.row(0, named=True)['scaling']})" if hit.height else "—")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        per_method.append([method, *cells])
+    lines = [f"# Design-space screen: {table.height} configurations", "",
+             "Held-out perplexity of the assembled student, before distillation; lower is better.", "",
+             f"## Best {min(best, table.height)}", "", *markdown.table(cols, top), "",
+             "## Best per scoring method and K", "", *markdown.table(["method", *(f"K={K}" for K in Ks)], per_method)]
     return "\n".join(lines) + "\n"
 
 

@@ -133,10 +133,12 @@ def test_summary_tables(results):
                                                       "heldout_kl_before": 0.8, "heldout_kl_after": 0.2}},
                         params={"prepare": {"seed": 0}, "select": {"experts": 4}, "distill": {"tokens": 198_656}},
                         figures=["eval.png", "../plots/selection_heatmap.png"])
-    assert "| model | model_type | parameters | % of teacher | weights (MiB) | dtype |" in md
+    assert "| model | model_type | parameters | % of teacher | weights (MiB) | dtype |\n|---|---|---:|---:|---:|---|\n" \
+        in md
     assert "| teacher | qwen3_moe | 4,000,000 | 100.00% | 16.00 | float32 |" in md
     assert "| student | qwen3 | 1,000,000 | 25.00% | 3.500 | float32 |" in md
-    assert "| task | metric | teacher | student | distilled | distillation recovers |" in md
+    assert "| task | metric | teacher | student | distilled | distillation recovers |\n|---|---|---:|---:|---:|---:|\n" \
+        in md
     assert ("| demo_continuation | acc ↑ | 0.5000 ± 0.05000 | 0.3000 ± 0.05000 | 0.4500 ± 0.05000 | 75.0% |"
             in md)
     assert "| demo_continuation | acc_norm ↑ | 0.6000 ± 0.04000 | 0.4000 | 0.4000 ± 0.04000 | 0.0% |" in md

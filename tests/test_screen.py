@@ -67,3 +67,36 @@ def test_results_table_has_no_wall_clock_and_timings_hold_the_computed_ones():
     assert results_table(cached).columns == table.columns and results_table(cached).equals(table)
     t = timings(results, computed=["b"])
     assert t == {"computed": 1, "cached": 1, "seconds_total": 1.5, "configurations": {"b": results[0]["seconds"]}}
+
+
+def test_results_markdown_pins_both_tables():
+    from moe2dense.screen import results_markdown, results_table
+
+    def result(method: str, K: int, grouping: str, ppl: float) -> dict:
+        return {"config": Config(method, K, grouping, "uniform").name, "method": method, "experts": K,
+                "grouping": grouping, "scaling": "uniform", "perplexity": ppl, "routed_mass_kept": K / 32}
+
+    table = results_table([result("sf", 4, PURE, 300.04), result("sf", 8, "router", 25012.5),
+                           result("reap", 4, PURE, 238.21)])  # reap has no K=8 configuration: a dash
+    assert results_markdown(table, best=2) == """\
+# Design-space screen: 3 configurations
+
+Held-out perplexity of the assembled student, before distillation; lower is better.
+
+## Best 2
+
+| config | method | experts | grouping | scaling | perplexity | routed_mass_kept |
+|---|---|---|---|---|---|---|
+| reap-K4-none-uniform | reap | 4 | none | uniform | 238.2 | 0.125 |
+| sf-K4-none-uniform | sf | 4 | none | uniform | 300 | 0.125 |
+
+## Best per scoring method and K
+
+| method | K=4 | K=8 |
+|---|---|---|
+| reap | 238.2 (none, uniform) | — |
+| sf | 300 (none, uniform) | 2.501e+04 (router, uniform) |
+"""
+    capped = results_markdown(table, best=10)  # best capped at the configurations there are
+    assert "## Best 3\n" in capped
+    assert "| sf-K8-router-uniform | sf | 8 | router | uniform | 2.501e+04 | 0.25 |\n" in capped
