@@ -190,6 +190,116 @@ def _check_needs(needs: Iterable[str]) -> set[str]:
     return needs | {"routing"}  # routing is always captured: every score divides by its counts
 
 
+class _Tokens:
+    """What the capture has seen so far: tokens, sequences, tokens per domain."""
+
+    def __init__(self) -> None:
+        self.n_tokens = self.n_sequences = 0
+        self.by_domain: Counter[str] = Counter()
+
+    def add(self, n_rows: int, seq_len: int, domains: list[str]) -> None:
+        self.n_tokens, self.n_sequences = self.n_tokens + n_rows * seq_len, self.n_sequences + n_rows
+        for d in domains:
+            self.by_domain[d] += seq_len
+
+
+class _Hooks:
+    """Setup and teardown of one capture: per MoE layer a routing writer, a `_LayerCapture` hooked on the router
+    (and on the shared expert's gate where the family has one), all writers fed through `threads`."""
+
+    def __init__(self, threads: _WriterThreads):
+        self.threads = threads
+        self.layers: dict[int, _LayerCapture] = {}
+        self.writers: list[RoutingWriter] = []
+        self.handles: list = []
+
+    def attach(self, model: nn.Module, adapter: Adapter, out_root: Path, needs: set[str], store_probs: bool,
+               row_group_rows: int, token_chunk: int, device: torch.device) -> None:
+        for slot, layer in enumerate(adapter.moe_layers):
+            writer = RoutingWriter(out_root, layer, adapter.top_k, adapter.num_experts, store_probs, row_group_rows)
+            self.writers.append(writer)
+            self.layers[layer] = cap = _LayerCapture(model, adapter, layer, writer,
+                                                     partial(self.threads.submit, slot), needs, store_probs,
+                                                     token_chunk, device)
+            self.handles.append(adapter.router_module(model, layer).register_forward_hook(cap))
+            if cap.shared_gate_sum is not None:
+                gate = getattr(adapter.mlp(model, layer), adapter.spec.shared_gate_attr)
+                self.handles.append(gate.register_forward_hook(cap.shared_gate_hook))
+
+    def finish(self) -> None:
+        """Wait for every queued routing append and publish the routing files."""
+        self.threads.join()
+        for writer in self.writers:
+            writer.close()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # the error being raised already says what went wrong
+            self.threads.join()
+        for writer in self.writers:
+            writer.abort()
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _run_batches(model: nn.Module, layers: dict[int, _LayerCapture], batches: Iterable, device: torch.device,
+                 bar) -> _Tokens:
+    """The forward over every batch; the hooks accumulate. Only the base model runs (no LM head)."""
+    seen = _Tokens()
+    with torch.no_grad():
+        for ids, domains in batches:
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            B, S = ids.shape
+            if len(domains) != B:
+                raise ValueError(f"batch of {B} sequences has {len(domains)} domain labels")
+            batch = _Batch(seen.n_sequences, B, S, list(domains))
+            for cap in layers.values():
+                cap.batch = batch
+            model.base_model(input_ids=ids.to(device), use_cache=False)
+            seen.add(B, S, domains)
+            bar.update(B * S)
+    if seen.n_tokens == 0:
+        raise ValueError("no calibration tokens: the batches were empty")
+    return seen
+
+
+@contextlib.contextmanager
+def _system_memory_pool() -> Iterator[None]:
+    """pyarrow's default mimalloc pool hands freed pages back to the OS ~10 ms after a free, so each row-group flush
+    (seconds apart) page-faults its working memory back in: flushes ran ~3x slower inside the capture loop than
+    alone (0.16 s vs 0.05 s per 65,536-row group, 2-core demo VM). The system allocator keeps them mapped."""
+    arrow_pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(arrow_pool)
+
+
+def _write_outputs(out_root: Path, adapter: Adapter, layers: dict[int, _LayerCapture], seen: _Tokens,
+                   needs: set[str], store_probs: bool) -> dict[int, LayerStats]:
+    """Per-layer stats and meta.json beside the routing Parquet (layout in `store`)."""
+    stats = {layer: cap.stats(seen.n_tokens) for layer, cap in layers.items()}
+    for layer, s in stats.items():
+        write_stats(out_root, layer, s)
+    write_meta(out_root, {
+        "model_type": adapter.model_type,
+        "num_experts": adapter.num_experts,
+        "top_k": adapter.top_k,
+        "moe_layers": adapter.moe_layers,
+        "n_tokens": seen.n_tokens,
+        "n_sequences": seen.n_sequences,
+        "needs": [c for c in CAPTURES if c in needs],
+        "store_probs": store_probs,
+        "domains": dict(sorted(seen.by_domain.items())),  # domain -> calibration tokens
+        # layer -> mean sigmoid gate of the shared expert over calibration tokens (families with a gated one)
+        "shared_gate_mean": {str(layer): float(cap.shared_gate_sum) / seen.n_tokens for layer, cap in layers.items()
+                             if cap.shared_gate_sum is not None},
+    })
+    return stats
+
+
 def capture(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor | np.ndarray, list[str]]],
@@ -219,84 +329,26 @@ def capture(
     adapter = get_adapter(model)
     out_root = Path(out_root)
     device = next(model.parameters()).device
-    hidden_model = model.base_model
-    layers: dict[int, _LayerCapture] = {}
-    writers: list[RoutingWriter] = []
     n_moe = len(adapter.moe_layers)
     if writer_threads is None:
         writer_threads = min(n_moe, len(os.sched_getaffinity(0)))
-    threads = _WriterThreads(writer_threads, max_pending=2 * n_moe)  # about one batch queued
-    handles = []
+    hooks = _Hooks(_WriterThreads(writer_threads, max_pending=2 * n_moe))  # about one batch queued
     was_training = model.training
-    n_tokens = n_sequences = 0
-    domain_tokens: Counter[str] = Counter()
     bar = tqdm(desc="calibrate", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
-    # pyarrow's default mimalloc pool hands freed pages back to the OS ~10 ms after a free, so each row-group flush
-    # (seconds apart) page-faults its working memory back in: flushes ran ~3x slower inside the capture loop than
-    # alone (0.16 s vs 0.05 s per 65,536-row group, 2-core demo VM). The system allocator keeps them mapped.
-    arrow_pool = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())
-    try:
-        model.eval()
-        for slot, layer in enumerate(adapter.moe_layers):
-            writer = RoutingWriter(out_root, layer, adapter.top_k, adapter.num_experts, store_probs, row_group_rows)
-            writers.append(writer)
-            layers[layer] = cap = _LayerCapture(model, adapter, layer, writer, partial(threads.submit, slot), needs,
-                                                store_probs, token_chunk, device)
-            handles.append(adapter.router_module(model, layer).register_forward_hook(cap))
-            if cap.shared_gate_sum is not None:
-                gate = getattr(adapter.mlp(model, layer), adapter.spec.shared_gate_attr)
-                handles.append(gate.register_forward_hook(cap.shared_gate_hook))
-        with torch.no_grad():
-            for ids, domains in batches:
-                ids = torch.as_tensor(ids, dtype=torch.long)
-                B, S = ids.shape
-                if len(domains) != B:
-                    raise ValueError(f"batch of {B} sequences has {len(domains)} domain labels")
-                batch = _Batch(n_sequences, B, S, list(domains))
-                for cap in layers.values():
-                    cap.batch = batch
-                hidden_model(input_ids=ids.to(device), use_cache=False)
-                n_tokens, n_sequences = n_tokens + B * S, n_sequences + B
-                for d in domains:
-                    domain_tokens[d] += S
-                bar.update(B * S)
-        if n_tokens == 0:
-            raise ValueError("no calibration tokens: the batches were empty")
-        threads.join()
-        for writer in writers:
-            writer.close()
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error being raised already says what went wrong
-            threads.join()
-        for writer in writers:
-            writer.abort()
-        raise
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        bar.close()
-        pa.set_memory_pool(arrow_pool)
-
-    stats = {layer: cap.stats(n_tokens) for layer, cap in layers.items()}
-    for layer, s in stats.items():
-        write_stats(out_root, layer, s)
-    write_meta(out_root, {
-        "model_type": adapter.model_type,
-        "num_experts": adapter.num_experts,
-        "top_k": adapter.top_k,
-        "moe_layers": adapter.moe_layers,
-        "n_tokens": n_tokens,
-        "n_sequences": n_sequences,
-        "needs": [c for c in CAPTURES if c in needs],
-        "store_probs": store_probs,
-        "domains": dict(sorted(domain_tokens.items())),  # domain -> calibration tokens
-        # layer -> mean sigmoid gate of the shared expert over calibration tokens (families with a gated one)
-        "shared_gate_mean": {str(layer): float(cap.shared_gate_sum) / n_tokens for layer, cap in layers.items()
-                             if cap.shared_gate_sum is not None},
-    })
-    return stats
+    with _system_memory_pool():
+        try:
+            model.eval()
+            hooks.attach(model, adapter, out_root, needs, store_probs, row_group_rows, token_chunk, device)
+            seen = _run_batches(model, hooks.layers, batches, device, bar)
+            hooks.finish()
+        except BaseException:
+            hooks.abort()
+            raise
+        finally:
+            hooks.detach()
+            model.train(was_training)
+            bar.close()
+    return _write_outputs(out_root, adapter, hooks.layers, seen, needs, store_probs)
 
 
 def calibration_batches(packed_path: str | Path, batch_rows: int, max_tokens: int | None = None
