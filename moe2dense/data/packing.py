@@ -21,6 +21,25 @@ def packed_schema(seq_len: int) -> pa.Schema:
     ])
 
 
+class Packer:
+    """Per-domain packing: each document's ids plus `sep_id` join its domain's carry, and every full `seq_len` row
+    comes out. The one rule for the pipeline's packed splits (`PackedWriter`) and `convert`'s calibration rows."""
+
+    def __init__(self, seq_len: int, sep_id: int):
+        self.seq_len, self.sep_id = seq_len, sep_id
+        self.carry: dict[str, list[int]] = {}  # tokens of the current, not yet full sequence per domain
+
+    def add(self, domain: str, ids: Iterable[int]) -> np.ndarray:
+        """The rows this document completes: int32 [n, seq_len], n >= 0."""
+        buf = self.carry.setdefault(domain, [])
+        buf.extend(ids)
+        buf.append(self.sep_id)
+        n_full = len(buf) // self.seq_len
+        block = np.asarray(buf[: n_full * self.seq_len], dtype=np.int32).reshape(n_full, self.seq_len)
+        del buf[: n_full * self.seq_len]
+        return block
+
+
 class PackedWriter:
     """Streams (domain, token ids) into `seq_len` rows; memory stays bounded by `row_group_rows` rows per domain."""
 
@@ -28,21 +47,16 @@ class PackedWriter:
         self.path, self.seq_len, self.sep_id, self.rows_per_group = Path(path), seq_len, sep_id, row_group_rows
         self.schema = packed_schema(seq_len)
         self.writer = pq.ParquetWriter(str(self.path), self.schema, compression="zstd")
-        self.carry: dict[str, list[int]] = {}  # tokens of the current, not yet full sequence per domain
+        self.packer = Packer(seq_len, sep_id)
         self.rows: list[np.ndarray] = []
         self.row_domains: list[str] = []
         self.n_rows = 0
 
     def add(self, domain: str, ids: Iterable[int]) -> None:
-        buf = self.carry.setdefault(domain, [])
-        buf.extend(ids)
-        buf.append(self.sep_id)
-        n_full = len(buf) // self.seq_len
-        if n_full:
-            block = np.asarray(buf[: n_full * self.seq_len], dtype=np.int32).reshape(n_full, self.seq_len)
-            del buf[: n_full * self.seq_len]
+        block = self.packer.add(domain, ids)
+        if len(block):
             self.rows.extend(block)
-            self.row_domains.extend([domain] * n_full)
+            self.row_domains.extend([domain] * len(block))
             while len(self.rows) >= self.rows_per_group:
                 self._flush(self.rows_per_group)
 
