@@ -18,16 +18,17 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install bench clean help screen sweep compare
+.PHONY: demo test install bench bench-synthetic bench-demo clean help screen sweep compare
 
 BEST ?= 3
 JOBS ?= 1
 REVS ?=
+FULL ?=
 
 help:
 	@echo "make demo   - set up .venv and run the conversion pipeline on the offline demo (dvc repro report)"
 	@echo "make test   - set up .venv and run the test suite"
-	@echo "make bench  - run the benchmarks in bench/ (ratios, see bench/RESULTS.md)"
+	@echo "make bench  - run the benchmarks in bench/ (ratios, see bench/RESULTS.md); FULL=1: the memory benchmarks at full size"
 	@echo "make screen - the design-space screen on the demo (dvc repro screen)"
 	@echo "make sweep  - distil the screen's BEST=3 configurations as DVC experiments, JOBS=1 at a time"
 	@echo "make compare REVS='main my-branch' - metrics across git revisions (default: every branch)"
@@ -58,16 +59,40 @@ compare: $(STAMP)
 test: $(STAMP)
 	python -m pytest
 
-bench: $(STAMP)
+# Every benchmark in bench/. The synthetic ones build their own models; the demo ones measure the finished pipeline
+# and run only when `dvc status` finds it up to date (dvc_noop times a no-op `dvc repro` of every stage). Two need
+# more than a laptop has to spare and run at full size only with FULL=1; without it each says so.
+bench: bench-synthetic
+	@if dvc status --quiet; then $(MAKE) --no-print-directory bench-demo; \
+	else echo "make bench: skipped dvc_noop.py, eval_perplexity.py, screen_bench.py and distill_bench.py: they measure" \
+		"the finished pipeline and \`dvc status\` says it is not up to date; run \`make demo screen\`, then \`make bench\`"; fi
+
+bench-synthetic: $(STAMP)
 	python bench/teacher_throughput.py
+	python bench/determinism_bench.py
 	python bench/calibrate_bench.py
 	python bench/score_bench.py
+	python bench/assemble_memory.py $(if $(FULL),,--small)
+	$(if $(FULL),,@echo "make bench: assemble_memory.py ran --small (a 0.23 GB teacher, where its memory budget means" \
+		"nothing); the budgets are for a 3.65 GB teacher (that much disk and page cache, ~3 min):" \
+		"\`make bench FULL=1\` or \`python bench/assemble_memory.py\`")
+	$(if $(FULL),python bench/distill_loss_memory.py,@echo "make bench: skipped distill_loss_memory.py: the chunked loss" \
+		"alone peaks near 5 GB and the naive one takes what memory is free (minus 6 GB), for minutes:" \
+		"\`make bench FULL=1\` or \`python bench/distill_loss_memory.py\`")
+
+bench-demo: $(STAMP)
 	python bench/dvc_noop.py
 	python bench/eval_perplexity.py
 	python bench/screen_bench.py
-	python bench/determinism_bench.py
+	python bench/distill_bench.py throughput
+	python bench/distill_bench.py cached
+	python bench/distill_bench.py determinism
 
-# Removes what the pipeline built (untracked); the committed metrics/ and plots/ stay: `make demo` rewrites them.
+# Removes what the pipeline built and nothing else: `git clean -X` deletes only files git ignores, so the committed
+# metrics/, plots/ and checks/.gitignore stay (`make demo` rewrites the first two) and so does anything of yours.
+OUTPUTS := data/prepared models reports calibration scores selection grouping teacher_logits eval_tasks eval screen \
+	.screen_cache checks timings .distill_runs
 clean:
-	rm -rf data/prepared models reports calibration scores selection grouping teacher_logits eval_tasks eval \
-		screen .screen_cache checks timings .distill_runs
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { echo "make clean: not a git checkout; it removes only" \
+		"the files git ignores, so it needs git"; exit 2; }
+	git clean -fdX -- $(OUTPUTS)
