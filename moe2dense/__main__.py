@@ -66,8 +66,9 @@ def convert(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
+    from moe2dense.checks import set_offline_env
+
+    set_offline_env()
     logging.basicConfig(level=os.environ.get("MOE2DENSE_LOG", "INFO"), format="[convert] %(message)s")
     from moe2dense.convert import ConvertArgs, convert as run_convert
 
@@ -111,15 +112,36 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def methods(args: argparse.Namespace) -> int:
+    """The method table (moe2dense/methods.py) as markdown; --readme FILE rewrites its generated tables in place."""
+    from moe2dense import methods as M
+
+    if args.readme:
+        path = Path(args.readme)
+        text = M.update_readme(path.read_text())
+        if text != path.read_text():
+            path.write_text(text)
+            print(f"{path}: method tables updated")
+        return 0
+    if bad := [k for k in args.kind if k not in M.KINDS]:
+        print(f"error: unknown kind(s) {bad}; allowed: {', '.join(M.KINDS)}", file=sys.stderr)
+        return 2
+    for kind in args.kind or M.KINDS:
+        print(M.markdown(kind))
+    return 0
+
+
 def _convert_args(p: argparse.ArgumentParser) -> None:
+    from moe2dense.methods import names
+
     p.add_argument("--teacher", required=True, help="MoE checkpoint dir, or a hub id in the local HF cache")
     p.add_argument("--out", required=True, help="directory for the dense student (must not exist)")
-    p.add_argument("--method", required=True, help="expert scoring: sf pp cp ean reap acp do_acp")
+    p.add_argument("--method", required=True, help="expert scoring: " + " ".join(names("score")))
     p.add_argument("--experts", type=int, required=True, help="K experts kept per layer (k <= K <= E)")
-    p.add_argument("--group", default="output", help="weight output router dominant coactivation (K > k)")
+    p.add_argument("--group", default="output", help=" ".join(names("grouping")) + " (K > k)")
     p.add_argument("--blocks", type=int, default=None, help="dense blocks per layer (default: the router's top-k)")
     p.add_argument("--align", action="store_true", help="align neurons before merging a group")
-    p.add_argument("--scaling", default="uniform", help="uniform | score")
+    p.add_argument("--scaling", default="uniform", help=" | ".join(names("scaling")))
     p.add_argument("--data", default=None, help="calibration text: .jsonl (text field), .txt, .parquet, or a dir; "
                    "default: the offline demo corpus")
     p.add_argument("--text-column", default="text")
@@ -137,6 +159,7 @@ COMMANDS = {
     "summary": (summary, "print the headline metrics of the last run"),
     "convert": (convert, "convert an MoE checkpoint into a dense one in one go"),
     "compare": (compare, "tabulate metrics across git branches or revisions (dvc exp show)"),
+    "methods": (methods, "list the scoring, grouping, scaling and loss methods (the method table)"),
 }
 
 
@@ -159,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--experiments", action="store_true", help="also the DVC experiments on each")
             p.add_argument("--repo", default=".")
             p.add_argument("--out", help="also write the markdown table here, e.g. reports/compare.md")
+        if name == "methods":
+            p.add_argument("kind", nargs="*", help="score, grouping, scaling or loss (default: all)")
+            p.add_argument("--readme", metavar="FILE", help="rewrite the generated method tables in FILE")
     args = parser.parse_args(argv)
     return COMMANDS[args.command][0](args)
 

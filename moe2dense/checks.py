@@ -1,8 +1,8 @@
 """Pre-flight: every params check that needs more than one pydantic section, run before any model is loaded.
 
 `load_params` checks each section's types and ranges; `preflight` checks what needs the teacher's shape (E experts,
-router top-k: from teacher.demo, or from the checkpoint's config.json, never its weights), the registries (loss
-options, calibration passes) or the environment (lm-eval tasks and their cached datasets). It collects every problem
+router top-k: from teacher.demo, or from the checkpoint's config.json, never its weights), the calibration passes
+(from the method table, moe2dense/methods.py) or the environment (lm-eval tasks and their cached datasets). It collects every problem
 and raises one ParamsError, one line per problem naming the dotted key, the value and what is allowed. Every stage
 (stages/_runner.py), `python -m moe2dense check-params` (the DVC stage `check`), the flows and the sweep call it.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moe2dense.methods import capture_passes
 from moe2dense.params import Params, ParamsError
 
 #: Never reach for the network: set before anything imports transformers / datasets / huggingface_hub.
@@ -24,17 +25,12 @@ def set_offline_env() -> None:
         os.environ.setdefault(var, val)
 
 
-# ---------------------------------------------------------------- calibration passes (one home: calibrate uses it)
-def capture_passes(score_methods, group_method: str) -> set[str]:
-    """Calibration passes calibrate runs: those score.methods need plus those group.method needs (always, even
-    when K == k makes grouping moot, so the passes depend on params alone)."""
-    from moe2dense import grouping, scoring
-
-    return scoring.required_capture(score_methods) | grouping.required_capture(group_method)
-
-
+# ---------------------------------------------------------------- calibration passes (one rule: methods.py)
 def calibrated_passes(params: Params) -> set[str]:
-    return capture_passes(params.score.methods, params.group.method)
+    """Calibration passes calibrate runs: those score.methods (and score.method's merge-by score) need plus those
+    group.method needs (always, even when K == k makes grouping moot, so the passes depend on params alone).
+    The stages, the screen's check and `convert` all ask this."""
+    return capture_passes([*params.score.methods, params.score.method], [params.group.method])
 
 
 # ---------------------------------------------------------------- the teacher's shape
@@ -73,24 +69,16 @@ def _shape_checks(params: Params, k: int, E: int) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------- registries
-def _loss_checks(params: Params) -> list[str]:
-    from moe2dense.distill.losses import LOSSES
-
-    d = params.distill
-    return [f"distill.loss_options: {p}" for p in LOSSES[d.loss].problems(dict(d.loss_options))]
-
-
+# ---------------------------------------------------------------- the screen's grid
 def _screen_checks(params: Params) -> list[str]:
     """The screen reads the shared calibration: each scoring and grouping of its grid needs a pass calibrate ran."""
-    from moe2dense import grouping, scoring
-
     have = calibrated_passes(params)
     why = f"calibrate runs only {sorted(have)} (from score.methods and group.method)"
     out = []
     for key, names, need, fix in (
-            ("screen.methods", params.screen.methods, lambda m: scoring.required_capture([m]), "add them to"),
-            ("screen.groupings", params.screen.groupings, grouping.required_capture, "add acp or do_acp to")):
+            ("screen.methods", params.screen.methods, lambda m: capture_passes([m]), "add them to"),
+            ("screen.groupings", params.screen.groupings, lambda g: capture_passes([], [g]),
+             "add acp or do_acp to")):
         bad = {n: sorted(need(n) - have) for n in names if need(n) - have}
         if bad:
             out.append(f"{key}: {sorted(bad)} need the {sorted({p for v in bad.values() for p in v})} calibration "
@@ -139,7 +127,6 @@ def problems(params: Params, root: str | Path = Path("."), *, lm_eval: bool = Tr
         out.append(msg if msg.startswith("teacher.source") else f"teacher.source: {params.teacher.source!r}: {msg}")
     else:
         out += _shape_checks(params, k, E)
-    out += _loss_checks(params)
     out += _screen_checks(params)
     out += _evaluate_checks(params, lm_eval)
     return out

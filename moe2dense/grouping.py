@@ -1,9 +1,9 @@
 """Grouping registry (K selected experts -> k groups) and merging (one expert per group).
 
-Definitions: README "Grouping, merging and scaling". A grouping method is a similarity among the K selected experts
-plus a clustering rule; it declares the one input it reads (`needs`) so the caller only gathers that (the Gram
-matrix, for one, needs the expensive all-experts calibration pass). Clustering is deterministic: ties go to the
-better-ranked experts, ranks being positions in the best-first selection, so a rerun gives the same dense model.
+Definitions: docs/architecture.md, "Methods". A grouping method is a similarity among the K selected experts plus a
+clustering rule; what it reads and how it clusters are its entry in the method table (moe2dense/methods.py), so the
+caller gathers only that input (the Gram matrix, for one, needs the expensive all-experts calibration pass).
+Clustering is deterministic, so a rerun gives the same dense model.
 """
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from scipy.cluster.hierarchy import linkage
 from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import squareform
 from torch import Tensor
 
+from . import methods as M
 from .arch.experts import ExpertWeights
+from .scoring import cosine_from_gram
 
-#: Inputs a grouping method may need (fields of `GroupInputs`), with where each comes from for error messages.
+#: Where each input a grouping may read (fields of `GroupInputs`) comes from, for error messages.
 INPUT_SOURCES = {
     "expert_weights": "the selected experts' weights, read from the teacher",
     "gram": "the all-experts calibration pass, which calibrate runs when group.method needs it or when you "
@@ -25,6 +29,7 @@ INPUT_SOURCES = {
     "router_weight": "the layer's router weight, read from the teacher",
     "coselect": "the routing capture (see `coselection_counts`)",
 }
+assert set(INPUT_SOURCES) == set(M.INPUT_CAPTURE)
 
 #: Distances closer than this count as equal, so float rounding (e.g. of duplicate experts) cannot break ties.
 TIE_TOL = 1e-12
@@ -58,27 +63,16 @@ def _first_min(values: np.ndarray) -> int:
 
 
 def average_linkage(sim: np.ndarray, k: int) -> list[list[int]]:
-    """Agglomerative clustering, average linkage on distance 1 - sim, until k clusters remain.
-
-    A cluster lives in the slot of its best position, so among equal distances the first upper-triangle minimum in
-    row-major order is the pair with the smallest (rank_i, rank_j). `total` holds summed pairwise distances
-    between clusters: merging is two additions and the average is total / (n_a n_b), O(K^2) a step.
-    """
+    """Agglomerative clustering, average linkage (UPGMA) on distance 1 - sim, stopped at k clusters: scipy's
+    linkage, whose first K - k merges are replayed (a cut by height could leave fewer than k clusters on ties)."""
     K = len(sim)
-    total = 1.0 - sim
-    size = np.ones(K)
-    active = np.ones(K, dtype=bool)
-    members = [[i] for i in range(K)]
-    upper = np.triu(np.ones((K, K), dtype=bool), 1)
-    for _ in range(K - k):
-        live = upper & active[:, None] & active[None, :]
-        a, b = divmod(_first_min(np.where(live, total / np.outer(size, size), np.inf).ravel()), K)
-        total[a] += total[b]
-        total[:, a] += total[:, b]
-        size[a] += size[b]
-        active[b] = False
-        members[a] += members[b]
-    return [sorted(members[i]) for i in np.flatnonzero(active)]
+    if k >= K:
+        return [[i] for i in range(K)]
+    tree = linkage(squareform(1.0 - np.asarray(sim, dtype=np.float64), checks=False), method="average")
+    members = {i: [i] for i in range(K)}
+    for step, (a, b) in enumerate(tree[:K - k, :2].astype(int)):
+        members[K + step] = members.pop(a) + members.pop(b)
+    return sorted(sorted(m) for m in members.values())
 
 
 def centres(sim: np.ndarray, k: int) -> list[list[int]]:
@@ -99,29 +93,17 @@ CLUSTERINGS: dict[str, Callable[[np.ndarray, int], list[list[int]]]] = {
 GROUPERS: dict[str, Grouper] = {}
 
 
-def register_grouping(name: str, needs: str, clustering: str):
-    """Register `fn(inputs) -> Tensor[K, K]` (similarity among inputs.experts) as grouping method `name`."""
-    if needs not in INPUT_SOURCES:
-        raise ValueError(f"needs={needs!r}: expected one of {tuple(INPUT_SOURCES)}")
-    if clustering not in CLUSTERINGS:
-        raise ValueError(f"clustering={clustering!r}: expected one of {tuple(CLUSTERINGS)}")
+def register_grouping(name: str):
+    """Register `fn(inputs) -> Tensor[K, K]` (similarity among inputs.experts) as the table's grouping `name`."""
+    entry = M.get("grouping", name)
 
     def deco(fn):
         if name in GROUPERS:
             raise ValueError(f"grouping method {name!r} is already registered")
-        GROUPERS[name] = Grouper(name, needs, clustering, fn)
+        GROUPERS[name] = Grouper(name, entry.reads, entry.clustering, fn)
         return fn
 
     return deco
-
-
-def cosine_from_gram(gram: Tensor) -> Tensor:
-    """G_ij / sqrt(G_ii G_jj) in float64; 0 where a diagonal is 0 (an expert with no output or no selections is
-    similar to nothing, instead of 0/0)."""
-    gram = gram.to(torch.float64)
-    norm = gram.diagonal().clamp_min(0).sqrt()
-    denom = norm[:, None] * norm[None, :]
-    return torch.where(denom > 0, gram / denom.where(denom > 0, 1.0), 0.0)
 
 
 def _submatrix(m: Tensor, experts: list[int]) -> Tensor:
@@ -129,7 +111,7 @@ def _submatrix(m: Tensor, experts: list[int]) -> Tensor:
     return m[idx][:, idx]
 
 
-@register_grouping("weight", needs="expert_weights", clustering="average_linkage")
+@register_grouping("weight")
 def weight_similarity(inputs: GroupInputs) -> Tensor:
     """Cosine of the flattened, concatenated weights, from a Gram summed field by field: never holds all K
     experts as one float64 (K, 3IH) matrix."""
@@ -147,53 +129,41 @@ def weight_similarity(inputs: GroupInputs) -> Tensor:
     return cosine_from_gram(gram)
 
 
-@register_grouping("output", needs="gram", clustering="average_linkage")
+@register_grouping("output")
 def output_similarity(inputs: GroupInputs) -> Tensor:
     return cosine_from_gram(_submatrix(inputs.gram, inputs.experts))
 
 
-@register_grouping("router", needs="router_weight", clustering="average_linkage")
+@register_grouping("router")
 def router_similarity(inputs: GroupInputs) -> Tensor:
     rows = inputs.router_weight[torch.as_tensor(inputs.experts, device=inputs.router_weight.device)]
     rows = rows.to(torch.float64)
     return cosine_from_gram(rows @ rows.T)
 
 
-@register_grouping("dominant", needs="gram", clustering="centres")
+@register_grouping("dominant")
 def dominant_similarity(inputs: GroupInputs) -> Tensor:
     return output_similarity(inputs)
 
 
-@register_grouping("coactivation", needs="coselect", clustering="average_linkage")
+@register_grouping("coactivation")
 def coactivation_similarity(inputs: GroupInputs) -> Tensor:
     """Cosine of the experts' binary selection indicators over tokens."""
     return cosine_from_gram(_submatrix(inputs.coselect, inputs.experts))
 
 
-GROUP_METHODS = ("weight", "output", "router", "dominant", "coactivation")
-assert GROUP_METHODS == tuple(GROUPERS), "GROUP_METHODS must list the registry in canonical order"
+GROUP_METHODS = M.names("grouping")
+M.check_registry("grouping", GROUPERS)
 
 
 def _grouper(method: str) -> Grouper:
-    if method not in GROUPERS:
-        raise ValueError(f"group.method = {method!r} is not a known grouping method; choose one of {GROUP_METHODS}")
+    M.get("grouping", method)  # unknown name: the table's error, naming the allowed ones
     return GROUPERS[method]
 
 
 def required_input(method: str) -> str:
     """The `GroupInputs` field `method` reads."""
     return _grouper(method).needs
-
-
-#: The calibration pass (moe2dense.scoring.CAPTURES) each calibration-derived input comes from; the other inputs
-#: are read from the teacher's weights.
-CAPTURE_OF_INPUT = {"gram": "all_outputs", "coselect": "routing"}
-
-
-def required_capture(method: str) -> set[str]:
-    """Calibration passes grouping by `method` needs (empty: it reads the teacher's weights only)."""
-    need = required_input(method)
-    return {CAPTURE_OF_INPUT[need]} if need in CAPTURE_OF_INPUT else set()
 
 
 def group_experts(method: str, inputs: GroupInputs, k: int) -> list[list[int]]:

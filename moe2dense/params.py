@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
+
+from moe2dense import methods as M
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -33,7 +36,7 @@ class BibleSource(Section):
 
     kind: Literal["bible"]
     domain: str = "bible"
-    max_chars: int = Field(4_000_000, gt=0)
+    max_chars: int = Field(3_000_000, gt=0)
 
 
 class PythonDocsSource(Section):
@@ -41,7 +44,7 @@ class PythonDocsSource(Section):
 
     kind: Literal["python_docs"]
     domain: str = "python_docs"
-    max_chars: int = Field(3_000_000, gt=0)
+    max_chars: int = Field(2_000_000, gt=0)
 
 
 class PythonCodeSource(Section):
@@ -49,7 +52,7 @@ class PythonCodeSource(Section):
 
     kind: Literal["python_code"]
     domain: str = "python_code"
-    max_chars: int = Field(3_000_000, gt=0)
+    max_chars: int = Field(2_000_000, gt=0)
 
 
 class FilesSource(Section):
@@ -135,7 +138,7 @@ class DemoModelParams(Section):
     num_experts: int = Field(32, ge=32)
     num_experts_per_tok: int = Field(4, ge=4)
     moe_intermediate_size: int = Field(64, ge=4)
-    router_aux_loss_coef: float = Field(0.01, ge=0)
+    router_aux_loss_coef: float = Field(0.02, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "DemoModelParams":
@@ -152,9 +155,9 @@ class DemoModelParams(Section):
 
 
 class DemoTrainParams(Section):
-    tokens: int = Field(1_000_000, gt=0)  # training budget in tokens (steps = tokens / (batch_size * seq_len))
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    tokens: int = Field(800_000, gt=0)  # training budget in tokens (steps = tokens / (batch_size * seq_len))
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -179,8 +182,21 @@ class TeacherParams(Section):
 
 
 # ---------------------------------------------------------------- calibrate / score / select
-SCORE_METHODS = ("sf", "pp", "cp", "ean", "reap", "acp", "do_acp")  # mirrors moe2dense.scoring.METHODS
-ScoreMethod = Literal["sf", "pp", "cp", "ean", "reap", "acp", "do_acp"]
+# Method names and options come from the method table (moe2dense/methods.py), never typed out here.
+ScoreMethod = Literal[M.names("score")]
+GroupMethod = Literal[M.names("grouping")]
+Scaling = Literal[M.names("scaling")]
+DistillLoss = Literal[M.names("loss")]
+
+
+def _options_section(kind: str) -> type[Section]:
+    """`{method: its options}` for every `kind` method that has options, each defaulting to the method's defaults
+    (e.g. score.options.do_acp.lam)."""
+    fields = {m.name: (m.options, m.options()) for m in M.TABLE if m.kind == kind and m.options.model_fields}
+    return create_model(f"{kind.title()}Options", __base__=Section, **fields)
+
+
+ScoreOptions = _options_section("score")
 
 
 class CalibrateParams(Section):
@@ -195,8 +211,13 @@ class CalibrateParams(Section):
 
 class ScoreParams(Section):
     method: ScoreMethod = "do_acp"  # the method `select` uses
-    methods: list[ScoreMethod] = Field(default_factory=lambda: list(SCORE_METHODS), min_length=1)  # all computed
-    do_acp_lambda: float = Field(1e-3, gt=0)
+    methods: list[ScoreMethod] = Field(default_factory=lambda: list(M.names("score")), min_length=1)  # all computed
+    options: ScoreOptions = ScoreOptions()  # per-method options, e.g. {do_acp: {lam: 0.001}}
+
+    def kwargs(self, method: str) -> dict[str, Any]:
+        """Keyword options of scoring `method` ({} for a method without options)."""
+        opts = getattr(self.options, method, None)
+        return opts.model_dump() if opts is not None else {}
 
     @model_validator(mode="after")
     def _method_is_computed(self) -> "ScoreParams":
@@ -210,31 +231,22 @@ class SelectParams(Section):
 
 
 # ---------------------------------------------------------------- group / assemble
-GROUP_METHODS = ("weight", "output", "router", "dominant", "coactivation")  # mirrors moe2dense.grouping
-GroupMethod = Literal["weight", "output", "router", "dominant", "coactivation"]
-SCALINGS = ("uniform", "score")  # mirrors moe2dense.scaling
-
-
 class GroupParams(Section):
     method: GroupMethod = "output"  # ignored when select.experts == k (pure pruning)
     k: int | None = Field(None, ge=1)  # dense blocks per layer; None = the router's top-k
     align: bool = False  # align members' neurons to the group's best expert before averaging
+    scaling: Scaling = "uniform"  # the constant c_g standing in for each block's routing weight
 
 
 class AssembleParams(Section):
-    scaling: Literal["uniform", "score"] = "uniform"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # student weights; auto = the teacher's
     max_shard_gb: float = Field(5.0, gt=0)  # safetensors shard size of the student checkpoint
 
 
 # ---------------------------------------------------------------- distill
-LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "akl", "tv")
-DistillLoss = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "akl", "tv"]
-
-
 class DistillParams(Section):
     loss: DistillLoss = "forward_kl"
-    loss_options: dict[str, float] = Field(default_factory=dict)  # jsd: beta; skew_*: alpha; akl: mu
+    loss_options: dict[str, Any] = Field(default_factory=dict)  # the loss's options (methods.py), e.g. jsd: beta
     temperature: float = Field(1.0, gt=0)
     ce_weight: float = Field(0.0, ge=0, le=1)  # mix of next-token cross-entropy on the data
     tokens: int = Field(200_000, gt=0)  # training tokens; steps = tokens / (batch_size * seq_len)
@@ -258,6 +270,18 @@ class DistillParams(Section):
     eval_tokens: int = Field(16_384, gt=0)  # held-out tokens for the KL before / after
     seed: int = Field(0, ge=0)
 
+    @field_validator("loss_options")
+    @classmethod
+    def _loss_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked against the chosen loss's options model: names and ranges live in the method table."""
+        if "loss" in info.data:  # else `loss` itself is invalid and reported
+            M.options("loss", info.data["loss"], options)
+        return options
+
+    def loss_kwargs(self) -> dict[str, float]:
+        """The chosen loss's options, defaults filled in."""
+        return M.options("loss", self.loss, self.loss_options).model_dump()
+
 
 # ---------------------------------------------------------------- evaluate
 EVAL_MODELS = ("teacher", "student", "distilled")
@@ -279,7 +303,7 @@ class EvaluateParams(Section):
     tasks: list[str] = Field(default_factory=lambda: ["demo"], min_length=1)
     num_fewshot: dict[str, int] = Field(default_factory=dict)  # per-task shot overrides
     batch_size: int = Field(8, ge=1)
-    max_length: int | None = Field(None, ge=16)  # tokens per rolling window / request; None = model's context
+    max_length: int | None = Field(256, ge=16)  # tokens per rolling window / request; None = model's context
     limit: int | None = Field(None, ge=1)  # documents per task (quick looks); None = all
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = as stored
@@ -299,11 +323,9 @@ class EvaluateParams(Section):
 class ScreenParams(Section):
     """The design-space screen (stage `screen`): every combination, assembled and scored by held-out perplexity."""
 
-    methods: list[ScoreMethod] = Field(default_factory=lambda: ["sf", "pp", "cp", "ean", "reap", "acp", "do_acp"],
-                                       min_length=1)
-    groupings: list[GroupMethod] = Field(
-        default_factory=lambda: ["weight", "output", "router", "dominant", "coactivation"], min_length=1)
-    scalings: list[Literal["uniform", "score"]] = Field(default_factory=lambda: ["uniform", "score"], min_length=1)
+    methods: list[ScoreMethod] = Field(default_factory=lambda: list(M.names("score")), min_length=1)
+    groupings: list[GroupMethod] = Field(default_factory=lambda: list(M.names("grouping")), min_length=1)
+    scalings: list[Scaling] = Field(default_factory=lambda: list(M.names("scaling")), min_length=1)
     experts: list[int] | None = None  # K values; None = k, 2k, 4k, ... up to E
     eval_tokens: int = Field(16_384, gt=0)  # held-out tokens per configuration
     batch_size: int = Field(8, ge=1)
@@ -385,6 +407,8 @@ def _format(err: ValidationError, origin: str) -> str:
             msg = f"each corpus source needs a 'kind'; allowed: {', '.join(SOURCE_KINDS)}"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "value_error":  # our validators' own messages
+            msg = msg.removeprefix("Value error, ")
         if e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, (dict, list)):
             msg += f" (got {given!r})"
         lines.append(f"  - {key or '<root>'}: {msg}")

@@ -1,5 +1,5 @@
-"""Magnitude scaling: the constant c_g that stands in for dense block g's routing weight (README "Grouping,
-merging and scaling").
+"""Magnitude scaling: the constant c_g that stands in for dense block g's routing weight (docs/architecture.md,
+"Methods"; the names are the method table's, moe2dense/methods.py).
 
 In the teacher, a token's FFN output is sum_{e in S_t} g_{t,e} f_e(x_t); the dense student computes
 sum_g c_g E_g(x_t) for every token. Both rules keep the total weight per token at m, the mean total routed weight
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from moe2dense import methods as M
 from moe2dense.scoring import LayerStats
 
 Groups = Sequence[Sequence[int]]
@@ -18,6 +19,8 @@ SCALINGS: dict[str, ScaleFn] = {}
 
 
 def register_scaling(name: str) -> Callable[[ScaleFn], ScaleFn]:
+    M.get("scaling", name)
+
     def deco(fn: ScaleFn) -> ScaleFn:
         SCALINGS[name] = fn
         return fn
@@ -51,9 +54,11 @@ def by_routing_weight(groups: Groups, stats: LayerStats, m: float) -> list[float
     return [m * w / total for w in means]
 
 
+M.check_registry("scaling", SCALINGS)
+
+
 def group_scales(kind: str, groups: Groups, stats: LayerStats, m: float) -> list[float]:
-    if kind not in SCALINGS:
-        raise ValueError(f"assemble.scaling = {kind!r} is not a known scaling; choose one of {tuple(SCALINGS)}")
+    M.get("scaling", kind)
     if not groups:
         raise ValueError("no groups to scale")
     return SCALINGS[kind](groups, stats, m)

@@ -1,8 +1,8 @@
 """Expert scoring registry: one score per expert per MoE layer, from calibration aggregates.
 
-Definitions: README "Scoring methods". Every scorer reads a `LayerStats` of per-layer *sums*, so
-calibration can stream tokens and never keep per-token outputs. A scorer declares which calibration pass it needs
-(`needs`) so the expensive all-experts pass only runs when an enabled method asks for it.
+Definitions: docs/architecture.md, "Methods". Every scorer reads a `LayerStats` of per-layer *sums*, so calibration
+can stream tokens and never keep per-token outputs. Which calibration pass a method needs, its options and what its
+groups merge by are its entry in the method table (moe2dense/methods.py); this module adds the functions.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-#: Calibration passes, cheapest first. "routing": router hook only; "routed_outputs": each expert's output on the
-#: tokens routed to it (free during the normal forward); "all_outputs": every expert on every token (E/k x FFN cost).
-CAPTURES = ("routing", "routed_outputs", "all_outputs")
+from moe2dense import methods as M
+from moe2dense.methods import CAPTURES
 
-#: Ridge added to the DO-ACP kernel. q is max-normalised (see `do_acp_kernel`), so this is relative to the best
-#: expert's squared quality and does not depend on the model's activation scale.
-DO_ACP_LAMBDA = 1e-3
+#: Default ridge of the DO-ACP kernel (its options in the method table). q is max-normalised (see `do_acp_kernel`),
+#: so it is relative to the best expert's squared quality and does not depend on the model's activation scale.
+DO_ACP_LAMBDA = M.DoAcpOptions().lam
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,10 @@ _CAPTURED_BY = {  # optional LayerStats fields each pass fills
 }
 
 
-def register_score(name: str, needs: str, inputs: tuple[str, ...] | None = None):
-    """Register `fn(stats, **options) -> Tensor[E]` under `name`. `inputs` defaults to all fields of `needs`."""
-    if needs not in CAPTURES:
-        raise ValueError(f"needs={needs!r}: expected one of {CAPTURES}")
+def register_score(name: str, inputs: tuple[str, ...] | None = None):
+    """Register `fn(stats, **options) -> Tensor[E]` as the table's scoring method `name`. `inputs`: the LayerStats
+    fields it reads; default: every field its calibration pass fills."""
+    needs = M.get("score", name).capture
 
     def deco(fn):
         if name in SCORERS:
@@ -94,42 +93,43 @@ def _per_selected(total: Tensor, count: Tensor) -> Tensor:
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
-@register_score("sf", needs="routing")
+@register_score("sf")
 def selection_frequency(s: LayerStats) -> Tensor:
     return s.count / s.n_tokens
 
 
-@register_score("pp", needs="routing")
+@register_score("pp")
 def preselection_probability(s: LayerStats) -> Tensor:
     return s.prob_sum / s.n_tokens
 
 
-@register_score("cp", needs="routing")
+@register_score("cp")
 def conditional_probability(s: LayerStats) -> Tensor:
     return _per_selected(s.prob_sum_selected, s.count)
 
 
-@register_score("ean", needs="routed_outputs", inputs=("norm_sum_routed",))
+@register_score("ean", inputs=("norm_sum_routed",))
 def expert_activation_norm(s: LayerStats) -> Tensor:
     return s.norm_sum_routed / s.n_tokens
 
 
-@register_score("reap", needs="routed_outputs", inputs=("gnorm_sum_routed",))
+@register_score("reap", inputs=("gnorm_sum_routed",))
 def router_weighted_activation(s: LayerStats) -> Tensor:
     return _per_selected(s.gnorm_sum_routed, s.count)
 
 
-@register_score("acp", needs="all_outputs", inputs=("sqnorm_sum_all",))
+@register_score("acp", inputs=("sqnorm_sum_all",))
 def activation_weighted_cp(s: LayerStats) -> Tensor:
     return conditional_probability(s) * (s.sqnorm_sum_all / s.n_tokens).sqrt()
 
 
-def output_cosine(gram: Tensor) -> Tensor:
-    """Cosine similarity C from a Gram matrix (scale-free, so G or G/N alike). A zero-output expert gets C_ii = 1
-    and 0 elsewhere instead of 0/0; its q is 0 anyway, so it only ever contributes the ridge."""
+def cosine_from_gram(gram: Tensor) -> Tensor:
+    """G_ij / sqrt(G_ii G_jj) in float64 (scale-free, so G or G/N alike); 0 where a diagonal is 0: an expert with no
+    output or no selections is similar to nothing, instead of 0/0. The one cosine of scoring and grouping."""
+    gram = gram.to(torch.float64)
     norm = gram.diagonal().clamp_min(0).sqrt()
-    C = gram / (norm[:, None] * norm[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
-    return C.fill_diagonal_(1.0)
+    denom = norm[:, None] * norm[None, :]
+    return torch.where(denom > 0, gram / denom.where(denom > 0, 1.0), 0.0)
 
 
 def do_acp_kernel(s: LayerStats, lam: float = DO_ACP_LAMBDA) -> Tensor:
@@ -140,7 +140,8 @@ def do_acp_kernel(s: LayerStats, lam: float = DO_ACP_LAMBDA) -> Tensor:
         raise ValueError(f"do_acp lambda must be > 0 (it keeps L positive definite), got {lam}")
     q = activation_weighted_cp(s)
     q = q / q.max() if q.max() > 0 else q
-    L = q[:, None] * output_cosine(s.gram) * q[None, :]
+    # C_ii = 1 also for a zero-output expert: its q is 0 anyway, so it only ever contributes the ridge.
+    L = q[:, None] * cosine_from_gram(s.gram).fill_diagonal_(1.0) * q[None, :]
     return L + lam * torch.eye(s.num_experts, dtype=L.dtype)
 
 
@@ -171,7 +172,7 @@ def greedy_map(L: Tensor, K: int) -> tuple[Tensor, Tensor]:
     return order, gains
 
 
-@register_score("do_acp", needs="all_outputs", inputs=("sqnorm_sum_all", "gram"))
+@register_score("do_acp", inputs=("sqnorm_sum_all", "gram"))
 def diversity_aware_acp(s: LayerStats, lam: float = DO_ACP_LAMBDA) -> Tensor:
     """Score = marginal log-det gain at the step greedy MAP (run over all E) adds the expert. log det is
     submodular, so gains are non-increasing along the greedy order and top-K by score is the greedy K-set up to
@@ -180,13 +181,12 @@ def diversity_aware_acp(s: LayerStats, lam: float = DO_ACP_LAMBDA) -> Tensor:
     return torch.empty_like(gains).index_put_((order,), gains)
 
 
-METHODS = ("sf", "pp", "cp", "ean", "reap", "acp", "do_acp")
-assert METHODS == tuple(SCORERS), "METHODS must list the registry in canonical order"
+METHODS = M.names("score")
+M.check_registry("score", SCORERS)
 
 
 def _scorer(method: str) -> Scorer:
-    if method not in SCORERS:
-        raise ValueError(f"score.method = {method!r} is not a known scoring method; choose one of {tuple(SCORERS)}")
+    M.get("score", method)  # unknown name: the table's error, naming the allowed ones
     return SCORERS[method]
 
 
@@ -211,12 +211,6 @@ def score_all(
     if methods is None:
         methods = [m for m, sc in SCORERS.items() if not sc.missing(stats)]
     return {m: score(m, stats, **options.get(m, {})) for m in methods}
-
-
-def required_capture(methods) -> set[str]:
-    """Calibration passes needed to score `methods` (a subset of CAPTURES). Routing is always included: it is
-    nearly free, and reap, acp and do_acp divide by its selection counts."""
-    return {"routing"} | {_scorer(m).needs for m in methods}
 
 
 def scores_frame(stats_by_layer: dict[int, LayerStats], methods, options: dict[str, dict] | None = None):

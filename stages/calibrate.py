@@ -8,7 +8,7 @@ import time
 
 from stages._runner import run
 from moe2dense.calibrate.capture import calibration_batches, capture
-from moe2dense.checks import capture_passes
+from moe2dense.checks import calibrated_passes
 from moe2dense.io import atomic_dir, write_json, write_timings
 from moe2dense.params import load_params
 from moe2dense.teacher.load import load_teacher
@@ -21,7 +21,7 @@ METRICS = "metrics/calibrate.json"
 def main() -> None:
     params = load_params()
     c = params.calibrate
-    needs = capture_passes(params.score.methods, params.group.method)  # what score and group will read
+    needs = calibrated_passes(params)  # what score and group will read
     model = load_teacher(dtype=c.dtype, device=c.device)
     batches = calibration_batches(PACKED, c.batch_size, max_tokens=c.max_tokens or None)
     start = time.perf_counter()

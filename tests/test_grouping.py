@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import replace
 
 import numpy as np
@@ -45,7 +46,7 @@ def permuted(w: ExpertWeights, perm: torch.Tensor) -> ExpertWeights:
 
 
 def test_registry_order_matches_params():
-    assert GROUP_METHODS == tuple(GROUPERS) == params.GROUP_METHODS
+    assert GROUP_METHODS == tuple(GROUPERS) == typing.get_args(params.GroupMethod)
     assert {m: required_input(m) for m in GROUP_METHODS} == {
         "weight": "expert_weights", "output": "gram", "router": "router_weight", "dominant": "gram",
         "coactivation": "coselect"}

@@ -22,6 +22,36 @@ def test_repo_params_and_smoke_params_are_valid():
     assert smoke.teacher.demo.num_experts_per_tok >= 4 and smoke.teacher.demo.num_hidden_layers >= 4
 
 
+def test_params_yaml_holds_exactly_the_models_defaults():
+    """One set of defaults: deleting any key of params.yaml must not change the run."""
+    from moe2dense.params import Params, read_yaml
+
+    data = read_yaml((REPO / "params.yaml").read_text())
+    assert load_params(REPO / "params.yaml") == Params()
+
+    def keys(d, prefix=""):  # every leaf key of params.yaml, dotted
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k not in ("num_fewshot", "loss_options"):
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    # and every key is written out (corpus entries aside): a user reads each default in params.yaml
+    assert set(keys(Params().model_dump(mode="json"))) == set(keys(data))
+
+
+def test_method_options_are_typed_by_the_method_table():
+    msg = errors_for({"score": {"options": {"do_acp": {"lam": 0}, "sf": {}}}})
+    assert "score.options.do_acp.lam: Input should be greater than 0 (got 0)" in msg
+    assert "score.options.sf: unknown key; allowed keys here: do_acp" in msg
+    msg = errors_for({"distill": {"loss": "jsd", "loss_options": {"alpha": 0.1, "beta": 1.5}}})
+    assert "distill.loss_options: loss 'jsd' has no option(s) ['alpha']; allowed: ['beta']" in msg
+    assert "jsd beta: Input should be less than 1 (got 1.5)" in msg
+    p = parse_params({"distill": {"loss": "akl", "loss_options": {"mu": 1}}, "score": {"options": {"do_acp": {"lam": 0.5}}}})
+    assert p.distill.loss_kwargs() == {"mu": 1.0} and p.score.kwargs("do_acp") == {"lam": 0.5}
+    assert parse_params({}).distill.loss_kwargs() == {} and p.score.kwargs("sf") == {}
+
+
 def test_unknown_top_level_section_lists_allowed_sections():
     msg = errors_for({"prepair": {}})
     assert "prepair: unknown key; allowed keys here: assemble, calibrate, distill, evaluate, group, prepare, score, screen, select, teacher" in msg
@@ -101,7 +131,8 @@ def test_group_blocks_cannot_exceed_kept_experts():
 
 @pytest.mark.parametrize("section, key, value, needle", [
     ("group", "method", "kmeans", "group.method"),
-    ("assemble", "scaling", "big", "assemble.scaling"),
+    ("group", "scaling", "big", "group.scaling"),
+    ("score", "method", "top", "score.method"),
     ("distill", "loss", "mse", "distill.loss"),
     ("distill", "freeze", ["mlp"], "distill.freeze[0]"),
     ("distill", "teacher_logits", "disk", "distill.teacher_logits"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe2dense.scoring import (
-    DO_ACP_LAMBDA, METHODS, SCORERS, LayerStats, do_acp_kernel, greedy_map, required_capture, score, score_all,
+    DO_ACP_LAMBDA, METHODS, SCORERS, LayerStats, do_acp_kernel, greedy_map, score, score_all,
 )
 from moe2dense.selection import select_experts, selection_order
 
@@ -97,15 +97,6 @@ def test_registry_is_complete_and_ordered():
 def test_never_routed_expert_scores_zero():
     scores = score_all(HAND, ["sf", "cp", "reap", "ean"])
     assert all(s[2] == 0 and not torch.isnan(s).any() for s in scores.values())
-
-
-def test_required_capture():
-    assert required_capture(["sf", "pp", "cp"]) == {"routing"}
-    assert required_capture(["reap", "ean"]) == {"routing", "routed_outputs"}
-    assert required_capture(["sf", "do_acp"]) == {"routing", "all_outputs"}
-    assert required_capture(METHODS) == {"routing", "routed_outputs", "all_outputs"}
-    with pytest.raises(ValueError, match="not a known scoring method"):
-        required_capture(["nope"])
 
 
 def test_missing_inputs_skipped_or_explained():

@@ -12,12 +12,14 @@ cross-entropy kernels); `full_kd_loss` is the naive reference that materialises 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from moe2dense import methods as M
 
 #: Floor on the teacher's rest-bin mass when the top-N support does not cover the vocabulary. Top-N log-probs of a
 #: peaked distribution can sum to 1 after rounding (rest mass 0), which would make reverse-type losses infinite as
@@ -45,73 +47,31 @@ Target = Union[Tensor, SparseTarget]
 
 
 @dataclass(frozen=True)
-class Option:
-    """A loss option: its default and the interval it must lie in (open or closed at either end). Declared with the
-    loss, so the pre-flight check (moe2dense.checks) and `Loss.bind` read the same ranges."""
-
-    default: float
-    low: float
-    high: float
-    low_open: bool = True
-    high_open: bool = True
-
-    def allowed(self) -> str:
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-    def contains(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-
-@dataclass(frozen=True)
 class Loss:
-    """A registered divergence on bins and its options."""
+    """A registered divergence on bins; its options model (names, defaults, ranges) is its method-table entry."""
 
     name: str
     fn: Callable[..., Tensor]  # fn(log_p, log_q, **options) -> Tensor[T]
-    options: dict[str, Option] = field(default_factory=dict)
-
-    @property
-    def defaults(self) -> dict[str, float]:
-        return {k: o.default for k, o in self.options.items()}
-
-    def problems(self, options: dict[str, float] | None) -> list[str]:
-        """One message per unknown option name or out-of-range value (empty: valid)."""
-        options = options or {}
-        out = []
-        if unknown := sorted(set(options) - set(self.options)):
-            out.append(f"loss {self.name!r} has no option(s) {unknown}; allowed: {sorted(self.options)}")
-        for key, value in options.items():
-            opt = self.options.get(key)
-            if opt is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                    or not opt.contains(value)):
-                out.append(f"{self.name} {key} must be in {opt.allowed()}, got {value!r}")
-        return out
+    options: type[M.Options]
 
     def bind(self, options: dict[str, float] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """`fn` with its options resolved (defaults overridden by `options`); unknown names or values out of range
-        raise."""
-        if problems := self.problems(options):
-            raise ValueError("; ".join(problems))
-        merged = {**self.defaults, **(options or {})}
+        raise ValueError."""
+        merged = M.options("loss", self.name, options).model_dump()
         return lambda log_p, log_q: self.fn(log_p, log_q, **merged)
 
 
 LOSSES: dict[str, Loss] = {}
 
-#: The mixing weights of jsd and the skew losses: log(w) and log(1 - w) must both be finite.
-OPEN_UNIT = dict(low=0.0, high=1.0)
 
-
-def register_loss(name: str, **options: Option):
-    """Register `fn(log_p, log_q, **options) -> Tensor[T]` under `name`; `options` declares each option's default
-    and allowed range."""
+def register_loss(name: str):
+    """Register `fn(log_p, log_q, **options) -> Tensor[T]` as the table's loss `name`."""
+    entry = M.get("loss", name)
 
     def deco(fn):
         if name in LOSSES:
             raise ValueError(f"distillation loss {name!r} is already registered")
-        LOSSES[name] = Loss(name, fn, dict(options))
+        LOSSES[name] = Loss(name, fn, entry.options)
         return fn
 
     return deco
@@ -119,8 +79,7 @@ def register_loss(name: str, **options: Option):
 
 def get_loss(name: str, options: dict[str, float] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """The registered loss `name` with `options` bound: a function (log_p, log_q) -> Tensor[T]."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown distillation loss {name!r}; choose one of {tuple(LOSSES)}")
+    M.get("loss", name)
     return LOSSES[name].bind(options)
 
 
@@ -147,26 +106,26 @@ def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return _kl(log_q, log_p)
 
 
-@register_loss("jsd", beta=Option(0.5, **OPEN_UNIT))
+@register_loss("jsd")
 def jsd(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
     """Generalised JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; finite for any p, q."""
     log_m = _log_mix(log_p, log_q, beta)
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
-@register_loss("skew_forward_kl", alpha=Option(0.1, **OPEN_UNIT))
+@register_loss("skew_forward_kl")
 def skew_forward_kl(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
     """KL(p || alpha p + (1 - alpha) q) (DistiLLM): bounded by log(1/alpha), so low-q bins cannot blow up."""
     return _kl(log_p, _log_mix(log_p, log_q, alpha))
 
 
-@register_loss("skew_reverse_kl", alpha=Option(0.1, **OPEN_UNIT))
+@register_loss("skew_reverse_kl")
 def skew_reverse_kl(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
     """KL(q || alpha q + (1 - alpha) p) (DistiLLM)."""
     return _kl(log_q, _log_mix(log_q, log_p, alpha))
 
 
-@register_loss("akl", mu=Option(0.5, 0.0, 1.0, high_open=False))
+@register_loss("akl")
 def akl(log_p: Tensor, log_q: Tensor, mu: float) -> Tensor:
     """Adaptive KL (Wu et al. 2024): forward and reverse KL weighted by the student's gap on the teacher's head
     (the fewest most-probable bins reaching teacher mass mu) vs its tail. The weights carry no gradient."""
@@ -185,6 +144,9 @@ def akl(log_p: Tensor, log_q: Tensor, mu: float) -> Tensor:
 def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
     """0.5 sum |p - q|: bounded in [0, 1]."""
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+M.check_registry("loss", LOSSES)
 
 
 def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
