@@ -83,3 +83,12 @@ def test_methods_command_from_another_directory(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "moe2dense", "methods", "losses"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown kind(s) ['losses']" in bad.stderr
+
+
+def test_dvc_yaml_coverage_plot_lists_every_scoring_method():
+    """dvc.yaml cannot import the table: the selection-coverage plot's columns are kept in step here."""
+    import yaml
+
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    coverage = next(p["plots/selection_coverage.csv"] for p in plots if "plots/selection_coverage.csv" in p)
+    assert tuple(coverage["y"]) == M.names("score")
