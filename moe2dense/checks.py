@@ -15,9 +15,12 @@ from pathlib import Path
 from moe2dense.methods import capture_passes
 from moe2dense.params import Params, ParamsError
 
-#: Never reach for the network: set before anything imports transformers / datasets / huggingface_hub.
+#: Offline and telemetry-free (Hugging Face, DVC, Prefect, Ray): set before anything imports transformers / datasets /
+#: huggingface_hub. The one list: stages, flows, the CLI, Ray workers and the tests set it from here (the Makefile
+#: exports the same for the `dvc` and `prefect` commands it starts itself).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
+               "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def set_offline_env() -> None:

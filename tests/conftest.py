@@ -17,14 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `stages` and `flows` are run from the repo root, not installed
+from moe2dense.checks import OFFLINE_ENV  # noqa: E402
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="moe2dense-prefect-")
-for var, val in {
-    "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PREFECT_HOME": _PREFECT_HOME,
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-}.items():
+for var, val in {**OFFLINE_ENV, "PREFECT_HOME": _PREFECT_HOME, "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
     os.environ[var] = val
 os.environ.pop("PREFECT_API_URL", None)
 # No PATH set-up here: the code under test must make stage commands (`python -m stages.x`) run with this interpreter

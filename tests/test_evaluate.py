@@ -276,7 +276,7 @@ def test_evaluate_stage_keeps_wall_time_out_of_its_output(tiny_lm, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"].update(tasks=["demo_ppl_prose"], device="cpu", max_length=64)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # offline: conftest set OFFLINE_ENV
     proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "teacher"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -232,10 +232,9 @@ def files(src: P.FilesSource) -> Iterator[Doc]:
 
 @register_source("hf_dataset")
 def hf_dataset(src: P.HFDatasetSource) -> Iterator[Doc]:
-    import os
+    from moe2dense.checks import set_offline_env
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    set_offline_env()
     import datasets
 
     try:
