@@ -63,3 +63,29 @@ def test_model_card_table_and_provenance():
     pure = model_card(plan | {"pure_pruning": True, "group_method": None, "align": False}, summary,
                       Path("models/teacher"), single_expert=False)
     assert "| grouping | none (pure pruning, K == k) |\n" in pure
+
+
+def test_architecture_doc_stage_table_is_dvc_yaml():
+    """docs/architecture.md's data-flow table is a checked copy of dvc.yaml (data deps, params, outputs): a stage
+    edited in one and not the other fails here, naming the stage and the difference."""
+    import re
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    doc = (repo / "docs" / "architecture.md").read_text()
+    header = "| stage | reads (data deps) | params | writes |"
+    assert header in doc
+    rows = doc.split(header, 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]  # skip the rule line
+    ticks = lambda cell: {t.rstrip("/") for t in re.findall(r"`([^`]+)`", cell)}  # noqa: E731
+    table = {}
+    for row in rows:
+        name, reads, params, writes = [c.strip() for c in row.strip("|").split("|")]
+        table[name.strip("`").split("@")[0]] = (ticks(reads), ticks(params), ticks(writes))
+    assert set(table) == set(stages)
+    path = lambda p: (next(iter(p)) if isinstance(p, dict) else p).replace("${item.model}", "<model>")  # noqa: E731
+    for name, s in stages.items():
+        deps = {path(d) for d in s.get("deps", []) if not d.startswith(("stages/", "moe2dense/"))}  # code deps aside
+        outs = {path(o) for key in ("outs", "metrics", "plots") for o in s.get(key, [])}
+        assert table[name] == (deps, set(s.get("params", [])), outs), name
