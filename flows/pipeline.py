@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,29 +29,13 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from flows.cli import FlowError, check_server, run
+from flows.dvc_stage import stage_order
+from moe2dense.env import stage_env
+from moe2dense.markdown import table
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_TARGET = "report"  # the conversion job; the design-space screen is its own target (flows/screen.py)
-_RAN = re.compile(r"Running stage '([^']+)'")
-_EXITED = re.compile(r"exited with (-?\d+)")
-_STAGE_ERROR = re.compile(r"^\[[^\]]+\] error: ")
-
-
-def stage_order(repo: Path, target: str | None = None) -> list[str]:
-    """Stages in dependency order (upstream first), optionally only those `target` needs."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(str(repo)) as dvc_repo:
-        graph = dvc_repo.index.graph  # edges point from a stage to the stages it depends on
-        order = [s.name for s in reversed(list(nx.topological_sort(graph)))]
-        if target is None:
-            return order
-        by_name = {s.name: s for s in graph.nodes}
-        if target not in by_name:
-            raise ValueError(f"unknown stage {target!r}; stages in dvc.yaml: {', '.join(order)}")
-        needed = {target} | {s.name for s in nx.descendants(graph, by_name[target])}
-        return [s for s in order if s in needed]
+_STAGE_ERROR = re.compile(r"^\[[^\]]+\] error: ")  # stages/_runner.py's one line for a user's mistake
 
 
 def check_before_run(repo: str | Path, stage: str | None) -> Path:
@@ -75,42 +60,35 @@ def check_before_run(repo: str | Path, stage: str | None) -> Path:
     return root
 
 
-def run_logged(cmd: list[str], cwd: str) -> subprocess.CompletedProcess:
-    """Run `cmd`; relay its output lines (not progress-bar redraws) to the run log."""
-    logger = get_run_logger()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip() and "\r" not in line:
-            logger.info("%s", line)
-    return proc
+def _lines(text: str, strip: bool = True) -> list[str]:
+    """Output lines, without blank ones and progress-bar redraws."""
+    return [line.strip() if strip else line for line in text.splitlines() if line.strip() and "\r" not in line]
 
 
 class StageFailed(FlowError):
-    """A DVC stage that failed, with the stage's own error message. `status`: the stage command's exit status
-    (DVC's when the command never ran); 2 is the stage's verdict on its input (stages/_runner.py): not retried."""
+    """A DVC stage that failed, with the stage's own error message. `status`: the stage command's exit status (None
+    when DVC failed without running it); 2 is the stage's verdict on its input (stages/_runner.py): not retried."""
 
-    def __init__(self, stage: str, status: int, detail: str):
+    def __init__(self, stage: str, status: int | None, detail: str):
         self.stage, self.status, self.detail = stage, status, detail
         self.code = 2 if status == 2 else 1
-        super().__init__(f"stage {stage!r} failed (exit {status}): {detail}")
+        super().__init__(f"stage {stage!r} failed" + ("" if status is None else f" (exit {status})") + f": {detail}")
 
     def __reduce__(self):  # Prefect pickles task exceptions: rebuild from the fields
         return StageFailed, (self.stage, self.status, self.detail)
 
     @classmethod
-    def from_dvc(cls, stage: str, proc: subprocess.CompletedProcess) -> "StageFailed":
-        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip() and "\r" not in line]
-        dvc_errors = [line for line in lines if line.startswith("ERROR:")]
-        exited = _EXITED.search(" ".join(dvc_errors))
-        own = [line for line in lines if _STAGE_ERROR.match(line)]  # stages/_runner.py's one line
-        rest = [line for line in lines if not line.startswith("ERROR:")]
-        status = int(exited.group(1)) if exited else proc.returncode
+    def from_child(cls, stage: str, proc: subprocess.CompletedProcess, result: dict | None) -> "StageFailed":
+        """From flows/dvc_stage.py's result and the stage command's stderr (the child's: DVC logs to its stdout)."""
+        said = _lines(proc.stderr)
+        if result is None:  # the child itself died: its exit status and last words
+            return cls(stage, proc.returncode, (said or _lines(proc.stdout) or ["no output"])[-1])
+        status = result["status"]
+        own = [line for line in said if _STAGE_ERROR.match(line)]  # stages/_runner.py's one line
         # the stage's own error line(s); exit 2 without one: all it said; a crash: its last line (the exception);
-        # no stage output: DVC's error
-        said = rest if status == 2 else rest[-1:]
-        detail = ("; ".join(own or (said if exited else [])) or "; ".join(dvc_errors)
-                  or (proc.stdout.strip().splitlines() or ["no output"])[-1])
-        return cls(stage, status, detail)
+        # no stage output, or no command that failed: DVC's error
+        said = said if status == 2 else said[-1:]
+        return cls(stage, status, "; ".join(own or (said if status is not None else [])) or result["error"])
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -120,16 +98,24 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 @task(name="dvc-stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
       retry_condition_fn=_retry_unless_user_error, task_run_name="dvc repro {stage}")
 def run_stage(stage: str, repo: str, force: bool = False) -> dict:
-    """`dvc repro --single-item <stage>`: upstream stages already ran as earlier tasks of this flow. A failure
-    raises StageFailed; it is retried once unless the stage rejected its input (exit 2)."""
+    """`dvc repro --single-item <stage>` through DVC's API (flows/dvc_stage.py, in a child process whose output goes
+    to the run log): upstream stages already ran as earlier tasks of this flow. `status`: `ran` when DVC reproduced
+    the stage (ran its command, or restored its outputs from DVC's run cache), `skipped` when it was up to date. A
+    failure raises StageFailed; it is retried once unless the stage rejected its input (exit 2)."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    cmd = [sys.executable, "-m", "flows.dvc_stage", repo, stage] + (["--force"] if force else [])
     start = time.perf_counter()
-    proc = run_logged(cmd, repo)
-    if proc.returncode != 0:
-        raise StageFailed.from_dvc(stage, proc)
+    with tempfile.TemporaryDirectory(prefix="moe2dense-stage-") as tmp:
+        out = Path(tmp) / "result.json"
+        # the stage commands run with this interpreter first on PATH, however the flow was started
+        proc = subprocess.run(cmd + [str(out)], cwd=repo, env=stage_env(), capture_output=True, text=True)
+        result = json.loads(out.read_text()) if proc.returncode == 0 and out.is_file() else None
+    for line in _lines(proc.stdout, strip=False) + _lines(proc.stderr, strip=False):
+        logger.info("%s", line)
+    if result is None or "error" in result:
+        raise StageFailed.from_child(stage, proc, result)
     seconds = round(time.perf_counter() - start, 2)
-    status = "ran" if stage in _RAN.findall(proc.stdout) else "skipped"
+    status = "ran" if stage in result["ran"] else "skipped"
     logger.info("stage %s %s in %.1fs", stage, status, seconds)
     return {"stage": stage, "status": status, "seconds": seconds}
 
@@ -143,11 +129,10 @@ def headline_metrics(repo: Path) -> dict[str, dict]:
 
 
 def render_markdown(results: list[dict], metrics: dict[str, dict]) -> str:
-    lines = ["# moe2dense pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    lines = ["# moe2dense pipeline run", "",
+             *table(["stage", "status", "seconds"], ([r["stage"], r["status"], r["seconds"]] for r in results))]
     for name, values in metrics.items():
-        lines += ["", f"## metrics/{name}.json", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in sorted(values.items())]
+        lines += ["", f"## metrics/{name}.json", "", *table(["metric", "value"], sorted(values.items()))]
     return "\n".join(lines) + "\n"
 
 
