@@ -1,7 +1,7 @@
-"""Prefect flow for a sweep of DVC experiments: check the configurations and the workspace, queue them with
-`dvc exp run --queue`, run the queue with at most `jobs` experiments at a time (each in its own temporary copy of the
-repo), and publish `dvc exp show` as a comparison table (params + metrics): a Prefect table artifact and
-reports/experiments.md.
+"""Prefect flow for a sweep of DVC experiments: check the configurations and the workspace, queue them in DVC's
+experiment queue (`dvc exp run --queue`, through DVC's API), run the queue with at most `jobs` experiments at a time
+(each in its own temporary copy of the repo), and publish `dvc exp show` as a comparison table (params + metrics): a
+Prefect table artifact and reports/experiments.md.
 
     python -m flows.sweep --from-screen 3 --jobs 2                     # the screen's 3 best configurations
     python -m flows.sweep --set select.experts=8,16 --set group.method=output,coactivation   # a 2 x 2 grid

@@ -1,7 +1,8 @@
-"""Sweeps as DVC experiments: a list or grid of param overrides is checked, queued with `dvc exp run --queue`, run
-by `dvc exp run --run-all -j N` (each experiment in its own temporary copy of the repo, at most N at a time, sharing
-the DVC cache, so unchanged stages are restored rather than rerun) and collected from `dvc exp show --json` into one
-comparison table. The same table code tabulates committed results across git branches or revisions (`compare`).
+"""Sweeps as DVC experiments: a list or grid of param overrides is checked, queued (DVC's API:
+`Repo.experiments.run(queue=True)`, i.e. `dvc exp run --queue`), run by `dvc exp run --run-all -j N` (each experiment
+in its own temporary copy of the repo, at most N at a time, sharing the DVC cache, so unchanged stages are restored
+rather than rerun) and collected from `Repo.experiments.show` (`dvc exp show`) into one comparison table. The same
+table code tabulates committed results across git branches or revisions (`compare`).
 
 Nothing runs in the user's workspace: experiments are built from the last commit, so a dirty workspace is refused
 (its uncommitted changes would silently ride along into every experiment), and one sweep at a time holds a lock.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from moe2dense.env import stage_env
+from moe2dense.markdown import table as md_table
 from moe2dense.params import ParamsError, parse_params, read_yaml
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ TARGET = "report"  # experiments stop at the report; the screen is not part of a
 LOCK = ".dvc/tmp/moe2dense-sweep.lock"
 # screen results table column -> the params key the pipeline reads it from
 SCREEN_TO_PARAMS = {"method": "score.method", "experts": "select.experts", "grouping": "group.method",
-                    "scaling": "assemble.scaling"}
+                    "scaling": "group.scaling"}
 # metrics shown in comparison tables (dotted: <metrics file stem>.<key...>), besides the params that differ
 HEADLINE = (re.compile(r"^assemble\.parameter_ratio$"),
             re.compile(r"^distill\.heldout_kl_(before|after)$"),
@@ -186,17 +188,27 @@ def sweep_lock(repo: str | Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- DVC
-def dvc(repo: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=stage_env(), capture_output=True,
-                          text=True)
-    if check and proc.returncode != 0:
-        raise SweepError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n"
-                         + "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:]))
-    return proc
+@contextlib.contextmanager
+def dvc_repo(repo: str | Path) -> Iterator[Any]:
+    """`dvc.repo.Repo`, closed (and its lock released) on the way out; DVC's errors as a SweepError. The calls run
+    from the repository's root, the cwd restored after: DVC's experiments API reads `-S` overrides' params files and
+    the targets against the cwd (dvc/utils/hydra.py `apply_overrides`), as its CLI does."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    root = Path(repo).resolve()
+    if not root.is_dir():
+        raise SweepError(f"{root}: no such directory")
+    try:
+        with contextlib.chdir(root), Repo(str(root)) as opened:
+            yield opened
+    except DvcException as err:
+        raise SweepError(f"DVC, in {root}: {err}") from None
 
 
 def set_arg(key: str, value: Any) -> str:
-    """A `-S key=value` argument whose value DVC (Hydra's override grammar) parses back to `value`."""
+    """A `key=value` param override (`dvc exp run -S`) whose value DVC (Hydra's override grammar) parses back to
+    `value`."""
     text = json.dumps(value) if not isinstance(value, str) else value
     return f"{key}={text}"
 
@@ -204,25 +216,29 @@ def set_arg(key: str, value: Any) -> str:
 def queue(repo: str | Path, exps: list[Experiment], target: str = TARGET) -> list[str]:
     """Queue the experiments that have no successful run on this baseline, and return those the queue now holds for
     this sweep: the newly queued plus any left queued or running by an interrupted sweep (not queued twice). A
-    repeated sweep queues only what is missing or failed."""
+    repeated sweep queues only what is missing or failed. `Repo.experiments.run(queue=True)`: `dvc exp run --queue`."""
     have = {r["name"]: r["state"] for r in exp_rows(exp_show(repo)) if not r["baseline"] and r["state"] != "failed"}
     to_run = []
-    for exp in exps:
-        state = have.get(exp.name)
-        if state == "success":
-            log.info("experiment %s already ran on this baseline; not queued again", exp.name)
-            continue
-        if state is None:
-            sets = [arg for k, v in exp.overrides.items() for arg in ("-S", set_arg(k, v))]
-            dvc(repo, "exp", "run", "--queue", target, "-n", exp.name, *sets)
-        to_run.append(exp.name)
+    with dvc_repo(repo) as dvc:
+        for exp in exps:
+            state = have.get(exp.name)
+            if state == "success":
+                log.info("experiment %s already ran on this baseline; not queued again", exp.name)
+                continue
+            if state is None:
+                dvc.experiments.run(targets=[target], params=[set_arg(k, v) for k, v in exp.overrides.items()],
+                                    queue=True, name=exp.name)
+                log.info("queued experiment %s", exp.name)
+            to_run.append(exp.name)
     return to_run
 
 
 def run_queue(repo: str | Path, jobs: int, on_line=None, names: Iterable[str] = (), on_done=None) -> None:
     """`dvc exp run --run-all -j jobs`: every queued experiment, at most `jobs` at a time, each in its own temp
     workspace; output lines go to `on_line` (the Prefect log) as they come, and `on_done(n)` (from another thread)
-    whenever the number of `names` that finished (succeeded or failed) changes, polled every PROGRESS_POLL_S."""
+    whenever the number of `names` that finished (succeeded or failed) changes, polled every PROGRESS_POLL_S.
+    A subprocess: DVC's API for it (`Repo.experiments.run(run_all=True)`) prints the workers' output to this
+    process's console, where it could not reach the run log, and its workers inherit os.environ (stage_env here)."""
     names = set(names)
     poller = _Progress(repo, names, on_done) if on_done and names else None
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", str(max(1, jobs))]
@@ -288,47 +304,35 @@ class _Progress:
         self._count()
 
 
-def exp_show(repo: str | Path, *revs: str, all_branches: bool = False) -> list[dict]:
-    """`dvc exp show --json` for HEAD, the given revisions, or every branch head."""
-    args = ["-a"] if all_branches else [a for r in revs for a in ("--rev", r)]
-    return json.loads(dvc(repo, "exp", "show", "--json", *args).stdout or "[]")
+def exp_show(repo: str | Path, *revs: str, all_branches: bool = False) -> list[Any]:
+    """`dvc exp show` through DVC's API (`Repo.experiments.show`, dvc/repo/experiments/show.py): one ExpState per
+    commit (HEAD, the given revisions, or every branch head), its experiments under it."""
+    with dvc_repo(repo) as dvc:
+        return dvc.experiments.show(revs=list(revs) or None, all_branches=all_branches, hide_workspace=True)
 
 
-# ---------------------------------------------------------------- tables
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out = {}
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: data}
+def _record(state: Any, baseline: bool, baseline_rev: str, state_name: str = "success") -> dict[str, Any]:
+    from dvc.utils.flatten import flatten
+
+    data = state.data
+    params, metrics = {}, {}
+    for result in (data.params if data else {}).values():
+        params.update(flatten(result.get("data") or {}))
+    for path, result in (data.metrics if data else {}).items():  # keyed <file stem>.<key...>: one name per metric
+        metrics.update(flatten({Path(path).stem: result.get("data") or {}}))
+    return {"name": state.name or state.rev[:7], "rev": state.rev[:7], "baseline": baseline,
+            "baseline_rev": baseline_rev[:7], "state": state_name, "params": params, "metrics": metrics}
 
 
-def _record(name: str, rev: str, data: dict, baseline: bool, baseline_rev: str, state: str = "success"
-            ) -> dict[str, Any]:
-    params = {}
-    for file_data in (data.get("params") or {}).values():
-        params.update(flatten(file_data.get("data") or {}))
-    metrics = {}
-    for path, file_data in (data.get("metrics") or {}).items():
-        metrics.update(flatten(file_data.get("data") or {}, Path(path).stem))
-    return {"name": name, "rev": rev[:7], "baseline": baseline, "baseline_rev": baseline_rev[:7],
-            "state": state, "params": params, "metrics": metrics}
-
-
-def exp_rows(entries: list[dict]) -> list[dict[str, Any]]:
-    """Flatten `dvc exp show --json`: one record per commit (baseline) and per experiment on it."""
+def exp_rows(states: list[Any]) -> list[dict[str, Any]]:
+    """One record per commit (baseline) and per experiment on it, from `exp_show`'s ExpStates: name, rev, state
+    (queued | running | failed | success), flat params and metrics."""
     rows = []
-    for commit in entries:
-        if commit.get("rev") == "workspace":
-            continue
-        rev = commit.get("rev") or ""
-        rows.append(_record(commit.get("name") or rev[:7], rev, commit.get("data") or {}, True, rev))
-        for exp in commit.get("experiments") or []:
-            state = (exp.get("executor") or {}).get("state") or "success"  # queued | running | failed | success
-            for run in exp.get("revs") or []:
-                rows.append(_record(run.get("name") or exp.get("name") or run.get("rev", "")[:7],
-                                    run.get("rev") or "", run.get("data") or {}, False, rev, state))
+    for commit in states:
+        rows.append(_record(commit, True, commit.rev))
+        for exp in commit.experiments or []:
+            state = exp.executor.state if exp.executor else "success"
+            rows += [_record(run, False, commit.rev, state) for run in exp.revs]
     return rows
 
 
@@ -369,15 +373,14 @@ def markdown(records: list[dict[str, Any]], title: str, note: str = "") -> str:
         return f"# {title}\n\nNothing to compare.\n"
     cols = list(records[0])
     lines = [f"# {title}", ""] + ([note, ""] if note else [])
-    lines += ["| " + " | ".join(label(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in records]
+    lines += md_table([label(c) for c in cols], ([_cell(r.get(c)) for c in cols] for r in records))
     if any(label(c) != c for c in cols):
         lines += ["", LEGEND]
     return "\n".join(lines) + "\n"
 
 
 def sweep_rows(repo: str | Path, names: Iterable[str]) -> list[dict]:
-    """The baseline (HEAD) and the named experiments on it, from `dvc exp show --json`."""
+    """The baseline (HEAD) and the named experiments on it, from `dvc exp show`."""
     rows = exp_rows(exp_show(repo))
     order = {n: i for i, n in enumerate(names)}
     head = [r for r in rows if r["baseline"]][:1]

@@ -1,6 +1,6 @@
 """Sweep building blocks against hand-written values: axes and grids, names, the screen's best as overrides, the
-checks before queuing, and `dvc exp show --json` flattened into a comparison table. The queued sweep itself runs in
-test_pipeline.py on the smoke pipeline."""
+checks before queuing, and `dvc exp show`'s experiment states (DVC's API) as a comparison table. The queued sweep
+itself runs in test_pipeline.py on the smoke pipeline."""
 
 from __future__ import annotations
 
@@ -17,26 +17,31 @@ import yaml
 from conftest import without_venv
 from moe2dense import sweep as sw
 
-# The shape `dvc exp show --json` prints (DVC 3): one entry per commit, its experiments as ranges of revs.
-EXP_SHOW = [
-    {"rev": "workspace", "name": None, "error": None, "experiments": None,
-     "data": {"params": {"params.yaml": {"data": {"select": {"experts": 4}}}}, "metrics": {}}},
-    {"rev": "a" * 40, "name": "main", "error": None,
-     "data": {"params": {"params.yaml": {"data": {"select": {"experts": 4}, "score": {"method": "do_acp"},
-                                                  "distill": {"lr": 0.001}}}},
-              "metrics": {"metrics/distill.json": {"data": {"heldout_kl_after": 0.04, "steps": 97}},
-                          "metrics/eval.json": {"data": {"distilled": {"demo_ppl_bible": {
-                              "bits_per_byte": 1.78, "word_perplexity": 654.9}}}}}},
-     "experiments": [
-         {"name": "acp-K8", "executor": None, "revs": [
-             {"rev": "b" * 40, "name": "acp-K8", "error": None, "experiments": None,
-              "data": {"params": {"params.yaml": {"data": {"select": {"experts": 8}, "score": {"method": "acp"},
-                                                           "distill": {"lr": 0.001}}}},
-                       "metrics": {"metrics/distill.json": {"data": {"heldout_kl_after": 0.03, "steps": 97}}}}}]},
-         {"name": "sf-K4", "executor": {"state": "queued", "name": None, "local": None}, "revs": [
-             {"rev": "c" * 40, "name": "sf-K4", "error": None, "experiments": None, "data": None}]},
-     ]},
-]
+
+def exp_state(rev: str, name: str, params: dict | None, metrics: dict | None = None, experiments=None):
+    """What `Repo.experiments.show` returns (DVC 3's ExpState), as DVC builds it from params.yaml and metrics/."""
+    from dvc.repo.experiments.serialize import ExpState, SerializableExp
+
+    data = None if params is None else SerializableExp(
+        rev=rev, params={"params.yaml": {"data": params}},
+        metrics={path: {"data": values} for path, values in (metrics or {}).items()})
+    return ExpState(rev=rev, name=name, data=data, experiments=experiments)
+
+
+def exp_show_states() -> list:
+    from dvc.repo.experiments.serialize import ExpExecutor, ExpRange
+
+    return [exp_state("a" * 40, "main", {"select": {"experts": 4}, "score": {"method": "do_acp"},
+                                         "distill": {"lr": 0.001}},
+                      {"metrics/distill.json": {"heldout_kl_after": 0.04, "steps": 97},
+                       "metrics/eval.json": {"distilled": {"demo_ppl_bible": {"bits_per_byte": 1.78,
+                                                                              "word_perplexity": 654.9}}}},
+                      experiments=[
+        ExpRange(name="acp-K8", revs=[exp_state(
+            "b" * 40, "acp-K8", {"select": {"experts": 8}, "score": {"method": "acp"}, "distill": {"lr": 0.001}},
+            {"metrics/distill.json": {"heldout_kl_after": 0.03, "steps": 97}})]),
+        ExpRange(name="sf-K4", executor=ExpExecutor(state="queued"), revs=[exp_state("c" * 40, "sf-K4", None)]),
+    ])]
 
 
 def test_axes_grid_and_names():
@@ -49,7 +54,7 @@ def test_axes_grid_and_names():
     assert configs == [{"select.experts": 4, "group.method": "output"}, {"select.experts": 4, "group.method": "weight"},
                        {"select.experts": 8, "group.method": "output"}, {"select.experts": 8, "group.method": "weight"}]
     assert sw.experiment_name({"score.method": "acp", "select.experts": 8, "group.method": "output",
-                               "assemble.scaling": "uniform"}) == "acp-K8-output-uniform"
+                               "group.scaling": "uniform"}) == "acp-K8-output-uniform"
     assert sw.experiment_name({"distill.lr": 0.0005, "distill.loss": "jsd"}) == "lr0.0005-lossjsd"
     assert sw.experiment_name({"distill.freeze": ["embeddings"]}) == "freeze_embeddings"
     with pytest.raises(sw.SweepError, match="same experiment name"):
@@ -84,8 +89,8 @@ def test_screen_best_become_overrides(tmp_path):
          "perplexity": 390.0},
     ]).write_parquet(path)
     assert sw.from_screen(path, 2) == [  # best first; pure pruning leaves group.method alone
-        {"score.method": "acp", "select.experts": 8, "group.method": "output", "assemble.scaling": "score"},
-        {"score.method": "sf", "select.experts": 4, "assemble.scaling": "uniform"}]
+        {"score.method": "acp", "select.experts": 8, "group.method": "output", "group.scaling": "score"},
+        {"score.method": "sf", "select.experts": 4, "group.scaling": "uniform"}]
     with pytest.raises(sw.SweepError, match="dvc repro screen"):
         sw.from_screen(tmp_path / "missing.parquet", 2)
 
@@ -106,7 +111,7 @@ def test_validation_names_every_bad_configuration(tmp_path, smoke_params):
     assert "K33" in text and "4 <= select.experts <= 32" in text
     assert "group.k = 6 must be <= select.experts = 4" in text
     assert "selct: unknown key" in text and "select" in text
-    assert "jsd beta must be in (0, 1)" in text and "distill.teacher_top_k = 64" in text  # the stages' pre-flight
+    assert "jsd beta: Input should be less than 1 (got 2)" in text and "distill.teacher_top_k = 64" in text  # the stages' pre-flight
     assert "K8-lr0.001" not in text  # the valid one is not reported
     with pytest.raises(sw.SweepError, match="the sweep is empty"):
         sw.validate(tmp_path, [])
@@ -136,8 +141,8 @@ def test_one_sweep_at_a_time(tmp_path):
         pass
 
 
-def test_exp_show_is_flattened_into_a_comparison_table():
-    rows = sw.exp_rows(EXP_SHOW)
+def test_exp_show_states_become_a_comparison_table():
+    rows = sw.exp_rows(exp_show_states())
     assert [(r["name"], r["rev"], r["baseline"], r["state"]) for r in rows] == [
         ("main", "aaaaaaa", True, "success"), ("acp-K8", "bbbbbbb", False, "success"),
         ("sf-K4", "ccccccc", False, "queued")]
