@@ -25,13 +25,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moe2dense.arch import Adapter, ExpertWeights, get_adapter
-from moe2dense.checkpoint import CheckpointReader, ShardedWriter
+from moe2dense.checkpoint import DTYPES, TOKENIZER_FILES, CheckpointReader, ShardedWriter
 from moe2dense.grouping import merge_experts
 from moe2dense.markdown import table
+from moe2dense.plan import ConversionPlan, LayerPlan
 from moe2dense.teacher_weights import (dense_mlp_width, read_dense_mlp, read_experts, read_shared_experts,
                                        shared_width)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Block = tuple[ExpertWeights, float]  # an expert (merged or shared, or a dense MLP) and its constant c
 
 
@@ -159,35 +159,35 @@ def student_layout(config: PreTrainedConfig) -> dict[str, tuple[tuple[int, ...],
 
 
 # -------------------------------------------------------------------------------------------------------- assembly
-def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: dict | None,
+def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: LayerPlan | None,
                  align: bool) -> list[Block]:
     """The (expert, c) blocks of one layer: merged groups and shared experts, or an originally dense MLP."""
     if layer not in adapter.moe_layers:
         return [(read_dense_mlp(reader, adapter, layer), 1.0)]
-    groups = layer_plan["groups"]
-    experts = read_experts(reader, adapter, layer, [e for g in groups for e in g["experts"]])
-    blocks = [(merge_experts([experts[e] for e in g["experts"]], g["weights"], align=align), float(g["scale"]))
+    groups = layer_plan.groups
+    experts = read_experts(reader, adapter, layer, [e for g in groups for e in g.experts])
+    blocks = [(merge_experts([experts[e] for e in g.experts], list(g.weights), align=align), g.scale)
               for g in groups]
     shared = read_shared_experts(reader, adapter, layer)
-    if len(shared) != len(layer_plan["shared"]):
-        raise ValueError(f"layer {layer}: the plan has {len(layer_plan['shared'])} shared experts, the teacher "
+    if len(shared) != len(layer_plan.shared):
+        raise ValueError(f"layer {layer}: the plan has {len(layer_plan.shared)} shared experts, the teacher "
                          f"{len(shared)}")
-    return blocks + [(w, float(s["scale"])) for w, s in zip(shared, layer_plan["shared"])]
+    return blocks + [(w, s.scale) for w, s in zip(shared, layer_plan.shared)]
 
 
-def layer_width(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: dict | None) -> int:
+def layer_width(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: LayerPlan | None) -> int:
     if layer not in adapter.moe_layers:
         return dense_mlp_width(reader, adapter, layer)
-    return len(layer_plan["groups"]) * adapter.intermediate_size + shared_width(reader, adapter, layer)
+    return len(layer_plan.groups) * adapter.intermediate_size + shared_width(reader, adapter, layer)
 
 
-def check_plan(plan: dict, adapter: Adapter) -> None:
-    t = plan["teacher"]
-    if (t["model_type"], t["num_experts"], t["moe_layers"]) != (adapter.model_type, adapter.num_experts,
-                                                                adapter.moe_layers):
-        raise ValueError(f"the plan was made for a {t['model_type']} with {t['num_experts']} experts on layers "
-                         f"{t['moe_layers']}; this teacher is a {adapter.model_type} with {adapter.num_experts} on "
-                         f"{adapter.moe_layers}: rerun grouping for this teacher")
+def check_plan(plan: ConversionPlan, adapter: Adapter) -> None:
+    t = plan.teacher
+    if (t.model_type, t.num_experts, list(t.moe_layers)) != (adapter.model_type, adapter.num_experts,
+                                                             list(adapter.moe_layers)):
+        raise ValueError(f"the plan was made for a {t.model_type} with {t.num_experts} experts on layers "
+                         f"{list(t.moe_layers)}; this teacher is a {adapter.model_type} with {adapter.num_experts} "
+                         f"on {adapter.moe_layers}: rerun grouping for this teacher")
 
 
 def _teacher_dtype(reader: CheckpointReader) -> torch.dtype:
@@ -195,10 +195,14 @@ def _teacher_dtype(reader: CheckpointReader) -> torch.dtype:
     return reader.dtype(name) if name in reader else torch.float32
 
 
-def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str = "auto",
+def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, dtype: str = "auto",
              max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | Path | None = None, card: str = "",
              progress: bool = True) -> dict:
-    """Write the dense student into `out` (an empty dir, made atomic by the caller). Returns a summary."""
+    """Execute `plan` (decided by stage group: blocks, merge weights, scales): write the dense student into `out`
+    (an empty dir, made atomic by the caller). Returns a summary."""
+    if not isinstance(plan, ConversionPlan):
+        raise TypeError(f"assemble takes a ConversionPlan (moe2dense.plan.build_plan or read_plan), got "
+                        f"{type(plan).__name__}")
     teacher_dir, out = Path(teacher_dir), Path(out)
     tconfig = AutoConfig.from_pretrained(teacher_dir)
     adapter = get_adapter(tconfig)
@@ -206,7 +210,7 @@ def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str
     reader = CheckpointReader(teacher_dir)
     try:
         target = _teacher_dtype(reader) if dtype == "auto" else DTYPES[dtype]
-        plans = {int(layer): lp for layer, lp in plan["layers"].items()}
+        plans = plan.layers
         widths = {layer: layer_width(reader, adapter, layer, plans.get(layer)) for layer in range(adapter.num_layers)}
         width = max(widths.values())
         config = student_config(tconfig, adapter, width, target)
@@ -236,7 +240,7 @@ def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str
             for layer in tqdm(range(adapter.num_layers), desc="assemble", unit="layer", disable=not progress):
                 for n in by_layer.get(layer, []):
                     writer.write(n, reader.read(n).to(_cast(reader.dtype(n), target)))
-                blocks = layer_blocks(reader, adapter, layer, plans.get(layer), plan.get("align", False))
+                blocks = layer_blocks(reader, adapter, layer, plans.get(layer), plan.align)
                 for n, t in writer_fn(adapter, layer, concat_blocks(blocks, width, target), keys).items():
                     writer.write(n, t.to(target).contiguous())
                 del blocks
@@ -250,7 +254,7 @@ def assemble(teacher_dir: str | Path, plan: dict, out: str | Path, *, dtype: str
                "num_parameters": params, "dtype": str(target).removeprefix("torch."),
                "bytes": sum(math.prod(s) * d.itemsize for _, s, d in shard_plan)}
     single = adapter.spec.dense_mlp == "single_expert"
-    (out / "README.md").write_text(card or model_card(plan, summary, teacher_dir, single))
+    (out / "README.md").write_text(card or model_card(plan.to_json(), summary, teacher_dir, single))
     return summary
 
 
@@ -277,10 +281,6 @@ def _generation_config(teacher_dir: Path, config: PreTrainedConfig, out: Path) -
         shutil.copyfile(src, out / "generation_config.json")
     else:
         GenerationConfig.from_model_config(config).save_pretrained(out)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def copy_tokenizer(src: Path, out: Path) -> None:

@@ -21,7 +21,9 @@ from typing import Sequence
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {
+from moe2dense.teacher.source import VOCAB_FILES
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -35,7 +37,12 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# The weight dtypes a `dtype` param may name (calibrate, assemble, evaluate; params.py's Literals spell the same).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a Hugging Face tokenizer may consist of: copied beside a student, and into a real teacher's pointer dir.
+TOKENIZER_FILES = (*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -73,7 +80,7 @@ def _parse_header(path: Path) -> dict[str, _Entry]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[info["dtype"]]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:

@@ -20,11 +20,12 @@ from transformers import AutoModelForCausalLM
 from moe2dense import params as P
 from moe2dense.__main__ import main
 from moe2dense.calibrate.store import read_meta, read_stats, routing_batches, usage_by_domain, write_meta
+from moe2dense.checkpoint import TOKENIZER_FILES
 from moe2dense.data.prepare import build_tokenizer
 from moe2dense.data.sources import iter_corpus
 from moe2dense.data.tokenizer import train_bpe
 from moe2dense.io import atomic_dir, write_json
-from moe2dense.teacher.build import TOKENIZER_FILES, record_real_teacher
+from moe2dense.teacher.build import record_real_teacher
 from moe2dense.teacher.load import load_teacher, teacher_config
 from moe2dense.teacher.source import TeacherSourceError, validate_checkpoint_dir
 from tiny_models import tiny_config

@@ -250,3 +250,32 @@ def test_writer_errors_and_abort(tmp_path):
     with pytest.raises(ValueError, match="never written"), ShardedWriter(tmp_path / "y", plan) as w:
         w.write("c", torch.zeros(5, dtype=torch.int64))
     assert not any(f.exists() for f in w.files)
+
+
+def test_dtype_names_are_the_params_dtype_names():
+    """checkpoint.DTYPES is what calibrate.dtype, assemble.dtype and evaluate.dtype may name (besides `auto`)."""
+    import typing
+
+    from moe2dense.checkpoint import DTYPES
+    from moe2dense.params import AssembleParams, CalibrateParams, EvaluateParams
+
+    for section in (CalibrateParams, AssembleParams, EvaluateParams):
+        names = set(typing.get_args(section.model_fields["dtype"].annotation)) - {"auto"}
+        assert names == set(DTYPES), section.__name__
+    assert all(DTYPES[name] == getattr(torch, name) for name in DTYPES)
+
+
+def test_tokenizer_files_cover_every_vocabulary_file_and_are_copied_by_assemble(tmp_path):
+    from moe2dense.assemble import copy_tokenizer
+    from moe2dense.checkpoint import TOKENIZER_FILES
+    from moe2dense.teacher.source import VOCAB_FILES
+
+    assert set(VOCAB_FILES) <= set(TOKENIZER_FILES) and len(set(TOKENIZER_FILES)) == len(TOKENIZER_FILES)
+    assert "generation_config.json" not in TOKENIZER_FILES and "config.json" not in TOKENIZER_FILES
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "added_tokens.json", "config.json"):
+        (tmp_path / "src" / name).write_text(name)
+    copy_tokenizer(tmp_path / "src", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["added_tokens.json", "tokenizer_config.json",
+                                                                    "vocab.txt"]

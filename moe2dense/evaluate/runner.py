@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from moe2dense.checkpoint import DTYPES
 from moe2dense.evaluate.tasks import render_yaml
 from moe2dense.params import EvaluateParams
 
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 
 # The paper's suite and its shots (Kim et al. 2026, Table 2): the unweighted mean of these is "avg".
 PAPER_SUITE = {"winogrande": 5, "hellaswag": 10, "arc_easy": 25, "arc_challenge": 25, "mmlu": 5}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLINE_HELP = (
     "lm-eval task {task!r} needs its dataset {dataset!r} and this run is offline (HF_DATASETS_OFFLINE=1), "
     "and the dataset is not in the local Hugging Face cache ({cache}). On a machine with internet run\n"

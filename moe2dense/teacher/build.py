@@ -10,16 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe2dense.checkpoint import TOKENIZER_FILES
 from moe2dense.data.packing import packed_tokens, read_packed
 from moe2dense.data.tokenizer import eos_id, load_tokenizer
 from moe2dense.params import TeacherParams
 from moe2dense.teacher.demo import demo_config, train_demo
 from moe2dense.teacher.metrics import perplexity_and_usage, unigram_perplexity
 from moe2dense.teacher.source import POINTER, resolve_checkpoint, weight_files
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
-
 
 def eval_rows(path: Path, max_tokens: int) -> tuple[np.ndarray, list[str]]:
     """Evenly spaced eval rows up to `max_tokens`, so every domain (packed in blocks) is represented."""
@@ -95,7 +92,7 @@ def record_real_teacher(source: str, out: Path) -> dict:
     adapter = get_adapter(config)  # unsupported family / quantized experts fail here, with what to do
     files = weight_files(path)
     check_tokenizer(load_tokenizer(path), path)  # it must load offline with a vocabulary: prepare and evaluate use it
-    for name in ("config.json", *TOKENIZER_FILES):
+    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
         if (path / name).is_file():
             shutil.copy2(path / name, out / name)
     record = {"source": source, "path": str(path), "model_type": config.model_type, "weights": files}
