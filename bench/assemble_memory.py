@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Qwen3MoeConfig
 
 from moe2dense.assemble import assemble
 from moe2dense.checkpoint import CheckpointReader, ShardedWriter
+from moe2dense.plan import ConversionPlan, read_plan
 
 GB = 1e9
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -151,7 +152,7 @@ def child(a) -> None:
     """Runs in a fresh interpreter after this module's imports: nothing, or one assembly. Prints one JSON line."""
     seconds = 0.0
     if a.child == "assemble":
-        plan = json.loads(Path(a.plan).read_text())
+        plan = read_plan(a.plan)
         start = time.perf_counter()
         assemble(a.teacher, plan, a.out, max_shard_bytes=a.shard_bytes, progress=False)
         seconds = time.perf_counter() - start
@@ -186,7 +187,7 @@ def io_baseline(teacher: Path, student_layout: list[tuple[str, tuple[int, ...], 
 
 def timed_assemble(teacher: Path, plan: dict, out: Path, shard_bytes: int) -> float:
     start = time.perf_counter()
-    assemble(teacher, plan, out, max_shard_bytes=shard_bytes, progress=False)
+    assemble(teacher, ConversionPlan.model_validate(plan), out, max_shard_bytes=shard_bytes, progress=False)
     return time.perf_counter() - start
 
 

@@ -3,13 +3,17 @@ through the same library calls the DVC stages make, with the calibration run kep
 
     python -m moe2dense convert --teacher DIR --method do_acp --experts K --out DIR
 
-Every argument is checked against the teacher's config before the teacher is loaded, so a wrong K or method fails
-in a second, not after calibration.
+The arguments become the pipeline's params sections (`convert_params`), validated by the same models, so a bad
+value gets the pipeline's error under the flag's name; the calibration passes come from the same rule
+(`checks.calibrated_passes`), the calibration rows from the same packing (`data.packing.Packer`). Every argument is
+checked against the teacher's config before the teacher is loaded, so a wrong K or method fails in a second, not
+after calibration.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from moe2dense import params as P
 from moe2dense.arch import get_adapter
@@ -24,14 +29,14 @@ from moe2dense.assemble import assemble
 from moe2dense.calibrate.capture import capture
 from moe2dense.calibrate.store import read_meta
 from moe2dense.checkpoint import CheckpointReader
+from moe2dense.checks import calibrated_passes
+from moe2dense.data.packing import Packer
 from moe2dense.data.sources import iter_corpus
 from moe2dense.data.tokenizer import batched_encode, eos_id, load_tokenizer
-from moe2dense.grouping import GROUP_METHODS, required_input
-from moe2dense.io import atomic_dir, write_json
-from moe2dense.plan import build_plan, merge_score_method
-from moe2dense.scaling import SCALINGS
-from moe2dense.scoring import DO_ACP_LAMBDA, SCORERS, required_capture
-from moe2dense.selection import check_budget, select_layers
+from moe2dense.io import atomic_dir
+from moe2dense.plan import CalibrationInfo, build_plan, plan_scaling, write_plan
+from moe2dense.scoring import DO_ACP_LAMBDA
+from moe2dense.selection import check_budget, score_frame, score_options, select_from_scores
 from moe2dense.teacher.load import DTYPES, resolve_device
 from moe2dense.teacher.source import check_tokenizer, resolve_checkpoint, validate_checkpoint_dir
 
@@ -61,6 +66,48 @@ class ConvertArgs:
     do_acp_lambda: float = DO_ACP_LAMBDA
     overwrite: bool = False
     progress: bool = True
+
+
+#: params key -> the flag that sets it: convert's errors name what the user typed.
+FLAGS = {
+    "calibrate.max_tokens": "--calibration-tokens", "calibrate.batch_size": "--batch-size",
+    "calibrate.dtype": "--dtype", "score.method": "--method", "score.methods": "--method",
+    "score.options.do_acp.lam": "do_acp_lambda", "select.experts": "--experts", "group.method": "--group",
+    "group.k": "--blocks", "group.align": "--align", "group.scaling": "--scaling", "assemble.dtype": "--student-dtype",
+}
+_KEYS = re.compile("|".join(re.escape(k) for k in sorted(FLAGS, key=len, reverse=True)) + r"(?=\W|$)")
+
+
+def flagged(message: str) -> str:
+    """`message` with every params key convert sets replaced by its flag."""
+    return _KEYS.sub(lambda m: FLAGS[m.group(0)], message)
+
+
+def convert_params(args: ConvertArgs) -> P.Params:
+    """The pipeline's params sections for these arguments, validated by the pipeline's own models (a bad value
+    gets the pipeline's error, under the flag's name; one line). --device is checked by `resolve_device`: it also
+    takes cuda:N, which calibrate.device does not."""
+    data = {
+        "calibrate": {"max_tokens": args.calibration_tokens, "batch_size": args.batch_size, "dtype": args.dtype},
+        "score": {"method": args.method, "methods": [args.method], "options": {"do_acp": {"lam": args.do_acp_lambda}}},
+        "select": {"experts": args.experts},
+        "group": {"method": args.group, "k": args.blocks, "align": args.align, "scaling": args.scaling},
+        "assemble": {"dtype": args.student_dtype},
+    }
+    try:
+        return P.Params.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors(include_url=False):
+            key = ".".join(str(part) for part in e["loc"] if not isinstance(part, int))
+            msg = e["msg"].removeprefix("Value error, ")
+            given = e.get("input")
+            line = flagged(f"{key}: {msg}" if key else msg)
+            if not isinstance(given, (dict, list)):
+                line += f" (got {given!r})"
+            if line not in problems:  # a bad --method is both score.method and score.methods[0]
+                problems.append(line)
+        raise ValueError("; ".join(problems)) from None
 
 
 @dataclass(frozen=True)
@@ -95,20 +142,11 @@ def _check_out(out: Path, protected: dict[str, Path]) -> None:
         raise PermissionError(f"--out {out}: cannot write in {parent}")
 
 
-def _check(args: ConvertArgs) -> _Checked:
-    """Every check that needs no weights: the teacher's files and config, K, methods, sizes, paths."""
-    if args.method not in SCORERS:
-        raise ValueError(f"--method {args.method!r} is not a scoring method; choose one of {tuple(SCORERS)}")
-    if args.group not in GROUP_METHODS:
-        raise ValueError(f"--group {args.group!r} is not a grouping method; choose one of {GROUP_METHODS}")
-    if args.scaling not in SCALINGS:
-        raise ValueError(f"--scaling {args.scaling!r} is not a scaling; choose one of {tuple(SCALINGS)}")
-    for name, value in (("--dtype", args.dtype), ("--student-dtype", args.student_dtype)):
-        if value not in DTYPES and not (name == "--student-dtype" and value == "auto"):
-            raise ValueError(f"{name} {value!r}: choose one of {tuple(DTYPES)}")
-    for name, value in (("--calibration-tokens", args.calibration_tokens), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+def _check(args: ConvertArgs, params: P.Params) -> _Checked:
+    """Every check that needs no weights beyond the params models': the teacher's files and config, K, sizes,
+    paths."""
+    if args.calibration_tokens < 1:  # calibrate.max_tokens 0 means "the whole split", which convert does not have
+        raise ValueError(f"--calibration-tokens must be >= 1, got {args.calibration_tokens}")
     resolve_device(args.device, "--device")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -128,12 +166,16 @@ def _check(args: ConvertArgs) -> _Checked:
 
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     adapter = get_adapter(config)  # unsupported family / quantized experts fail here
-    check_budget(args.experts, adapter.top_k, adapter.num_experts)
-    blocks = adapter.top_k if args.blocks is None else args.blocks  # None is the default; 0 is an error, not None
-    if not 1 <= blocks <= args.experts:
-        raise ValueError(f"--blocks {blocks} must be in [1, --experts {args.experts}]")
-    if blocks == args.experts:
-        log.info("--experts == blocks == %d: pure pruning, --group %s and --align are ignored", blocks, args.group)
+    K, g = params.select.experts, params.group
+    try:
+        check_budget(K, adapter.top_k, adapter.num_experts)
+    except ValueError as err:
+        raise ValueError(flagged(str(err))) from None
+    blocks = adapter.top_k if g.k is None else g.k  # None is the default; 0 was refused by GroupParams
+    if not 1 <= blocks <= K:
+        raise ValueError(f"--blocks {blocks} must be in [1, --experts {K}]")
+    if blocks == K:
+        log.info("--experts == blocks == %d: pure pruning, --group %s and --align are ignored", blocks, g.method)
     context = getattr(config, "max_position_embeddings", None) or 2048
     seq_len = min(2048, context) if args.seq_len is None else args.seq_len
     if not 1 <= seq_len <= context:
@@ -158,23 +200,20 @@ def _documents(args: ConvertArgs) -> Iterator[tuple[str, str]]:
 
 
 def calibration_rows(args: ConvertArgs, tokenizer, seq_len: int) -> tuple[np.ndarray, list[str]]:
-    """Documents tokenized with the teacher's tokenizer, packed per domain into rows of seq_len tokens separated by
-    EOS, until `calibration_tokens` tokens are full rows."""
-    sep, n_rows = eos_id(tokenizer), max(1, args.calibration_tokens // seq_len)
-    buffers: dict[str, list[int]] = {}
-    rows, domains = [], []
+    """Documents tokenized with the teacher's tokenizer and packed as the pipeline packs its splits (`Packer`: per
+    domain, rows of seq_len tokens separated by EOS), until `calibration_tokens` tokens are full rows."""
+    packer, n_rows = Packer(seq_len, eos_id(tokenizer)), max(1, args.calibration_tokens // seq_len)
+    rows: list[np.ndarray] = []
+    domains: list[str] = []
     docs = iter(_documents(args))
     while len(rows) < n_rows:
         batch = [d for _, d in zip(range(64), docs)]
         if not batch:
             break
         for (domain, _), ids in zip(batch, batched_encode(tokenizer, [t for _, t in batch])):
-            buf = buffers.setdefault(domain, [])
-            buf.extend(ids + [sep])
-            while len(buf) >= seq_len and len(rows) < n_rows:
-                rows.append(buf[:seq_len])
-                domains.append(domain)
-                del buf[:seq_len]
+            block = packer.add(domain, ids)[: n_rows - len(rows)]
+            rows.extend(block)
+            domains.extend([domain] * len(block))
     if not rows:
         what = f"--data {args.data}" if args.data is not None else "the demo corpus"
         raise ValueError(f"{what} has fewer than --seq-len {seq_len} tokens of text; give more text or a smaller "
@@ -183,7 +222,8 @@ def calibration_rows(args: ConvertArgs, tokenizer, seq_len: int) -> tuple[np.nda
 
 
 def convert(args: ConvertArgs) -> dict:
-    c = _check(args)
+    params = convert_params(args)
+    c = _check(args, params)
     checkpoint, adapter = c.checkpoint, c.adapter
     from transformers import AutoModelForCausalLM
 
@@ -193,27 +233,26 @@ def convert(args: ConvertArgs) -> dict:
     if ids.max() >= c.vocab_size:
         raise ValueError(f"{checkpoint}: the tokenizer produced token id {int(ids.max())} but config.json "
                          f"vocab_size is {c.vocab_size}: tokenizer and model do not match")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[args.dtype], local_files_only=True)
+    cal, score, group = params.calibrate, params.score, params.group
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[cal.dtype], local_files_only=True)
     model = model.to(resolve_device(args.device, "--device")).eval().requires_grad_(False)
-    methods = [args.method, merge_score_method(args.method)]
-    needs = required_capture(methods)
-    pure = c.blocks == args.experts
-    if not pure and required_input(args.group) == "gram":
-        needs = needs | {"all_outputs"}
-    batches = [(ids[i:i + args.batch_size], domains[i:i + args.batch_size])
-               for i in range(0, len(ids), args.batch_size)]
+    batches = [(ids[i:i + cal.batch_size], domains[i:i + cal.batch_size]) for i in range(0, len(ids), cal.batch_size)]
+    # From here on the stages' own calls: calibrate, score, select, group, assemble.
     with tempfile.TemporaryDirectory(prefix="moe2dense-calibration-") as calibration:
-        stats = capture(model, batches, calibration, needs=needs, progress=args.progress)
+        stats = capture(model, batches, calibration, needs=calibrated_passes(params), store_probs=cal.store_probs,
+                        row_group_rows=cal.row_group_rows, token_chunk=cal.token_chunk, progress=args.progress)
         del model
-        order = select_layers(args.method, stats, args.experts, adapter.top_k, lam=args.do_acp_lambda)
+        scores = score_frame(stats, score.methods, score_options(score))
+        order = select_from_scores(scores, score.method, params.select.experts, adapter.top_k)
         with CheckpointReader(checkpoint) as reader:
-            plan = build_plan(adapter, stats, order, score_method=args.method, group_method=args.group,
-                              blocks=c.blocks, align=args.align, scaling=args.scaling, reader=reader,
-                              calibration=calibration,
+            plan = build_plan(adapter, stats, order, scores=scores, score_method=score.method,
+                              group_method=group.method, blocks=c.blocks, align=group.align,
+                              scaling=plan_scaling(params), reader=reader, calibration=calibration,
                               shared_gate_mean=read_meta(calibration).get("shared_gate_mean", {}))
-    plan["calibration"] = {"tokens": int(ids.size), "seq_len": c.seq_len, "data": args.data or "demo corpus"}
+    plan = plan.model_copy(update={"calibration": CalibrationInfo(tokens=int(ids.size), seq_len=c.seq_len,
+                                                                  data=args.data or "demo corpus")})
     with atomic_dir(args.out) as out:
-        summary = assemble(checkpoint, plan, out, dtype=args.student_dtype, tokenizer_dir=checkpoint,
+        summary = assemble(checkpoint, plan, out, dtype=params.assemble.dtype, tokenizer_dir=checkpoint,
                            progress=args.progress)
-        write_json(out / PLAN_FILE, plan)
+        write_plan(out / PLAN_FILE, plan)
     return summary

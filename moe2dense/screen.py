@@ -16,7 +16,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -85,6 +85,21 @@ def cache_key(cfg: Config, inputs: str, settings: dict[str, Any]) -> str:
     blob = json.dumps({"config": asdict(cfg), "inputs": inputs, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
+    methods: tuple[str, ...] = ()  # the screen's scoring methods; empty: every method the calibration can score
+    _scores: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def scores(self):
+        """The score frame of `methods` (and their merge-by scores), computed once, by the function stage score
+        uses; selection and plans read it as select and group read scores/scores.parquet."""
+        if self._scores is None:
+            from moe2dense.scoring import SCORERS
+            from moe2dense.selection import score_frame
+
+            first = next(iter(self.stats.values()))
+            methods = self.methods or [m for m, sc in SCORERS.items() if not sc.missing(first)]
+            self._scores = score_frame(self.stats, methods, {"do_acp": {"lam": self.lam}})
+        return self._scores
 
 @torch.inference_mode()
 def heldout_perplexity(model, rows: np.ndarray, batch_rows: int = 8) -> float:
@@ -120,16 +135,16 @@ def evaluate_config(cfg: Config, inp: ScreenInputs, orders: dict) -> dict[str, A
     from moe2dense.assemble import assemble
     from moe2dense.checkpoint import CheckpointReader
     from moe2dense.plan import build_plan
-    from moe2dense.selection import routed_mass_kept, select_layers
+    from moe2dense.selection import routed_mass_kept, select_from_scores
 
     k = inp.adapter.top_k
     t0 = time.perf_counter()
     key = (cfg.method, cfg.experts)
     if key not in orders:  # selection is shared by every grouping x scaling of a (method, K)
-        orders[key] = select_layers(cfg.method, inp.stats, cfg.experts, k, lam=inp.lam)
+        orders[key] = select_from_scores(inp.scores, cfg.method, cfg.experts, k)
     order = orders[key]
     with CheckpointReader(inp.teacher_dir) as reader:
-        plan = build_plan(inp.adapter, inp.stats, order, score_method=cfg.method,
+        plan = build_plan(inp.adapter, inp.stats, order, scores=inp.scores, score_method=cfg.method,
                           group_method="output" if cfg.grouping == PURE else cfg.grouping, blocks=None,
                           align=False, scaling=cfg.scaling, reader=reader, calibration=inp.calibration,
                           shared_gate_mean=inp.shared_gate_mean)

@@ -1,5 +1,6 @@
 """Stage `assemble`: execute grouping/plan.json on the teacher checkpoint, layer by layer, into the dense student
-models/student (a standard Hugging Face checkpoint dir)."""
+models/student (a standard Hugging Face checkpoint dir). Everything the plan decides (blocks, merge weights,
+scales) was decided by stage group; assemble only reads the validated plan."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import logging
 from stages._runner import run
 from moe2dense.assemble import assemble
 from moe2dense.checkpoint import CheckpointReader
-from moe2dense.io import atomic_dir, read_json, write_json
+from moe2dense.io import atomic_dir, write_json
 from moe2dense.params import load_params
+from moe2dense.plan import read_plan
 from moe2dense.teacher.source import teacher_checkpoint
 
 TEACHER = "models/teacher"  # holds the tokenizer for the demo and for real teachers (pointer dir)
@@ -21,10 +23,7 @@ METRICS = "metrics/assemble.json"
 def main() -> None:
     params = load_params()
     a = params.assemble
-    plan = read_json(PLAN)
-    if plan["scaling"] != a.scaling:
-        raise ValueError(f"grouping/plan.json was made with scaling {plan['scaling']!r} but assemble.scaling is "
-                         f"{a.scaling!r}: run `dvc repro assemble` (it reruns group first)")
+    plan = read_plan(PLAN)
     checkpoint = teacher_checkpoint(TEACHER)
     with CheckpointReader(checkpoint) as reader:
         teacher_params = sum(reader.nbytes(n) // reader.dtype(n).itemsize for n in reader.keys())

@@ -1,5 +1,5 @@
-"""Stage `select`: keep K experts per MoE layer by `score.method` -> selection/selection.json; also selects with
-every computed method for the comparison heatmap."""
+"""Stage `select`: keep the top K experts per MoE layer by `score.method`, read from scores/scores.parquet ->
+selection/selection.json; also selects with every computed method for the comparison heatmap."""
 
 from __future__ import annotations
 
@@ -12,28 +12,29 @@ from moe2dense.calibrate.store import read_meta, read_stats
 from moe2dense.io import atomic_dir, atomic_file, write_json
 from moe2dense.params import load_params
 from moe2dense.plots import plot_selection_heatmap
-from moe2dense.selection import check_budget, routed_mass_kept, select_layers
+from moe2dense.selection import check_budget, layer_scores, routed_mass_kept, select_from_scores
 
 CALIBRATION = "calibration"
+SCORES = "scores/scores.parquet"
 OUT = "selection"
 METRICS = "metrics/select.json"
 
 
 def main() -> None:
     params = load_params()
-    K, method, lam = params.select.experts, params.score.method, params.score.do_acp_lambda
+    K, method = params.select.experts, params.score.method
     meta = read_meta(CALIBRATION)
     k, E = meta["top_k"], meta["num_experts"]
     check_budget(K, k, E)
-    stats = read_stats(CALIBRATION)
-    every = {m: select_layers(m, stats, K, k, lam=lam) for m in params.score.methods}
+    stats = read_stats(CALIBRATION)  # routed mass only
+    frame = pl.read_parquet(SCORES)
+    every = {m: select_from_scores(frame, m, K, k) for m in params.score.methods}
     chosen = every[method]
-    scores = pl.read_parquet("scores/scores.parquet").filter(pl.col("method") == method)
+    scores = layer_scores(frame, method)
     layers = {}
     for layer, order in chosen.items():
-        by_expert = dict(scores.filter(pl.col("layer") == layer).select("expert", "score").iter_rows())
         layers[str(layer)] = {"experts": sorted(order), "order": order,
-                              "scores": [round(by_expert[e], 8) for e in order],
+                              "scores": [round(float(scores[layer][e]), 8) for e in order],
                               "routed_mass_kept": round(routed_mass_kept(stats[layer], order), 6)}
     with atomic_dir(OUT) as out:
         write_json(out / "selection.json", {"method": method, "experts_per_layer": K, "top_k": k, "num_experts": E,

@@ -21,7 +21,7 @@ from moe2dense.calibrate.store import read_meta
 from moe2dense.checkpoint import CheckpointReader
 from moe2dense.grouping import merge_experts
 from moe2dense.plan import build_plan
-from moe2dense.selection import select_layers
+from moe2dense.selection import score_frame, select_from_scores
 from moe2dense.teacher_weights import read_experts
 from tiny_models import tiny_config, tiny_model
 
@@ -47,9 +47,10 @@ def _convert(model, tmp_path, *, method="sf", K=None, group="output", blocks=Non
     stats = capture(model, _batches(model.config.vocab_size), calib, needs={"routing", "routed_outputs", "all_outputs"},
                     progress=False, writer_threads=0)
     K = K or adapter.top_k
-    order = select_layers(method, stats, K, adapter.top_k)
+    scores = score_frame(stats, [method])
+    order = select_from_scores(scores, method, K, adapter.top_k)
     with CheckpointReader(teacher_dir) as reader:
-        plan = build_plan(adapter, stats, order, score_method=method, group_method=group, blocks=blocks,
+        plan = build_plan(adapter, stats, order, scores=scores, score_method=method, group_method=group, blocks=blocks,
                           align=align, scaling=scaling, reader=reader, calibration=calib,
                           shared_gate_mean=read_meta(calib)["shared_gate_mean"])
     out.mkdir()
@@ -91,7 +92,7 @@ def test_equal_router_all_experts_reproduces_teacher_logits(family, tmp_path):
     teacher = _uniform_router_teacher(family)
     E = get_adapter(teacher).num_experts
     plan, summary, _, out = _convert(teacher, tmp_path, K=E)
-    assert plan["pure_pruning"] and summary["model_type"] == DENSE[family]
+    assert plan.pure_pruning and summary["model_type"] == DENSE[family]
     student = _load(out)
     ids = torch.randint(0, teacher.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -113,17 +114,17 @@ def test_dense_mlp_is_the_scaled_sum_of_merged_experts(family, tmp_path):
     adapter = get_adapter(teacher)
     plan, _, teacher_dir, out = _convert(teacher, tmp_path, method="reap", K=6, group="output", scaling="score",
                                          align=True)
-    assert not plan["pure_pruning"] and plan["blocks_per_layer"] == adapter.top_k
+    assert not plan.pure_pruning and plan.blocks_per_layer == adapter.top_k
     student = _load(out)
     x = torch.randn(5, teacher.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
     with CheckpointReader(teacher_dir) as reader:
         for layer in adapter.moe_layers:
-            lp = plan["layers"][str(layer)]
-            experts = read_experts(reader, adapter, layer, [e for g in lp["groups"] for e in g["experts"]])
-            want = sum(g["scale"] * expert_forward(merge_experts([experts[e] for e in g["experts"]], g["weights"],
-                                                                 align=True), x) for g in lp["groups"])
-            for s, shared in zip(lp["shared"], adapter.shared_experts(teacher, layer)):
-                want = want + s["scale"] * expert_forward(shared.weights, x)
+            lp = plan.layers[layer]
+            experts = read_experts(reader, adapter, layer, [e for g in lp.groups for e in g.experts])
+            want = sum(g.scale * expert_forward(merge_experts([experts[e] for e in g.experts], list(g.weights),
+                                                              align=True), x) for g in lp.groups)
+            for s, shared in zip(lp.shared, adapter.shared_experts(teacher, layer)):
+                want = want + s.scale * expert_forward(shared.weights, x)
             mlp = student.model.layers[layer].mlp
             with torch.no_grad():
                 got = mlp(x[None])
@@ -136,18 +137,18 @@ def test_pure_pruning_copies_selected_experts_bit_for_bit(family, tmp_path):
     teacher = tiny_model(family)
     adapter = get_adapter(teacher)
     plan, _, _, out = _convert(teacher, tmp_path, method="sf")
-    assert plan["pure_pruning"] and plan["group_method"] is None
+    assert plan.pure_pruning and plan.group_method is None
     student = _load(out)
     I = adapter.intermediate_size
     for layer in adapter.moe_layers:
-        lp = plan["layers"][str(layer)]
+        lp = plan.layers[layer]
         w = _student_mlp(student, adapter, layer)
-        for b, g in enumerate(lp["groups"]):
-            (e,) = g["experts"]
+        for b, g in enumerate(lp.groups):
+            (e,) = g.experts
             src = adapter.expert_weights(teacher, layer, e)
             rows = slice(b * I, (b + 1) * I)
             assert torch.equal(w.gate[rows], src.gate) and torch.equal(w.up[rows], src.up)
-            assert torch.equal(w.down[:, rows], (src.down.float() * g["scale"]).to(src.down.dtype))
+            assert torch.equal(w.down[:, rows], (src.down.float() * g.scale).to(src.down.dtype))
             if src.gate_bias is not None:
                 assert torch.equal(w.gate_bias[rows], src.gate_bias) and torch.equal(w.up_bias[rows], src.up_bias)
 

@@ -72,13 +72,18 @@ def test_convert_defaults_to_the_demo_corpus_and_says_pure_pruning_once(teacher,
     assert plan["pure_pruning"] and plan["calibration"]["data"] == "demo corpus"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "sf", "--experts", "1"], "out of range: need k <= K <= E, i.e. 2 <= select.experts <= 8"),
+@pytest.mark.parametrize("args, message", [  # the pipeline's params errors, under the flags' names
+    (["--method", "sf", "--experts", "1"], "--experts = 1 is out of range: need k <= K <= E, i.e. 2 <= --experts <= 8"),
     (["--method", "sf", "--experts", "9"], "out of range"),
-    (["--method", "magic", "--experts", "4"], "not a scoring method; choose one of ('sf', 'pp'"),
-    (["--method", "sf", "--experts", "4", "--group", "kmeans"], "not a grouping method"),
-    (["--method", "sf", "--experts", "4", "--scaling", "big"], "not a scaling"),
-    (["--method", "sf", "--experts", "4", "--blocks", "5"], "--blocks 5 must be in [1, --experts 4]"),
+    (["--method", "magic", "--experts", "4"], "--method: Input should be 'sf', 'pp', 'cp', 'ean', 'reap', 'acp' or "
+                                              "'do_acp' (got 'magic')"),
+    (["--method", "sf", "--experts", "4", "--group", "kmeans"], "--group: Input should be 'weight', 'output'"),
+    (["--method", "sf", "--experts", "4", "--scaling", "big"], "--scaling: Input should be 'uniform' or 'score'"),
+    (["--method", "sf", "--experts", "4", "--blocks", "5"], "--blocks = 5 must be <= --experts = 4"),
+    (["--method", "sf", "--experts", "4", "--blocks", "0"], "--blocks: Input should be greater than or equal to 1"),
+    (["--method", "sf", "--experts", "4", "--dtype", "int8"], "--dtype: Input should be 'float32'"),
+    (["--method", "sf", "--experts", "4", "--batch-size", "0"], "--batch-size: Input should be greater than or"),
+    (["--method", "sf", "--experts", "4", "--calibration-tokens", "0"], "--calibration-tokens must be >= 1"),
     (["--method", "sf", "--experts", "4", "--data", "/nonexistent.jsonl"], "no such file"),
 ])
 def test_bad_arguments_fail_before_loading_weights(teacher, tmp_path, monkeypatch, capsys, args, message):
@@ -124,3 +129,44 @@ def test_failure_during_assembly_leaves_nothing_behind(teacher, tmp_path, monkey
         main(["convert", "--teacher", str(teacher), "--method", "sf", "--experts", "2", "--calibration-tokens",
               "256", "--seq-len", "64", "--out", str(out)])
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_calibration_rows_are_the_pipelines_packing(teacher, tmp_path):
+    """convert packs its calibration text exactly as the prepare stage packs a split (PackedWriter): the same rows
+    of seq_len tokens, documents separated by EOS, per domain; the first calibration_tokens // seq_len of them."""
+    from moe2dense.data.packing import PackedWriter, packed_tokens, read_packed
+    from moe2dense.data.tokenizer import batched_encode, eos_id, load_tokenizer
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The light {i} shines {'in darkness ' * (i % 7)}{i}."}) + "\n"
+                            for i in range(200)))
+    tok = load_tokenizer(teacher)
+    args = convert_mod.ConvertArgs(teacher=str(teacher), out=str(tmp_path / "o"), method="sf", experts=2,
+                                   data=str(data), calibration_tokens=1000)
+    ids, domains = convert_mod.calibration_rows(args, tok, 32)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    w = PackedWriter(tmp_path / "packed.parquet", 32, eos_id(tok), row_group_rows=16)
+    for t in batched_encode(tok, texts):
+        w.add("calib", t)
+    w.close()
+    n = 1000 // 32
+    assert ids.dtype == "int64" and ids.shape == (n, 32)
+    assert (ids == packed_tokens(tmp_path / "packed.parquet")[:n]).all()
+    assert domains == read_packed(tmp_path / "packed.parquet", ["domain"])["domain"].to_pylist()[:n]
+
+
+@pytest.mark.parametrize("group, passes", [("router", ["routing"]),
+                                           ("output", ["all_outputs", "routing"])])  # even at K == k: one rule
+def test_convert_captures_the_stages_passes(teacher, tmp_path, monkeypatch, group, passes):
+    """The calibration passes are checks.calibrated_passes of the params convert built, as calibrate's are."""
+    seen = []
+
+    def spy(model, batches, out_root, *, needs, **kw):
+        seen.append(sorted(needs))
+        return real(model, batches, out_root, needs=needs, **kw)
+
+    real = convert_mod.capture
+    monkeypatch.setattr(convert_mod, "capture", spy)
+    assert main(["convert", "--teacher", str(teacher), "--method", "sf", "--experts", "2", "--group", group,
+                 "--calibration-tokens", "256", "--seq-len", "64", "--out", str(tmp_path / "dense")]) == 0
+    assert seen == [passes]

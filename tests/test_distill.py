@@ -32,7 +32,7 @@ from moe2dense.distill.driver import heldout_kl, plan_workers, run_distill, visi
 from moe2dense.distill.loop import lr_factor, student_state_from_checkpoint
 from moe2dense.params import DistillParams
 from moe2dense.plan import build_plan
-from moe2dense.selection import select_layers
+from moe2dense.selection import score_frame, select_from_scores
 from conftest import REPO, free_port
 from tiny_models import tiny_config
 
@@ -68,10 +68,11 @@ def setup(tmp_path_factory):
     calib = root / "calibration"
     ids = torch.from_numpy(load_rows(root / "train.parquet")[:8].astype(np.int64))
     stats = capture(teacher, [(ids, ["toy"] * len(ids))], calib, needs={"routing"}, progress=False, writer_threads=0)
-    order = select_layers("sf", stats, adapter.top_k, adapter.top_k)
+    scores = score_frame(stats, ["sf"])
+    order = select_from_scores(scores, "sf", adapter.top_k, adapter.top_k)
     with CheckpointReader(root / "teacher") as reader:
-        plan = build_plan(adapter, stats, order, score_method="sf", group_method="output", blocks=None, align=False,
-                          scaling="uniform", reader=reader, calibration=calib,
+        plan = build_plan(adapter, stats, order, scores=scores, score_method="sf", group_method="output", blocks=None,
+                          align=False, scaling="uniform", reader=reader, calibration=calib,
                           shared_gate_mean=read_meta(calib)["shared_gate_mean"])
     (root / "student").mkdir()
     assemble(root / "teacher", plan, root / "student", progress=False)
