@@ -172,10 +172,10 @@ def test_damaged_checkpoint_is_one_error_naming_the_file(teacher, tmp_path, caps
 
 # ------------------------------------------------------------------------------------------ convert arguments
 @pytest.mark.parametrize("args, message", [
-    (["--blocks", "0"], "--blocks 0 must be in [1, --experts 4]"),
+    (["--blocks", "0"], "--blocks: Input should be greater than or equal to 1 (got 0)"),  # params' own errors
     (["--seq-len", "0"], "--seq-len 0 must be in [1, 256]"),
     (["--seq-len", "257"], "--seq-len 257 must be in [1, 256] (the teacher's max_position_embeddings)"),
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1 (got 0)"),
     (["--device", "tpu"], "--device 'tpu': choose auto, cpu, cuda or cuda:N"),
     pytest.param(["--device", "cuda"], "--device: cuda was asked for but torch sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
