@@ -7,6 +7,10 @@ gated shared expert), and a file with a bad field fails with one line naming the
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,8 @@ from moe2dense.plan import ConversionPlan, build_plan, plan_scaling, read_plan, 
 from moe2dense.params import Params
 from moe2dense.selection import score_frame, select_from_scores
 from tiny_models import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,23 @@ def _broken(made, tmp_path, edit) -> str:
 ])
 def test_bad_plan_fails_with_one_line_naming_file_and_field(made, tmp_path, edit, names):
     assert names in _broken(made, tmp_path, edit)
+
+
+def test_assemble_stage_refuses_a_bad_plan_in_one_line(made, tmp_path):
+    """`python -m stages.assemble` (from the workspace, as DVC runs it): exit 2 and one line naming the file and
+    the field, before the teacher is opened."""
+    data = made[1].to_json()
+    data["layers"]["1"]["groups"][1]["scale"] = "big"
+    (tmp_path / "grouping").mkdir()
+    (tmp_path / "grouping" / "plan.json").write_text(json.dumps(data))
+    (tmp_path / "params.yaml").write_text((REPO / "tests" / "smoke_params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "stages.assemble"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("[assemble] error: grouping/plan.json: not a valid conversion plan: "
+                           "layers.1.groups.1.scale: Input should be a valid number")
+    assert not (tmp_path / "models").exists()
 
 
 def test_unreadable_plan_is_one_line(tmp_path):
