@@ -62,7 +62,8 @@ def main() -> int:
     grown = configurations(p.methods, p.groupings, p.scalings, sorted(experts + [add_k]), k)
 
     t0 = time.perf_counter()
-    inp = load_inputs(ROOT, eval_tokens=p.eval_tokens, batch_rows=p.batch_size, lam=params.score.options.do_acp.lam)
+    inp = load_inputs(ROOT, eval_tokens=p.eval_tokens, batch_rows=p.batch_size, methods=p.methods,
+                      score_params=params.score)
     digest = inputs_digest(ROOT, inp)
     t_inputs = time.perf_counter() - t0
 

@@ -176,7 +176,7 @@ def greedy_map(L: Tensor, K: int) -> tuple[Tensor, Tensor]:
 def diversity_aware_acp(s: LayerStats, lam: float = DO_ACP_LAMBDA) -> Tensor:
     """Score = marginal log-det gain at the step greedy MAP (run over all E) adds the expert. log det is
     submodular, so gains are non-increasing along the greedy order and top-K by score is the greedy K-set up to
-    ties; `selection.select_experts` still uses the greedy order itself."""
+    ties; selection sorts these gains, which gives the greedy order (tests/test_selection.py)."""
     order, gains = greedy_map(do_acp_kernel(s, lam), s.num_experts)
     return torch.empty_like(gains).index_put_((order,), gains)
 

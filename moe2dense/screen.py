@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from moe2dense import markdown
-from moe2dense.io import atomic_file
+from moe2dense.heldout import perplexity as heldout_perplexity
+from moe2dense.io import atomic_file, digest_paths
 
 log = logging.getLogger(__name__)
 
@@ -67,51 +68,9 @@ def check_experts(experts: Iterable[int], k: int, E: int) -> None:
                          " (k = router top-k, E = experts per layer)")
 
 
-def digest_paths(paths: Iterable[str | Path]) -> str:
-    """sha256 over the names, sizes and bytes of every file under `paths` (sorted): the inputs' content key."""
-    h = hashlib.sha256()
-    for root in paths:
-        root = Path(root)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for f in files:
-            h.update(f"{f.relative_to(root.parent)}:{f.stat().st_size}\n".encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(cfg: Config, inputs: str, settings: dict[str, Any]) -> str:
     blob = json.dumps({"config": asdict(cfg), "inputs": inputs, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-    methods: tuple[str, ...] = ()  # the screen's scoring methods; empty: every method the calibration can score
-    _scores: Any = field(default=None, init=False, repr=False, compare=False)
-
-    @property
-    def scores(self):
-        """The score frame of `methods` (and their merge-by scores), computed once, by the function stage score
-        uses; selection and plans read it as select and group read scores/scores.parquet."""
-        if self._scores is None:
-            from moe2dense.scoring import SCORERS
-            from moe2dense.selection import score_frame
-
-            first = next(iter(self.stats.values()))
-            methods = self.methods or [m for m, sc in SCORERS.items() if not sc.missing(first)]
-            self._scores = score_frame(self.stats, methods, {"do_acp": {"lam": self.lam}})
-        return self._scores
-
-@torch.inference_mode()
-def heldout_perplexity(model, rows: np.ndarray, batch_rows: int = 8) -> float:
-    """exp(mean next-token NLL) over the packed held-out `rows` [n, seq_len]."""
-    total, n = 0.0, 0
-    for s in range(0, len(rows), batch_rows):
-        ids = torch.from_numpy(rows[s:s + batch_rows].astype(np.int64))
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
-                                                         reduction="sum"))
-        n += ids[:, 1:].numel()
-    return math.exp(total / n)
 
 
 @dataclass
@@ -124,8 +83,20 @@ class ScreenInputs:
     stats: dict
     shared_gate_mean: dict
     rows: np.ndarray
-    lam: float
     batch_rows: int
+    methods: tuple[str, ...]  # the screen's scoring methods
+    options: dict[str, dict]  # method -> its score.options (selection.score_options)
+    _scores: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def scores(self):
+        """The score frame of `methods` (and their merge-by scores), computed once, by the function stage score
+        uses; selection and plans read it as select and group read scores/scores.parquet."""
+        if self._scores is None:
+            from moe2dense.selection import score_frame
+
+            self._scores = score_frame(self.stats, self.methods, self.options)
+        return self._scores
 
 
 def evaluate_config(cfg: Config, inp: ScreenInputs, orders: dict) -> dict[str, Any]:
@@ -170,7 +141,7 @@ def run_screen(configs: list[Config], inp: ScreenInputs, cache_dir: Path, inputs
     from transformers.utils import logging as hf_logging
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"rows": int(inp.rows.size), "lam": inp.lam}
+    settings = {"rows": int(inp.rows.size), "options": inp.options}
     results, computed, orders = [], [], {}
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per configuration would bury the screen's own
@@ -203,8 +174,12 @@ def _cached_or_evaluated(cfg: Config, inp: ScreenInputs, path: Path, orders: dic
 INPUT_PATHS = ("calibration", "scores", "data/prepared/packed/eval.parquet")
 
 
-def load_inputs(root: str | Path = ".", *, eval_tokens: int, batch_rows: int, lam: float) -> ScreenInputs:
-    """The shared inputs of a screen in a pipeline workspace `root` (after `dvc repro score`)."""
+def load_inputs(root: str | Path = ".", *, eval_tokens: int, batch_rows: int, methods: Iterable[str],
+                score_params) -> ScreenInputs:
+    """The shared inputs of a screen of scoring `methods` in a pipeline workspace `root` (after `dvc repro score`),
+    with their options from `score_params` (params.score)."""
+    from moe2dense.selection import score_options
+
     from moe2dense.arch import get_adapter
     from moe2dense.calibrate.store import read_meta, read_stats
     from moe2dense.distill.data import load_rows
@@ -219,7 +194,8 @@ def load_inputs(root: str | Path = ".", *, eval_tokens: int, batch_rows: int, la
                         adapter=get_adapter(teacher_config(root / "models/teacher")),
                         stats=read_stats(calibration),
                         shared_gate_mean=read_meta(calibration).get("shared_gate_mean", {}),
-                        rows=rows, lam=lam, batch_rows=batch_rows)
+                        rows=rows, batch_rows=batch_rows, methods=tuple(methods),
+                        options=score_options(score_params, methods))
 
 
 def inputs_digest(root: str | Path, inp: ScreenInputs) -> str:

@@ -41,9 +41,10 @@ def score_frame(stats_by_layer: Mapping[int, LayerStats], methods: Iterable[str]
     return scores_frame(dict(stats_by_layer), scored_methods(methods), {m: dict(o) for m, o in (options or {}).items()})
 
 
-def score_options(score_params) -> dict[str, dict]:
-    """method -> scorer keyword options (score.options), for every method `score_frame` computes."""
-    return {m: score_params.kwargs(m) for m in scored_methods(score_params.methods)}
+def score_options(score_params, methods: Iterable[str] | None = None) -> dict[str, dict]:
+    """method -> scorer keyword options (score.options), for every method `score_frame` computes from `methods`
+    (default: score.methods)."""
+    return {m: score_params.kwargs(m) for m in scored_methods(score_params.methods if methods is None else methods)}
 
 
 def layer_scores(frame, method: str) -> dict[int, Tensor]:

@@ -32,7 +32,8 @@ def main() -> None:
     grid = configurations(p.methods, p.groupings, p.scalings, experts, k)
     logging.info("%d configurations: %d scoring x %d grouping x %d scaling x K in %s (K == k = %d counted once per "
                  "scoring x scaling)", len(grid), len(p.methods), len(p.groupings), len(p.scalings), experts, k)
-    inp = load_inputs(".", eval_tokens=p.eval_tokens, batch_rows=p.batch_size, lam=params.score.options.do_acp.lam)
+    inp = load_inputs(".", eval_tokens=p.eval_tokens, batch_rows=p.batch_size, methods=p.methods,
+                      score_params=params.score)
     results, computed = run_screen(grid, inp, Path(CACHE), inputs_digest(".", inp))
     table = results_table(results)
     with atomic_dir(OUT) as out:

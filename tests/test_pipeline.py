@@ -129,9 +129,13 @@ def test_evaluation_and_report_cover_all_three_models(repo):
 def test_screen_scores_configurations_and_caches_each_by_content(repo, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from moe2dense.screen import configurations, heldout_perplexity, inputs_digest, load_inputs, run_screen
+    from moe2dense.heldout import perplexity as heldout_perplexity
+    from moe2dense.screen import configurations, inputs_digest, load_inputs, run_screen
 
-    inp = load_inputs(repo, eval_tokens=1024, batch_rows=8, lam=0.001)
+    from moe2dense.params import load_params
+
+    inp = load_inputs(repo, eval_tokens=1024, batch_rows=8, methods=["do_acp", "sf"],
+                      score_params=load_params(repo / "params.yaml").score)
     digest = inputs_digest(repo, inp)
     grid = configurations(["do_acp", "sf"], ["output", "coactivation"], ["uniform"], [4], k=4)
     assert [c.name for c in grid] == ["do_acp-K4-none-uniform", "sf-K4-none-uniform"]  # K == k: grouping once
@@ -217,6 +221,8 @@ def test_prefect_screen_flow_publishes_the_best_configurations(repo, prefect_har
     assert float(read_artifact("moe2dense-pipeline-progress")["data"]) == 100.0
     set_param(repo, "screen.scalings", ["uniform"])
     assert screen(repo=str(repo)) == rows  # DVC's run cache restores the first grid's outputs
+    # Repo.reproduce returned it: `ran`, though DVC restored its outputs from its run cache instead of running it
+    assert "| screen | ran |" in read_artifact("moe2dense-pipeline")["data"]
 
 
 def git(repo, *args: str) -> str:
