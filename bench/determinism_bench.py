@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe2dense.params import load_params  # noqa: E402
-from moe2dense.teacher.demo import deterministic_algorithms, demo_config, lm_loss, train_demo  # noqa: E402
+from moe2dense.teacher.demo import demo_config, lm_loss, train_demo  # noqa: E402
+from moe2dense.training import deterministic_algorithms  # noqa: E402
 
 
 def main() -> None:

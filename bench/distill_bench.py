@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 from moe2dense.distill.cache import write_cached_logits  # noqa: E402
 from moe2dense.distill.data import load_rows, worker_micro_rows  # noqa: E402
 from moe2dense.distill.driver import run_distill, visited_rows  # noqa: E402
-from moe2dense.distill.loop import (Objective, _labels, _online_target, load_teacher, lr_factor,  # noqa: E402
-                                    student_state_from_checkpoint)
+from moe2dense.distill.loop import Objective, _labels, _online_target, student_state_from_checkpoint  # noqa: E402
 from moe2dense.params import DistillParams  # noqa: E402
-from moe2dense.teacher.source import teacher_checkpoint  # noqa: E402
+from moe2dense.teacher.load import load_teacher  # noqa: E402
+from moe2dense.training import warmup_cosine_lr  # noqa: E402
 
 STUDENT, TEACHER, TRAIN = ROOT / "models/student", ROOT / "models/teacher", ROOT / "data/prepared/packed/train.parquet"
 
@@ -54,13 +54,13 @@ def plain_loop(a, p: DistillParams) -> float:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    teacher = load_teacher(str(teacher_checkpoint(TEACHER)), None, torch.float32, torch.device("cpu"))
+    teacher = load_teacher(TEACHER, "float32", "cpu")
     student = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32).train()
     cfg = {"loss": p.loss, "temperature": p.temperature, "loss_options": {}, "ce_weight": 0.0,
            "chunk_tokens": p.chunk_tokens}
     objective = Objective(student, cfg)
     opt = torch.optim.AdamW(student.parameters(), lr=p.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, 2, p.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine_lr(s, a.steps, 2, p.min_lr_ratio))
     rows = load_rows(TRAIN)
     start = time.perf_counter()
     for step in range(a.steps):
@@ -124,7 +124,7 @@ def cached(a) -> None:
     p_online = params(a)
     p_cached = params(a, teacher_logits="cached", cached_top_n=a.top_n)
     rows = load_rows(TRAIN)
-    teacher = load_teacher(str(teacher_checkpoint(TEACHER)), None, torch.float32, torch.device("cpu"))
+    teacher = load_teacher(TEACHER, "float32", "cpu")
     with tempfile.TemporaryDirectory() as d:
         start = time.perf_counter()
         path = write_cached_logits(teacher, rows, visited_rows(p_cached, len(rows), rows.shape[1]), d,

@@ -5,11 +5,15 @@ Temp siblings are named `.<name>.<pid>@<host>.<random>.tmp`: a run that was SIGK
 so every atomic writer first removes the leftovers of its own path whose owner is provably gone (same host, pid no
 longer alive). A live writer of the same path (another process, or another thread of this one) is never touched.
 Outputs get the modes a plain mkdir/open would give (0777/0666 minus the umask), not mkdtemp's private 0700/0600,
-so a colleague or a serving process under another user can read the student."""
+so a colleague or a serving process under another user can read the student.
+
+Also the content keys that name caches and runs by their inputs' bytes (the screen's cache, the distillation run
+dir): `digest_paths`, `hash_files`, `hash_parquet_footer`."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -17,7 +21,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
@@ -142,3 +146,33 @@ def write_timings(stage: str, obj: dict[str, Any], root: str | Path = ".") -> Pa
     path = Path(root) / TIMINGS_DIR / f"{stage}.json"
     write_json(path, obj)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------- content keys
+def hash_files(h, files: Iterable[Path], label: Callable[[Path], str]) -> None:
+    """Feed each of `files`, in the order given, to the hashlib object `h`: label(file) encoded, then its bytes."""
+    for path in files:
+        h.update(label(path).encode())
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+
+
+def hash_parquet_footer(h, path: Path) -> None:
+    """Feed `path`'s size and Parquet footer (schema, row counts, per-chunk sizes and statistics) to `h`: identical
+    for an identically rebuilt file whatever its mtime, without reading the data pages."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(size - 8)
+        footer_len = int.from_bytes(fh.read(4), "little")
+        fh.seek(size - 8 - footer_len)
+        h.update(f"{size}:".encode() + fh.read(footer_len))
+
+
+def digest_paths(paths: Iterable[str | Path]) -> str:
+    """sha256 over the names, sizes and bytes of every file under `paths` (sorted): the inputs' content key."""
+    h = hashlib.sha256()
+    for root in map(Path, paths):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        hash_files(h, files, lambda f, root=root: f"{f.relative_to(root.parent)}:{f.stat().st_size}\n")
+    return h.hexdigest()

@@ -12,10 +12,12 @@ from stages._runner import run
 from moe2dense.assemble import copy_tokenizer
 from moe2dense.distill.cache import FILE as CACHE_FILE
 from moe2dense.distill.data import load_rows
-from moe2dense.distill.driver import heldout_kl, prepare_distill
-from moe2dense.distill.loop import load_teacher, student_state_from_checkpoint
+from moe2dense.distill.driver import prepare_distill
+from moe2dense.distill.loop import student_state_from_checkpoint
+from moe2dense.heldout import kl as heldout_kl
 from moe2dense.io import atomic_dir, atomic_file, write_json, write_timings
 from moe2dense.params import load_params
+from moe2dense.teacher.load import load_frozen
 
 STUDENT = "models/student"
 TEACHER = "models/teacher"
@@ -47,7 +49,7 @@ def main() -> None:
                               storage=STORAGE, cached_logits=cached)
         eval_rows = load_rows(EVAL)
         eval_rows = eval_rows[: max(1, p.eval_tokens // eval_rows.shape[1])]
-        teacher = load_teacher(job.cfg["teacher_dir"], p.teacher_top_k, torch.float32, torch.device("cpu"))
+        teacher = load_frozen(job.cfg["teacher_dir"], torch.float32, torch.device("cpu"), p.teacher_top_k)
         student = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32).eval()
         before = heldout_kl(student, teacher, eval_rows)
         logging.info("held-out KL(teacher || assembled student) = %.4f over %d tokens", before, eval_rows.size)

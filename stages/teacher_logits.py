@@ -11,11 +11,10 @@ from stages._runner import run
 from moe2dense.distill.cache import write_cached_logits
 from moe2dense.distill.data import load_rows
 from moe2dense.distill.driver import visited_rows
-from moe2dense.distill.loop import load_teacher, make_deterministic
 from moe2dense.io import atomic_dir
 from moe2dense.params import load_params
-from moe2dense.teacher.load import resolve_device
-from moe2dense.teacher.source import teacher_checkpoint
+from moe2dense.teacher.load import load_teacher, resolve_device
+from moe2dense.training import deterministic_algorithms
 
 TEACHER = "models/teacher"
 TRAIN = "data/prepared/packed/train.parquet"
@@ -23,8 +22,6 @@ OUT = "teacher_logits"
 
 
 def main() -> None:
-    import torch
-
     p = load_params().distill
     with atomic_dir(OUT) as out:
         if p.teacher_logits == "online":
@@ -35,10 +32,11 @@ def main() -> None:
         rows = load_rows(TRAIN)
         ids = visited_rows(p, len(rows), rows.shape[1])
         device = resolve_device(p.device, key="distill.device")
-        make_deterministic(device.type == "cuda")  # the cache is a DVC output: the same bytes on every rerun
-        teacher = load_teacher(str(teacher_checkpoint(TEACHER)), p.teacher_top_k, torch.float32, device)
-        write_cached_logits(teacher, rows, ids, out, top_n=p.cached_top_n, temperature=p.temperature,
-                            meta={"teacher_top_k": p.teacher_top_k})
+        # The cache is a DVC output: the same bytes on every rerun.
+        with deterministic_algorithms(warn_only=True, cuda=device.type == "cuda", fill_uninitialized_memory=True):
+            teacher = load_teacher(TEACHER, "float32", device, p.teacher_top_k)
+            write_cached_logits(teacher, rows, ids, out, top_n=p.cached_top_n, temperature=p.temperature,
+                                meta={"teacher_top_k": p.teacher_top_k})
         (out / "cache.json").write_text(json.dumps({"cached": True, "rows": int(len(ids)),
                                                     "top_n": p.cached_top_n}) + "\n")
         logging.info("cached the teacher's top-%d log-probs for %d training rows", p.cached_top_n, len(ids))

@@ -17,7 +17,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from moe2dense.distill.data import load_rows
-from moe2dense.distill.driver import PACKAGE_DIR, heldout_kl, run_distill
+from moe2dense.distill.driver import PACKAGE_DIR, run_distill
+from moe2dense.heldout import kl as heldout_kl
 from test_distill import SEQ, _params, _trained, setup  # noqa: F401  (setup is a fixture)
 
 pytestmark = pytest.mark.slow

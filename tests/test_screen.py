@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moe2dense.screen import PURE, Config, cache_key, check_experts, configurations, default_experts, digest_paths
+from moe2dense.io import digest_paths
+from moe2dense.screen import PURE, Config, cache_key, check_experts, configurations, default_experts
 
 
 def test_default_experts_double_from_k_to_E():

@@ -11,17 +11,18 @@ import torch
 
 from moe2dense.params import DemoModelParams, DemoTrainParams, TeacherParams
 from moe2dense.teacher.build import record_real_teacher
-from moe2dense.teacher.demo import batches, demo_config, lr_at, train_demo
+from moe2dense.teacher.demo import batches, demo_config, train_demo
 from moe2dense.teacher.metrics import routing_health, unigram_perplexity
 from moe2dense.teacher.source import TeacherSourceError, resolve_checkpoint, teacher_checkpoint
+from moe2dense.training import warmup_cosine_lr
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    t = DemoTrainParams(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
-    assert [lr_at(s, 14, t) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_at(4, 14, t) == pytest.approx(1.0)
-    assert lr_at(9, 14, t) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
-    assert lr_at(14, 14, t) == pytest.approx(0.1)
+    assert [warmup_cosine_lr(s, 14, 4, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine_lr(4, 14, 4, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine_lr(9, 14, 4, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
+    assert warmup_cosine_lr(14, 14, 4, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_lr(9, 14, 4, 0.1, lr=2.0) == pytest.approx(2 * (0.1 + 0.9 * 0.5))
 
 
 def test_batches_cover_each_row_once_per_epoch():
@@ -142,3 +143,21 @@ def test_smoke_teacher_is_byte_reproducible(tmp_path, smoke_params):
         torch.set_num_threads(threads)
     assert runs[0] == runs[1]
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored after training
+
+
+def test_load_teacher_is_frozen_validated_and_routes_to_top_k(tiny_checkpoint, tmp_path):
+    """The one teacher loader (calibrate, teacher_logits; distill's workers call load_frozen, which it wraps)."""
+    from moe2dense.teacher.load import load_frozen, load_teacher
+
+    ids = torch.arange(3, 19).view(2, 8)
+    trained = load_teacher(tiny_checkpoint, "float32", "cpu")
+    wide = load_teacher(tiny_checkpoint, "float32", torch.device("cpu"), top_k=4)
+    assert not trained.training and not any(p.requires_grad for p in trained.parameters())
+    assert (trained.config.num_experts_per_tok, wide.config.num_experts_per_tok) == (2, 4)
+    with torch.no_grad():
+        assert not torch.equal(trained(input_ids=ids).logits, wide(input_ids=ids).logits)
+        same = load_frozen(tiny_checkpoint, torch.float32, torch.device("cpu"))
+        assert torch.equal(trained(input_ids=ids).logits, same(input_ids=ids).logits)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):  # validated before any weight is read
+        load_teacher(tmp_path)

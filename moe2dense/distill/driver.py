@@ -9,7 +9,7 @@
   rerunning an interrupted run resumes it from its last checkpoint, and a changed config never resumes an old one.
 - The terminal shows one progress bar fed by rank 0 through a Ray queue; Ray's own logs (its driver logger and what
   its actors print) go to <run dir>/ray.log, or to the terminal with MOE2DENSE_DEBUG=1.
-- Determinism: see `moe2dense.distill.loop.make_deterministic`.
+- Determinism: see `moe2dense.distill.loop.setup_worker`.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from moe2dense.distill.cache import FILE as CACHE_FILE
 from moe2dense.distill.data import check_batch_split, step_rows
+from moe2dense.io import hash_files, hash_parquet_footer
 from moe2dense.params import DistillParams
 from moe2dense.teacher.source import teacher_checkpoint
 
@@ -187,34 +187,15 @@ def plan_workers(requested: int, device: str, resources: dict) -> tuple[int, boo
     return workers, use_gpu, cpus_per_worker
 
 
-def _hash_files(paths: list[Path], h) -> None:
-    for path in sorted(paths):
-        h.update(path.name.encode())
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-
-
-def _hash_parquet(path: Path, h) -> None:
-    """Size + footer (schema, row counts, per-chunk sizes and statistics): identical for an identically rebuilt
-    file whatever its mtime, without reading the data pages."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        fh.seek(size - 8)
-        footer_len = int.from_bytes(fh.read(4), "little")
-        fh.seek(size - 8 - footer_len)
-        h.update(f"{size}:".encode() + fh.read(footer_len))
-
-
 def run_name(p: DistillParams, student_dir: Path, train_path: Path, cached_logits: Path | None) -> str:
     """Hash of the params that change training (not the worker count: batches are global) and of the inputs'
     content (not their paths or mtimes: a DVC experiment's temp copy or a rebuilt identical file keep the name)."""
     h = hashlib.sha256()
     h.update(json.dumps(p.model_dump(exclude={"workers", "max_failures", "eval_tokens"}), sort_keys=True).encode())
-    _hash_files(list(student_dir.glob("*.safetensors")) + [student_dir / "config.json"], h)
-    _hash_parquet(train_path, h)
+    hash_files(h, sorted([*student_dir.glob("*.safetensors"), student_dir / "config.json"]), lambda f: f.name)
+    hash_parquet_footer(h, train_path)
     if cached_logits is not None:
-        _hash_parquet(cached_logits / CACHE_FILE if cached_logits.is_dir() else cached_logits, h)
+        hash_parquet_footer(h, cached_logits / CACHE_FILE if cached_logits.is_dir() else cached_logits)
     return "distill-" + h.hexdigest()[:16]
 
 
@@ -359,19 +340,6 @@ def run_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: str |
     """`prepare_distill` + `fit` in one call."""
     return prepare_distill(p, student_dir=student_dir, teacher_dir=teacher_dir, train_path=train_path,
                            storage=storage, cached_logits=cached_logits, deterministic=deterministic).fit(progress)
-
-
-@torch.no_grad()
-def heldout_kl(student, teacher, rows: np.ndarray, batch_rows: int = 8) -> float:
-    """Mean per-token forward KL(teacher || student) at T = 1 over `rows` (the distillation objective, held out)."""
-    total, n = 0.0, 0
-    for s in range(0, len(rows), batch_rows):
-        ids = torch.from_numpy(rows[s:s + batch_rows].astype(np.int64))
-        log_p = teacher(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
-        log_q = student(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
-        total += float((log_p.exp() * (log_p - log_q)).sum())
-        n += ids.numel()
-    return total / n
 
 
 def visited_rows(p: DistillParams, n_rows: int, seq_len: int) -> np.ndarray:

@@ -11,12 +11,13 @@ After every step rank 0 puts (tokens, loss) in the driver's progress queue.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,42 +27,11 @@ from torch import nn
 from moe2dense.distill.cache import CachedTeacher
 from moe2dense.distill.data import load_rows, worker_micro_rows
 from moe2dense.distill.losses import chunked_kd_loss
+from moe2dense.teacher.load import load_frozen
+from moe2dense.training import deterministic_algorithms, warmup_cosine_lr
 
 STATE = "state.pt"
 HISTORY = "history.json"
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine down to `min_ratio` at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def load_teacher(path: str, top_k: int | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The frozen teacher, optionally routing each token to `top_k` experts instead of its trained k (Eq. 6)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if top_k is not None:
-        config.num_experts_per_tok = top_k
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
-    return model.to(device).eval().requires_grad_(False)
-
-
-def make_deterministic(cuda: bool) -> None:
-    """Bit-identical reruns on one machine. What already holds by construction: batches are a function of
-    (seed, step) (data.py); every worker runs the same fixed thread count (cfg["threads"]), so CPU reductions split
-    the same way; the teacher is frozen and run in eval mode (no dropout, its MoE routing/index_add is a pure
-    function of the input on CPU); ranks only pick data slices, and all ranks run identical code, so which process
-    gets which rank does not matter on one node; a 2-worker gloo/NCCL all-reduce sums a + b, which is commutative
-    (more workers: a ring order fixed by rank). What this adds: deterministic kernels where PyTorch has a choice
-    (CUDA index_add/scatter in the MoE forward, cuBLAS workspace), warning instead of failing where it has none."""
-    if cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when the cuBLAS handle is created
-        torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def worker_seed(seed: int, rank: int) -> int:
@@ -108,28 +78,52 @@ def _online_target(teacher: nn.Module, ids: torch.Tensor):
     return lambda start, end: (hidden[start:end] @ weight.T).float()
 
 
-def train_worker(cfg: dict) -> None:
-    """Ray Train's train_loop_per_worker."""
-    import ray.train
-    import ray.train.torch
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    from transformers import AutoModelForCausalLM
+@dataclass
+class Worker:
+    """One Ray Train worker's run: its place in the group, the frozen teacher (or the cached logits), the student
+    inside its DDP/FSDP objective, and the optimizer."""
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg: dict
+    rank: int
+    world: int
+    device: torch.device
+    teacher: nn.Module | None
+    cached: CachedTeacher | None
+    objective: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    progress: Any  # rank 0: the driver's ray.util.queue.Queue; other ranks: None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def setup_worker(cfg: dict, rank: int) -> torch.device:
+    """Threads, seed and device of this worker. Bit-identical reruns on one machine: batches are a function of
+    (seed, step) (data.py); every worker runs the same fixed thread count (cfg["threads"]), so CPU reductions split
+    the same way; the teacher is frozen and run in eval mode (no dropout, its MoE routing/index_add is a pure
+    function of the input on CPU); ranks only pick data slices, and all ranks run identical code, so which process
+    gets which rank does not matter on one node; a 2-worker gloo/NCCL all-reduce sums a + b, which is commutative
+    (more workers: a ring order fixed by rank). `train_worker` adds deterministic kernels where PyTorch has a choice
+    (CUDA index_add/scatter in the MoE forward, cuBLAS workspace), warning instead of failing where it has none."""
+    import ray.train.torch
+
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(worker_seed(cfg["seed"], rank))
-    device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    if cfg.get("deterministic", True):
-        make_deterministic(cuda)
-    progress = cfg.get("progress") if rank == 0 else None  # a ray.util.queue.Queue of the driver
-    dtype = torch.bfloat16 if cuda else torch.float32
+    return ray.train.torch.get_device()
 
-    teacher = None if cfg["cached_logits"] else load_teacher(cfg["teacher_dir"], cfg["teacher_top_k"], dtype, device)
+
+def build_worker(cfg: dict, rank: int, world: int, device: torch.device) -> Worker:
+    """Teacher (unless its logits are cached), student wrapped for DDP/FSDP, AdamW on a warmup + cosine schedule."""
+    import ray.train.torch
+    from transformers import AutoModelForCausalLM
+
+    progress = cfg.get("progress") if rank == 0 else None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = None if cfg["cached_logits"] else load_frozen(cfg["teacher_dir"], dtype, device, cfg["teacher_top_k"])
     cached = CachedTeacher(cfg["cached_logits"]) if cfg["cached_logits"] else None
     student = AutoModelForCausalLM.from_pretrained(cfg["student_dir"], dtype=torch.float32, local_files_only=True)
     freeze(student, cfg["freeze"])
@@ -138,63 +132,101 @@ def train_worker(cfg: dict) -> None:
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg["steps"], cfg["warmup_steps"], cfg["min_lr_ratio"]))
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer, lambda s: warmup_cosine_lr(s, cfg["steps"], cfg["warmup_steps"], cfg["min_lr_ratio"]))
+    return Worker(cfg, rank, world, device, teacher, cached, objective, params, optimizer, scheduler, progress)
 
-    start, history = 0, []
+
+def _full_state():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def resume(w: Worker) -> tuple[int, list]:
+    """(first step to train, loss history so far): from the last reported checkpoint of this run, if any."""
+    import ray.train
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
-            history = json.loads((Path(d) / HISTORY).read_text())
-        set_model_state_dict(objective, state["model"], options=full)
-        set_optimizer_state_dict(objective, optimizer, state["optimizer"], options=full)
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+    if not checkpoint:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+        history = json.loads((Path(d) / HISTORY).read_text())
+    set_model_state_dict(w.objective, state["model"], options=_full_state())
+    set_optimizer_state_dict(w.objective, w.optimizer, state["optimizer"], options=_full_state())
+    w.scheduler.load_state_dict(state["scheduler"])
+    return state["step"], history
 
-    rows = load_rows(cfg["train_path"])
-    seq_len = rows.shape[1]
-    tokens_per_step = cfg["global_batch"] * seq_len
-    accum = cfg["accum"]
-    trained_tokens, t0 = 0, time.perf_counter()
-    if progress is not None:
-        progress.actor.put_nowait.remote({"start_tokens": start * tokens_per_step})  # fire and forget
-    for step in range(start, cfg["steps"]):
-        micro = worker_micro_rows(step, cfg["global_batch"], len(rows), cfg["seed"], rank, world, accum)
-        step_loss = torch.zeros((), device=device)
-        for a, idx in enumerate(micro):
-            ids = torch.from_numpy(rows[idx].astype(np.int64)).to(device)
-            target = cached.target(idx, cfg["temperature"], device) if cached else _online_target(teacher, ids)
-            sync = a == accum - 1 or not hasattr(objective, "no_sync")
-            with (nullcontext() if sync else objective.no_sync()):
-                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
-                    loss = objective(ids, target, _labels(ids)) / accum
-                loss.backward()
-            step_loss += loss.detach()
-        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(step_loss)
-            step_loss /= world
-        trained_tokens += tokens_per_step
-        history.append([step + 1, (step + 1) * tokens_per_step, round(float(step_loss), 6)])
-        if progress is not None:
-            progress.actor.put_nowait.remote({"tokens": history[-1][1], "loss": history[-1][2]})
-        last = step + 1 == cfg["steps"]
-        if (step + 1) % cfg["checkpoint_every"] == 0 or last:
-            seconds = time.perf_counter() - t0
-            metrics = {"step": step + 1, "loss": history[-1][2], "resumed_from": start,
-                       "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0}
-            model_state = get_model_state_dict(objective, options=full)  # collective under FSDP
-            optim_state = get_optimizer_state_dict(objective, optimizer, options=full)
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                                "step": step + 1}, Path(d) / STATE)
-                    (Path(d) / HISTORY).write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+def train_step(w: Worker, rows: np.ndarray, step: int) -> float:
+    """One optimizer step over this rank's micro-batches of `step`; the loss averaged over all ranks (6 decimals)."""
+    cfg, accum = w.cfg, w.cfg["accum"]
+    micro = worker_micro_rows(step, cfg["global_batch"], len(rows), cfg["seed"], w.rank, w.world, accum)
+    step_loss = torch.zeros((), device=w.device)
+    for a, idx in enumerate(micro):
+        ids = torch.from_numpy(rows[idx].astype(np.int64)).to(w.device)
+        target = w.cached.target(idx, cfg["temperature"], w.device) if w.cached else _online_target(w.teacher, ids)
+        sync = a == accum - 1 or not hasattr(w.objective, "no_sync")
+        with (nullcontext() if sync else w.objective.no_sync()):
+            with torch.autocast("cuda", dtype=torch.bfloat16) if w.cuda else nullcontext():
+                loss = w.objective(ids, target, _labels(ids)) / accum
+            loss.backward()
+        step_loss += loss.detach()
+    torch.nn.utils.clip_grad_norm_(w.params, cfg["grad_clip"])
+    w.optimizer.step()
+    w.scheduler.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    if w.world > 1:
+        dist.all_reduce(step_loss)
+        step_loss /= w.world
+    return round(float(step_loss), 6)
+
+
+def checkpoint_and_report(w: Worker, step: int, history: list, metrics: dict) -> None:
+    """Every rank gathers the full state (a collective under FSDP) and reports; rank 0 also writes the checkpoint
+    (student, optimizer, scheduler, steps done, loss history)."""
+    import ray.train
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_state = get_model_state_dict(w.objective, options=_full_state())
+    optim_state = get_optimizer_state_dict(w.objective, w.optimizer, options=_full_state())
+    with tempfile.TemporaryDirectory() as d:
+        if w.rank == 0:
+            torch.save({"model": model_state, "optimizer": optim_state, "scheduler": w.scheduler.state_dict(),
+                        "step": step}, Path(d) / STATE)
+            (Path(d) / HISTORY).write_text(json.dumps(history))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if w.rank == 0 else None)
+
+
+def train_worker(cfg: dict) -> None:
+    """Ray Train's train_loop_per_worker: set up, resume, then per step train, tell the driver's progress bar
+    (rank 0), and every `checkpoint_every` steps (and at the last) checkpoint and report."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = setup_worker(cfg, rank)
+    with deterministic_algorithms(cfg.get("deterministic", True), warn_only=True, cuda=device.type == "cuda",
+                                  fill_uninitialized_memory=True):
+        w = build_worker(cfg, rank, world, device)
+        start, history = resume(w)
+        rows = load_rows(cfg["train_path"])
+        tokens_per_step = cfg["global_batch"] * rows.shape[1]
+        trained_tokens, t0 = 0, time.perf_counter()
+        if w.progress is not None:
+            w.progress.actor.put_nowait.remote({"start_tokens": start * tokens_per_step})  # fire and forget
+        for step in range(start, cfg["steps"]):
+            loss = train_step(w, rows, step)
+            trained_tokens += tokens_per_step
+            history.append([step + 1, (step + 1) * tokens_per_step, loss])
+            if w.progress is not None:
+                w.progress.actor.put_nowait.remote({"tokens": history[-1][1], "loss": loss})
+            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+                seconds = time.perf_counter() - t0
+                checkpoint_and_report(w, step + 1, history, {
+                    "step": step + 1, "loss": loss, "resumed_from": start,
+                    "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0})
 
 
 def student_state_from_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[dict, list]:

@@ -11,9 +11,7 @@ atomic adds in whatever order the threads finish."""
 
 from __future__ import annotations
 
-import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moe2dense.params import DemoModelParams, DemoTrainParams
+from moe2dense.training import deterministic_algorithms, warmup_cosine_lr
 
 
 def demo_config(m: DemoModelParams, vocab_size: int, seq_len: int, eos_id: int, pad_id: int | None):
@@ -50,24 +49,6 @@ def demo_config(m: DemoModelParams, vocab_size: int, seq_len: int, eos_id: int, 
     return cfg
 
 
-@contextmanager
-def deterministic_algorithms(enabled: bool = True):
-    """torch.use_deterministic_algorithms(enabled) for the block, the caller's settings restored after. Its NaN fill
-    of every new uninitialized tensor is left off: it only guards kernels that read memory they never wrote (none on
-    this path; the identical-weights test would catch one) and was ~8% of a profiled training step."""
-    import torch.utils.deterministic as det
-
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(enabled)
-    det.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-        det.fill_uninitialized_memory = prev[2]
-
-
 def lm_loss(model, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, next-token cross-entropy, load-balancing loss) for a batch of packed sequences."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
@@ -81,13 +62,6 @@ def lm_loss(model, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, to
     else:
         aux = ce.new_zeros(())
     return ce + aux_coef * aux, ce, aux
-
-
-def lr_at(step: int, total: int, t: DemoTrainParams) -> float:
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def batches(train: np.ndarray, batch_size: int, steps: int, seed: int):
@@ -134,8 +108,9 @@ def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress
     start = time.perf_counter()
     with deterministic_algorithms(deterministic):
         for step, ids in enumerate(batches(train, t.batch_size, steps, seed)):
+            lr = warmup_cosine_lr(step, steps, t.warmup_steps, t.min_lr_ratio, lr=t.lr)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, t)
+                group["lr"] = lr
             loss, ce, aux = lm_loss(model, ids, aux_coef)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -146,7 +121,7 @@ def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress
             if step % t.log_every == 0 or step == steps - 1:
                 ce_v, aux_v = ce.item(), aux.item()  # the only host syncs, once every log_every steps
                 log.rows.append({"step": step, "tokens": log.tokens, "loss": round(ce_v, 5),
-                                 "aux_loss": round(aux_v, 5), "lr": lr_at(step, steps, t)})
+                                 "aux_loss": round(aux_v, 5), "lr": lr})
                 bar.set_postfix(loss=f"{ce_v:.3f}", aux=f"{aux_v:.3f}")
     log.seconds = time.perf_counter() - start
     bar.close()

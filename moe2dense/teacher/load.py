@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
+from moe2dense.checkpoint import DTYPES
 from moe2dense.teacher.source import teacher_checkpoint, validate_checkpoint_dir
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str, key: str = "calibrate.device") -> torch.device:
@@ -24,15 +23,24 @@ def resolve_device(device: str, key: str = "calibrate.device") -> torch.device:
     return torch.device(device)
 
 
-def load_teacher(teacher_dir: str | Path = "models/teacher", dtype: str = "float32", device: str = "auto"):
-    """The frozen teacher in eval mode on `device`, loaded offline from the stage output (or where it points)."""
-    from transformers import AutoModelForCausalLM
+def load_frozen(path: str | Path, dtype: torch.dtype, device: torch.device, top_k: int | None = None):
+    """The checkpoint at `path`, offline, frozen (no grads) in eval mode on `device`; `top_k` routes each token to
+    that many experts instead of its trained k (distill.teacher_top_k, the paper's Eq. 6)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if top_k is not None:
+        config.num_experts_per_tok = top_k
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_teacher(teacher_dir: str | Path = "models/teacher", dtype: str = "float32",
+                 device: str | torch.device = "auto", top_k: int | None = None):
+    """The teacher stage's output (or where its pointer leads), validated, then `load_frozen`."""
     path = teacher_checkpoint(teacher_dir)  # a teacher moved since the teacher stage fails here, naming both
     validate_checkpoint_dir(path)  # a truncated shard or missing config key: one line, before from_pretrained
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
-    model.requires_grad_(False)
-    return model.to(resolve_device(device)).eval()
+    return load_frozen(path, DTYPES[dtype], resolve_device(device) if isinstance(device, str) else device, top_k)
 
 
 def teacher_config(teacher_dir: str | Path = "models/teacher"):

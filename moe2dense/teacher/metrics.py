@@ -5,37 +5,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from moe2dense.heldout import perplexity_by_domain_and_usage
 
 
-@torch.no_grad()
 def perplexity_and_usage(model, ids: np.ndarray, domains: list[str], batch_size: int = 16) -> dict:
-    """Next-token perplexity over `ids` (N, seq_len), overall and per domain, plus per-layer top-k selection
-    counts from the router logits the model itself returns."""
-    model.eval()
-    top_k, n_exp = model.config.num_experts_per_tok, model.config.num_experts
-    nll_sum: dict[str, float] = {}
-    n_tok: dict[str, int] = {}
-    counts = None
-    for i in range(0, len(ids), batch_size):
-        batch = torch.from_numpy(ids[i: i + batch_size].astype(np.int64))
-        out = model(input_ids=batch, output_router_logits=True)
-        nll = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.size(-1)), batch[:, 1:].reshape(-1),
-                              reduction="none").view(batch.size(0), -1).sum(1)
-        for d, v in zip(domains[i: i + batch_size], nll.tolist()):
-            nll_sum[d] = nll_sum.get(d, 0.0) + v
-            n_tok[d] = n_tok.get(d, 0) + batch.size(1) - 1
-        layer_counts = torch.stack([
-            torch.bincount(rl.topk(top_k, dim=-1).indices.flatten(), minlength=n_exp) for rl in out.router_logits
-        ])
-        counts = layer_counts if counts is None else counts + layer_counts
+    """Next-token perplexity over `ids` (N, seq_len), overall and per domain, plus per-layer routing health."""
+    nll_sum, n_tok, counts = perplexity_by_domain_and_usage(model, ids, domains, batch_size)
     total_nll, total_tok = sum(nll_sum.values()), sum(n_tok.values())
     return {
         "perplexity": math.exp(total_nll / total_tok),
         "perplexity_by_domain": {d: math.exp(nll_sum[d] / n_tok[d]) for d in sorted(nll_sum)},
         "eval_tokens": total_tok,
-        "routing": routing_health(counts.numpy(), n_tokens=len(ids) * ids.shape[1], top_k=top_k),
+        "routing": routing_health(counts.numpy(), n_tokens=len(ids) * ids.shape[1],
+                                  top_k=model.config.num_experts_per_tok),
     }
 
 
