@@ -1,4 +1,4 @@
-"""Dense assembly (README "Grouping, merging and scaling", the paper's Eq. 2): execute a conversion plan on a
+"""Dense assembly (docs/architecture.md, "Merging and assembly"; the paper's Eq. 2): execute a conversion plan on a
 teacher checkpoint and write the dense student as a standard Hugging Face checkpoint dir.
 
 Per MoE layer the k merged experts (plus shared experts) become one SwiGLU MLP: gate and up rows are stacked, down

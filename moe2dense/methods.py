@@ -7,7 +7,7 @@ torch. Everything else derives from it:
   `grouping.register_grouping`, `scaling.register_scaling`, `distill.losses.register_loss`; an import-time check
   keeps registry and table equal),
 - the calibration passes calibrate runs (`capture_passes`, used by the stages, the screen and `convert` alike),
-- the README's method tables (`python -m moe2dense methods --markdown`; a test keeps the README in step).
+- the README's method tables (`python -m moe2dense methods --readme README.md`; a test keeps them in step).
 
 Adding a method: one `Method` entry here, one registered function, one test (docs/architecture.md, "Adding a
 method"). Definitions and sources: docs/architecture.md, "Methods".

@@ -1,4 +1,4 @@
-"""Expert selection: which K experts of a layer survive into the dense model (README "What the pipeline does",
+"""Expert selection: which K experts of a layer survive into the dense model (docs/architecture.md, "Data flow",
 stage `select`).
 
 Scores are computed once (`score_frame`, stage `score` -> scores/scores.parquet) and read everywhere else: select

@@ -1,5 +1,5 @@
-"""One spec per supported MoE family (transformers 5.x module names; each family's dense student: the README's
-"Grouping, merging and scaling")."""
+"""One spec per supported MoE family (transformers 5.x module names; each family's dense student:
+docs/architecture.md, "Family spec")."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class FamilySpec:
     shared_gate_attr: str | None = None
     # On-disk name of the MoE block where it differs from `block_attr` (mixtral: "block_sparse_moe").
     disk_block_attr: str | None = None
-    # The dense student (the README's teacher -> dense student table): "mlp" = a plain SwiGLU MLP
+    # The dense student (docs/architecture.md, "Family spec"): "mlp" = a plain SwiGLU MLP
     # (gate_proj/up_proj/down_proj);
     # "single_expert" = the same family with one always-on expert, for families without a dense twin.
     dense_mlp: Literal["mlp", "single_expert"] = "mlp"

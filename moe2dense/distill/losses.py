@@ -1,4 +1,5 @@
-"""Distillation losses between a teacher and a student next-token distribution (README "Distillation").
+"""Distillation losses between a teacher and a student next-token distribution (docs/architecture.md,
+"Distillation losses").
 
 Every loss is a divergence on *bins*: per token, a teacher distribution p and a student distribution q over the same
 B bins, given as fp32 log-probs `log_p, log_q` of shape [T, B]; a loss returns the per-token value [T] (summed over
