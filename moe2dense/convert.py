@@ -28,7 +28,7 @@ from moe2dense.arch import get_adapter
 from moe2dense.assemble import assemble
 from moe2dense.calibrate.capture import capture
 from moe2dense.calibrate.store import read_meta
-from moe2dense.checkpoint import CheckpointReader
+from moe2dense.checkpoint import DTYPES, CheckpointReader
 from moe2dense.checks import calibrated_passes
 from moe2dense.data.packing import Packer
 from moe2dense.data.sources import iter_corpus
@@ -37,7 +37,7 @@ from moe2dense.io import atomic_dir
 from moe2dense.plan import CalibrationInfo, build_plan, plan_scaling, write_plan
 from moe2dense.scoring import DO_ACP_LAMBDA
 from moe2dense.selection import check_budget, score_frame, score_options, select_from_scores
-from moe2dense.teacher.load import DTYPES, resolve_device
+from moe2dense.teacher.load import load_frozen, resolve_device
 from moe2dense.teacher.source import check_tokenizer, resolve_checkpoint, validate_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -225,8 +225,6 @@ def convert(args: ConvertArgs) -> dict:
     params = convert_params(args)
     c = _check(args, params)
     checkpoint, adapter = c.checkpoint, c.adapter
-    from transformers import AutoModelForCausalLM
-
     tokenizer = load_tokenizer(checkpoint)
     check_tokenizer(tokenizer, checkpoint)
     ids, domains = calibration_rows(args, tokenizer, c.seq_len)  # bad or short data fails before the weights load
@@ -234,8 +232,7 @@ def convert(args: ConvertArgs) -> dict:
         raise ValueError(f"{checkpoint}: the tokenizer produced token id {int(ids.max())} but config.json "
                          f"vocab_size is {c.vocab_size}: tokenizer and model do not match")
     cal, score, group = params.calibrate, params.score, params.group
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[cal.dtype], local_files_only=True)
-    model = model.to(resolve_device(args.device, "--device")).eval().requires_grad_(False)
+    model = load_frozen(checkpoint, DTYPES[cal.dtype], resolve_device(args.device, "--device"))
     batches = [(ids[i:i + cal.batch_size], domains[i:i + cal.batch_size]) for i in range(0, len(ids), cal.batch_size)]
     # From here on the stages' own calls: calibrate, score, select, group, assemble.
     with tempfile.TemporaryDirectory(prefix="moe2dense-calibration-") as calibration:
