@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from moe2dense.checks import set_offline_env
 from moe2dense.distill.cache import FILE as CACHE_FILE
 from moe2dense.distill.data import check_batch_split, step_rows
 from moe2dense.io import hash_files, hash_parquet_footer
@@ -148,7 +149,7 @@ def start_ray(log_file: Path | None = None) -> dict:
         check_ray_address(address)
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    set_offline_env()  # Ray's usage stats off, before ray.init
     if not ray.is_initialized():
         quiet = log_file is not None and not debug()
         if quiet:
