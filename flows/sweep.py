@@ -34,6 +34,8 @@ from moe2dense import sweep as sw
 from moe2dense.params import read_yaml
 
 REPORT = "reports/experiments.md"
+BASELINE_NOTE = ("this workspace held the results of your own pipeline run (dvc.lock, metrics/, plots/); they are now "
+                 "committed on the new branch {branch}, the sweep's baseline (`git switch -` returns to your branch)")
 
 
 def configurations(repo: Path, grid: dict[str, list] | None, configs: list[dict] | None,
@@ -49,7 +51,8 @@ def configurations(repo: Path, grid: dict[str, list] | None, configs: list[dict]
 @task(name="check-sweep", cache_policy=NO_CACHE)
 def check(repo: str, exps: list[sw.Experiment]) -> None:
     sw.validate(repo, exps)  # bad configurations first: they need no clean workspace to be reported
-    sw.check_clean(repo)
+    if branch := sw.record_baseline(repo):
+        get_run_logger().info(BASELINE_NOTE.format(branch=branch))
 
 
 @task(name="queue-experiments", cache_policy=NO_CACHE)
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         # checked here too, so a bad grid or a dirty workspace fails in a second, before Prefect starts
         repo = check_before_run(args.repo, args.target)
         sw.validate(repo, sw.experiments(configurations(repo, grid, configs, args.from_screen)))
-        sw.check_clean(repo)
+        if branch := sw.record_baseline(repo):
+            print(f"[sweep] {BASELINE_NOTE.format(branch=branch)}", flush=True)
         records = sweep(repo=str(repo), grid=grid, configs=configs, from_screen=args.from_screen, jobs=args.jobs,
                         target=args.target)
         print(sw.markdown(records, "Sweep results"))

@@ -4,8 +4,9 @@ in its own temporary copy of the repo, at most N at a time, sharing the DVC cach
 rather than rerun) and collected from `Repo.experiments.show` (`dvc exp show`) into one comparison table. The same
 table code tabulates committed results across git branches or revisions (`compare`).
 
-Nothing runs in the user's workspace: experiments are built from the last commit, so a dirty workspace is refused
-(its uncommitted changes would silently ride along into every experiment), and one sweep at a time holds a lock.
+Nothing runs in the user's workspace: experiments are built from the last commit, so uncommitted changes are refused
+(they would silently ride along into every experiment), except the results of the user's own finished run, which
+`record_baseline` commits on a branch of its own as the sweep's baseline; one sweep at a time holds a lock.
 """
 
 from __future__ import annotations
@@ -160,15 +161,69 @@ def dirty_files(repo: str | Path) -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
-def check_clean(repo: str | Path) -> None:
+def _git(repo: str | Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def pipeline_outputs(repo: str | Path) -> set[str]:
+    """The git-tracked files a pipeline run rewrites: dvc.lock and every `cache: false` output (metrics, plots),
+    repo-relative (from DVC's own index of dvc.yaml)."""
+    root = Path(repo).resolve()
+    with dvc_repo(root) as dvc:
+        outs = {Path(o.fs_path).relative_to(root).as_posix() for st in dvc.index.stages for o in st.outs
+                if not o.use_cache}
+    return outs | {"dvc.lock"}
+
+
+def record_baseline(repo: str | Path, target: str = TARGET) -> str | None:
+    """Make the workspace a commit the experiments can start from; return the new branch, or None if it was clean.
+
+    Experiments are built from the last commit plus the uncommitted changes, so any change would silently ride along
+    into every experiment. The one change the sweep takes care of itself is the user's own finished run: when the
+    workspace differs from HEAD only in pipeline outputs (dvc.lock, metrics/, plots/: e.g. `make demo` on another
+    machine than the one that produced the committed results) and DVC finds `target` up to date, those results are
+    committed on a new branch `moe2dense-baseline-<HEAD>` (the current branch is left as it was), which becomes the
+    sweep's baseline. Anything else (an edited params.yaml, code, a file of one's own, an unfinished run) is refused
+    with the files named."""
     dirty = dirty_files(repo)
-    if dirty:
-        shown = "\n  ".join(dirty[:10]) + (f"\n  ... and {len(dirty) - 10} more" if len(dirty) > 10 else "")
+    if not dirty:
+        return None
+    outputs = pipeline_outputs(repo)
+    ours = [line[3:] for line in dirty if line[:2] == " M" and line[3:] in outputs]
+    theirs = [line for line in dirty if line[3:] not in ours]
+    if theirs:
+        shown = "\n  ".join(theirs[:10]) + (f"\n  ... and {len(theirs) - 10} more" if len(theirs) > 10 else "")
         raise SweepError(
             f"the workspace {repo} has uncommitted changes; experiments are built from the last commit plus these, "
             f"so they would run into every experiment:\n  {shown}\n"
             "commit them (`git add -A && git commit`, with dvc.lock after `dvc repro`) or stash them "
             "(`git stash -u`), then start the sweep again; nothing was queued")
+    with dvc_repo(repo) as dvc:
+        stale = dvc.status(targets=[target])
+    if stale:
+        raise SweepError(
+            f"the workspace {repo} holds the results of an unfinished run ({', '.join(ours)} changed, and "
+            f"{', '.join(sorted(stale))} not up to date): finish it with `dvc repro {target}` (`make demo`), then "
+            "start the sweep again, which records them as its baseline; nothing was queued")
+    head = _git(repo, "rev-parse", "--short", "HEAD")
+    branches = set(_git(repo, "branch", "--format=%(refname:short)").split())
+    branch = next(name for name in (f"moe2dense-baseline-{head}" + (f"-{i}" if i else "") for i in itertools.count())
+                  if name not in branches)
+    identity = [] if _git_identity(repo) else ["-c", "user.name=moe2dense", "-c", "user.email=moe2dense@localhost"]
+    _git(repo, "switch", "--quiet", "-c", branch)  # the working tree stays as it is
+    _git(repo, "add", "--", *ours)
+    _git(repo, *identity, "commit", "--quiet", "-m",
+         f"Baseline for a sweep: the results of the pipeline run in this workspace on {head}\n\n"
+         f"Recorded by moe2dense's sweep ({', '.join(ours)}).", "--", *ours)
+    log.info("recorded this workspace's results (%s) as commit %s on the new branch %s: the sweep's baseline; "
+             "`git switch -` returns to the branch you were on", ", ".join(ours), _git(repo, "rev-parse", "--short",
+                                                                                     "HEAD"), branch)
+    return branch
+
+
+def _git_identity(repo: str | Path) -> bool:
+    return all(subprocess.run(["git", "config", key], cwd=repo, capture_output=True).returncode == 0
+               for key in ("user.name", "user.email"))
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ itself runs in test_pipeline.py on the smoke pipeline."""
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import subprocess
 import sys
@@ -117,19 +118,62 @@ def test_validation_names_every_bad_configuration(tmp_path, smoke_params):
         sw.validate(tmp_path, [])
 
 
-def test_dirty_workspace_is_refused_with_the_files_named(tmp_path):
+def _dvc_repo_with_results(root: Path) -> None:
+    """A git + DVC repo whose stage `report` writes a tracked metric from $MACHINE (not a dep: a run on another
+    machine gives other bytes for the same code and params), with machine A's results committed."""
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"select": {"experts": 4}}))
-    subprocess.run(git + ["add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run(git + ["commit", "-qm", "x"], cwd=tmp_path, check=True)
-    sw.check_clean(tmp_path)
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    (root / "params.yaml").write_text(yaml.safe_dump({"select": {"experts": 4}}))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"report": {
+        "cmd": "python -c \"import os, json; json.dump({'x': os.environ['MACHINE']}, open('m.json', 'w'))\"",
+        "params": ["select.experts"], "metrics": [{"m.json": {"cache": False}}]}}}))
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q", "report"], cwd=root, check=True,
+                   env={**os.environ, "MACHINE": "1"})
+    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
+    subprocess.run(git + ["commit", "-qm", "results of machine A"], cwd=root, check=True)
+
+
+def _git_out(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_own_finished_run_becomes_the_baseline_and_anything_else_is_refused(tmp_path):
+    _dvc_repo_with_results(tmp_path)
+    assert sw.pipeline_outputs(tmp_path) == {"dvc.lock", "m.json"}
+    assert sw.record_baseline(tmp_path) is None  # clean: nothing to record
+    # machine B runs the same pipeline: other bytes in the tracked results, DVC up to date
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q", "--force", "report"], cwd=tmp_path, check=True,
+                   env={**os.environ, "MACHINE": "2"})
+    assert sorted(sw.dirty_files(tmp_path)) == [" M dvc.lock", " M m.json"]
+    head = _git_out(tmp_path, "rev-parse", "--short", "HEAD")
+    branch = sw.record_baseline(tmp_path)
+    assert branch == f"moe2dense-baseline-{head}" == _git_out(tmp_path, "branch", "--show-current")
+    assert sw.dirty_files(tmp_path) == [] and json.loads((tmp_path / "m.json").read_text()) == {"x": "2"}
+    assert _git_out(tmp_path, "show", "main:m.json") == '{"x": "1"}'  # the shipped results stay on main
+    assert _git_out(tmp_path, "diff", "--name-only", "main", branch).split() == ["dvc.lock", "m.json"]
+    # a second baseline from the same commit gets its own name
+    subprocess.run(["git", "switch", "-q", "main"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q", "--force", "report"], cwd=tmp_path, check=True,
+                   env={**os.environ, "MACHINE": "3"})
+    assert sw.record_baseline(tmp_path) == f"moe2dense-baseline-{head}-1"
+    subprocess.run(["git", "switch", "-q", "main"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=tmp_path, check=True)
+
+    # the user's own changes are refused, named, and nothing is committed
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"select": {"experts": 8}}))
     (tmp_path / "notes.txt").write_text("new")
     with pytest.raises(sw.SweepError) as err:
-        sw.check_clean(tmp_path)
+        sw.record_baseline(tmp_path)
     assert "M params.yaml" in str(err.value) and "?? notes.txt" in str(err.value)
     assert "git stash -u" in str(err.value) and "nothing was queued" in str(err.value)
+    assert _git_out(tmp_path, "branch", "--show-current") == "main"
+    # results of an unfinished run (params changed since): finish it first
+    (tmp_path / "notes.txt").unlink()
+    subprocess.run(["git", "checkout", "-q", "--", "params.yaml"], cwd=tmp_path, check=True)
+    (tmp_path / "m.json").write_text('{"x": "4"}')
+    with pytest.raises(sw.SweepError, match=r"unfinished run \(m.json changed, and report not up to date\)"):
+        sw.record_baseline(tmp_path)
 
 
 def test_one_sweep_at_a_time(tmp_path):
