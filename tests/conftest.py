@@ -48,6 +48,30 @@ def copy_pipeline_repo(dest: Path, params: Path | None = None) -> Path:
     return dest
 
 
+def clone_repo(dest: Path, params: Path) -> Path:
+    """A real `git clone` of this repository at `dest` (this checkout's uncommitted changes to tracked files and
+    its untracked files applied on top, so it tests the code at hand), with `params` committed as its params.yaml,
+    and this interpreter's venv as its .venv, marked installed so `make` does not reinstall it."""
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=REPO, capture_output=True, check=True).stdout
+    if diff:
+        subprocess.run(["git", "apply", "--whitespace=nowarn"], cwd=dest, input=diff, check=True)
+    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, untracked):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+    shutil.copy2(params, dest / "params.yaml")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "the shipped state: code, smoke params, example results"], cwd=dest,
+                   check=True)
+    venv = Path(sys.prefix)
+    (dest / ".venv").symlink_to(venv, target_is_directory=True)
+    (venv / ".installed").touch()  # newer than the clone's pyproject.toml: `make` sees the venv as installed
+    return dest
+
+
 def without_venv(env: dict[str, str]) -> dict[str, str]:
     """`env` with this interpreter's directory taken off PATH: a shell, cron or systemd that never activated it."""
     bindir = str(Path(sys.executable).parent)

@@ -1,16 +1,20 @@
-"""End-to-end: `dvc repro` of the smoke pipeline in a temporary git copy of the repo, DVC's caching, and the
-Prefect flow over it."""
+"""End-to-end, as the README's walkthrough goes: a real `git clone` of this repository with the smoke params, then
+`make demo`, `make screen`, `make sweep`, `make compare` and a served, triggered Prefect deployment, each run as a
+user types it (PATH without the venv: make puts .venv/bin first itself); in between, DVC's caching, the screen
+flow and the sweep's checks on the same workspace."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 
 import pytest
 import yaml
 
-from conftest import copy_pipeline_repo, dvc
+from conftest import clone_repo, dvc, stop, wait_for, without_venv
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +39,27 @@ def set_param(repo, dotted: str, value) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def make(repo, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`make ARGS` in `repo` as a user runs it: no activated venv on PATH (the Makefile puts .venv/bin first)."""
+    proc = subprocess.run(["make", *args], cwd=repo, env=without_venv(env or os.environ), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"make {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n" \
+                                 f"{proc.stderr[-3000:]}"
+    return proc
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, smoke_params):
-    repo = copy_pipeline_repo(tmp_path_factory.mktemp("pipeline"), smoke_params)
-    first = dvc(repo, "repro")
-    assert ran(first) == ALL_STAGES | {"check"}, first.stdout
+    """The journey's first two steps on a fresh clone: `make demo`, then `make screen`."""
+    repo = clone_repo(tmp_path_factory.mktemp("journey") / "moe2dense", smoke_params)
+    demo = make(repo, "demo")
+    assert ran(demo) == ALL_STAGES - {"screen"} | {"check"}, demo.stdout
+    assert "heldout_kl_after" in demo.stdout  # `python -m moe2dense summary`
+    # the run rewrote the shipped example results (another params file here; another machine's last digits in
+    # real life): the next README step must not trip over them (the sweep's baseline, below)
+    assert {"dvc.lock", "metrics/eval.json"} <= {line[3:] for line in git(repo, "status", "--porcelain").splitlines()}
+    screen = make(repo, "screen")
+    assert ran(screen) == {"screen"} and "# Design-space screen: 4 configurations" in screen.stdout, screen.stdout
     return repo
 
 
@@ -238,16 +258,14 @@ def sweep_cli(repo, capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_sweep_queues_the_screens_best_as_dvc_experiments(repo, prefect_harness, capsys):
+def test_journey_sweep_compare_and_a_scheduled_run(repo, prefect_harness, prefect_server, capsys):
+    """After `make demo` and `make screen` (the fixture): the sweep's checks, `make sweep`, `make compare`, then
+    `python -m flows.serve` and `prefect deployment run`, as the README writes them."""
     import polars as pl
 
-    from flows.sweep import sweep
     from moe2dense import sweep as sw
     from moe2dense.sweep import exp_rows, exp_show
 
-    dvc(repo, "repro", "report", "screen")  # the baseline: the smoke params
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "baseline results")
     # bad input fails before anything is queued, each naming what is wrong
     code, err = sweep_cli(repo, capsys, "--set", "score.method=nope,sf")
     assert code == 2 and "nope (score.method=nope)" in err and "'do_acp'" in err and "sf (" not in err, err
@@ -258,17 +276,21 @@ def test_sweep_queues_the_screens_best_as_dvc_experiments(repo, prefect_harness,
     assert code == 2 and "uncommitted changes" in err and "params.yaml" in err, err
     git(repo, "checkout", "params.yaml")
     assert "Queued" not in dvc(repo, "queue", "status").stdout and not list((repo / ".dvc/tmp").glob("exps/run/*"))
+    shipped = git(repo, "rev-parse", "--short=7", "HEAD").strip()
 
-    # the screen's two best configurations, distilled as DVC experiments two at a time
-    records = sweep(repo=str(repo), from_screen=2, jobs=2)
+    # `make sweep`: the user's own demo results become the baseline, on a branch of their own
+    api, env = prefect_server  # a user who started `prefect server start` and exported PREFECT_API_URL
+    out = make(repo, "sweep", "BEST=2", "JOBS=2", timeout=1200, env=env).stdout
+    branch = f"moe2dense-baseline-{shipped}"
+    assert f"committed on the new branch {branch}" in out, out[-3000:]
+    assert git(repo, "branch", "--show-current").strip() == branch
+    assert git(repo, "show", "main:metrics/eval.json") != (repo / "metrics/eval.json").read_text()  # main as shipped
     best = pl.read_parquet(repo / "screen/results.parquet").head(2).to_dicts()
     names = ["-".join([b["method"], f"K{b['experts']}"] + [b["grouping"]] * (b["grouping"] != "none")
                       + [b["scaling"]]) for b in best]
-    assert records[0]["rev"] == git(repo, "rev-parse", "--short=7", "HEAD").strip()  # the baseline first
-    assert [r["name"] for r in records[1:]] == names, records
-    for rec, b in zip(records[1:], best):
-        assert rec["select.experts"] == b["experts"] and rec["score.method"] == b["method"]
-        assert rec["distill.heldout_kl_after"] >= 0 and rec["eval.distilled.demo_ppl_bible.bits_per_byte"] > 0, rec
+    report = (repo / "reports/experiments.md").read_text()
+    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")][1:]
+    assert rows == [branch, *names], report  # the baseline first
     shown = {r["name"]: r for r in exp_rows(exp_show(repo)) if not r["baseline"]}
     assert set(shown) == set(names) and all(r["state"] == "success" for r in shown.values())
     for name, b in zip(names, best):
@@ -276,18 +298,42 @@ def test_sweep_queues_the_screens_best_as_dvc_experiments(repo, prefect_harness,
         assert "heldout_kl_after" in json.dumps(shown[name]["metrics"])
     table = read_artifact("moe2dense-sweep")
     assert table["type"] == "table" and all(n in table["data"] for n in names)
-    assert all(n in (repo / "reports/experiments.md").read_text() for n in names)
     assert git(repo, "status", "--porcelain") == ""  # the workspace is untouched: experiments ran in temp copies
     assert sw.queue(repo, sw.experiments(sw.from_screen(repo / "screen/results.parquet", 2))) == []  # resumable
 
-    # an experiment promoted to a branch: `moe2dense compare` tabulates committed metrics across branches
-    git(repo, "branch", "-M", "main")
+    # `make compare`: the shipped results against yours; an experiment promoted to a branch joins the table
     dvc(repo, "exp", "branch", names[0], "best-config")
-    from moe2dense.__main__ import main as moe2dense_cli
-
-    assert moe2dense_cli(["compare", "--repo", str(repo), "--out", str(repo / "reports/compare.md")]) == 0
-    out = capsys.readouterr().out
+    out = make(repo, "compare").stdout
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| name | rev |") and "KL after" in rows[0], out
-    assert {r.split("|")[1].strip() for r in rows[1:]} == {"main", "best-config"}, out
-    assert (repo / "reports/compare.md").read_text().strip() == out.strip()
+    assert {r.split("|")[1].strip() for r in rows[1:]} == {"main", branch, "best-config"}, out
+    assert (repo / "reports/compare.md").read_text().strip() in out
+
+    # `python -m flows.serve` (terminal 2 of the README) and a triggered run of the nightly pipeline
+    serve_log = repo.parent / "serve.log"
+    with open(serve_log, "w") as log:
+        serve = subprocess.Popen([".venv/bin/python", "-m", "flows.serve"], cwd=repo, env=without_venv(env),
+                                 stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def trigger():
+                cli = subprocess.run([".venv/bin/prefect", "deployment", "run", "moe2dense-pipeline/nightly"],
+                                     cwd=repo, env=without_venv(env), capture_output=True, text=True, timeout=120)
+                found = re.search(r"UUID: ([0-9a-f-]{36})", cli.stdout)
+                return found.group(1) if cli.returncode == 0 and found else None
+
+            run_id = wait_for("a triggered run of moe2dense-pipeline/nightly", trigger, 90, serve, interval=2)
+            import httpx
+
+            def finished():
+                state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state"]
+                return state if state and state["type"] in {"COMPLETED", "FAILED", "CRASHED"} else None
+
+            assert wait_for("the flow run", finished, 300, serve, interval=2)["type"] == "COMPLETED"
+        except AssertionError:
+            log.flush()
+            print(serve_log.read_text()[-4000:])
+            raise
+        finally:
+            stop(serve, signal.SIGINT)
+    md = read_artifact("moe2dense-pipeline")["data"]
+    assert "| report | skipped |" in md and "| distill | skipped |" in md, md  # everything up to date
