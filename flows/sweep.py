@@ -14,6 +14,7 @@ the same command.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from moe2dense import sweep as sw
 from moe2dense.params import read_yaml
 
 REPORT = "reports/experiments.md"
+#: A tqdm bar short of 100 % (`distill:  42%|████▏     | 84k/199k ...`): the sweep's own bar tracks the experiments.
+PROGRESS_REDRAW = re.compile(r"^[^|]*?\s\d{1,2}%\|")
 BASELINE_NOTE = ("this workspace held the results of your own pipeline run (dvc.lock, metrics/, plots/); they are now "
                  "committed on the new branch {branch}, the sweep's baseline (`git switch -` returns to your branch)")
 
@@ -74,7 +77,11 @@ def run_queue(repo: str, jobs: int, names: list[str], progress_id) -> None:
             logger.info("%d of %d experiments done", n, len(names))
             update_progress_artifact(progress_id, 20.0 + 70.0 * n / len(names))
 
-        sw.run_queue(repo, jobs, on_line=lambda line: logger.info("%s", line), names=names, on_done=done)
+        def relay(line: str) -> None:  # a progress bar's redraws (two thirds of the lines) stay out of the log
+            if not PROGRESS_REDRAW.match(line):
+                logger.info("%s", line)
+
+        sw.run_queue(repo, jobs, on_line=relay, names=names, on_done=done)
 
 
 @task(name="collect-experiments", cache_policy=NO_CACHE)

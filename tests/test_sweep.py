@@ -255,3 +255,14 @@ def test_malformed_configs_file_is_one_line_naming_it(tmp_path, capsys):
     bad.write_text("select.experts: 8\n")
     assert main(["--repo", str(tmp_path), "--configs", str(bad)]) == 2
     assert "expected a YAML list of mappings" in capsys.readouterr().err
+
+
+def test_progress_bar_redraws_stay_out_of_the_sweep_log():
+    from flows.sweep import PROGRESS_REDRAW
+
+    dropped = ["distill:  42%|████▏     | 84k/199k [00:19<00:26, 4.31ktok/s, loss=0.0612]",
+               "Loading weights:   0%|          | 0/46 [00:00<?, ?it/s]", "  7%|▋         | 42/600 [00:00<00:01]"]
+    kept = ["distill: 100%|██████████| 199k/199k [00:43<00:00, 4.72ktok/s, loss=0.0451]",
+            "Running stage 'report':", "[distill] held-out KL(teacher || assembled student) = 0.3983 over 16384 tokens",
+            "[evaluate] distilled demo_ppl_bible: word_perplexity 682.9, bits_per_byte 1.792"]
+    assert [bool(PROGRESS_REDRAW.match(line)) for line in dropped + kept] == [True] * 3 + [False] * 4
