@@ -60,10 +60,10 @@ def test_served_deployment_runs_and_publishes_artifacts(prefect_server, tmp_path
                                 cwd=tmp_path, env=without_venv(env), stdout=log, stderr=subprocess.STDOUT)
         try:
             with httpx.Client(base_url=api, timeout=30) as client:
-                def deployment():
+                def deployment():  # registered by this serve process (the session's server may hold an earlier one)
                     found = client.post("/deployments/filter",
                                         json={"deployments": {"name": {"any_": ["nightly"]}}}).json()
-                    return found[0] if found else None
+                    return next((d for d in found if d["parameters"].get("repo") == str(repo.resolve())), None)
 
                 dep = wait_for("the deployment", deployment, 60, proc)
                 assert [s["schedule"]["cron"] for s in dep["schedules"]] == [CRON]
