@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install bench bench-synthetic bench-demo clean help screen sweep compare
+.PHONY: demo test install bench bench-synthetic bench-demo mutate clean help screen sweep compare
 
 BEST ?= 3
 JOBS ?= 1
@@ -32,6 +32,7 @@ help:
 	@echo "make screen - the design-space screen on the demo (dvc repro screen)"
 	@echo "make sweep  - distil the screen's BEST=3 configurations as DVC experiments, JOBS=1 at a time"
 	@echo "make compare REVS='main my-branch' - metrics across git revisions (default: every branch)"
+	@echo "make mutate - mutation testing of the algorithm modules (scores per module, survivors)"
 	@echo "make clean  - remove the pipeline's untracked outputs (data/prepared, models, caches, timings, Ray runs)"
 
 $(STAMP): pyproject.toml
@@ -87,6 +88,13 @@ bench-demo: $(STAMP)
 	python bench/distill_bench.py throughput
 	python bench/distill_bench.py cached
 	python bench/distill_bench.py determinism
+
+# Mutation testing of the algorithm modules against their fast unit tests ([tool.mutmut] in pyproject.toml); not
+# part of `make test`: thousands of mutants. Prints the score per module and the surviving mutants (`mutmut show NAME`).
+mutate: $(STAMP)
+	rm -rf mutants
+	mutmut run --max-children 2
+	python tests/mutation_report.py
 
 # Removes what the pipeline built and nothing else: `git clean -X` deletes only files git ignores, so the committed
 # metrics/, plots/ and checks/.gitignore stay (`make demo` rewrites the first two) and so does anything of yours.

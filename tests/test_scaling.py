@@ -60,5 +60,18 @@ def test_score_gives_a_never_selected_group_zero_and_falls_back_to_uniform():
 def test_errors_name_the_rule():
     with pytest.raises(ValueError, match="'big' is not a known scaling method; choose one of uniform, score"):
         group_scales("big", GROUPS, S, 1.0)
-    with pytest.raises(ValueError, match="no groups to scale"):
+    with pytest.raises(ValueError, match="^no groups to scale$"):
         group_scales("uniform", [], S, 1.0)
+
+
+def test_register_scaling_takes_only_the_tables_names(monkeypatch):
+    from moe2dense import scaling
+
+    with pytest.raises(ValueError, match="^'nope' is not a known scaling method; choose one of uniform, score$"):
+        scaling.register_scaling("nope")
+    monkeypatch.setattr(scaling, "SCALINGS", {})  # a fresh registry: the real one stays as imported
+
+    def rule(groups, s, m):
+        return [m] * len(groups)
+
+    assert scaling.register_scaling("uniform")(rule) is rule and scaling.SCALINGS == {"uniform": rule}
