@@ -22,7 +22,8 @@ def statuses(mutants: Path) -> dict[str, dict[str, str]]:
     out = {}
     for meta in sorted(mutants.rglob("*.py.meta")):
         codes = json.loads(meta.read_text())["exit_code_by_key"]
-        out[meta.relative_to(mutants).as_posix()[: -len(".meta")]] = {k: status_by_exit_code[v] for k, v in codes.items()}
+        module = meta.relative_to(mutants).as_posix()[: -len(".meta")]
+        out[module] = {k: status_by_exit_code[v] for k, v in codes.items()}
     return out
 
 

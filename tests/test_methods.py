@@ -70,7 +70,8 @@ def test_merge_by_and_options():
 def test_readme_method_tables_are_generated_from_the_table():
     text = (REPO / "README.md").read_text()
     for kind in M.KINDS:
-        assert M.markdown(kind) in text, f"README's {kind} table is stale: python -m moe2dense methods --readme README.md"
+        assert M.markdown(kind) in text, \
+            f"README's {kind} table is stale: python -m moe2dense methods --readme README.md"
     assert M.update_readme(text) == text
     assert "| `do_acp` |" in M.markdown("score") and "`lam` (0.001)" in M.markdown("score")
 

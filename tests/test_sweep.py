@@ -112,7 +112,8 @@ def test_validation_names_every_bad_configuration(tmp_path, smoke_params):
     assert "K33" in text and "4 <= select.experts <= 32" in text
     assert "group.k = 6 must be <= select.experts = 4" in text
     assert "selct: unknown key" in text and "select" in text
-    assert "jsd beta: Input should be less than 1 (got 2)" in text and "distill.teacher_top_k = 64" in text  # the stages' pre-flight
+    # the stages' pre-flight
+    assert "jsd beta: Input should be less than 1 (got 2)" in text and "distill.teacher_top_k = 64" in text
     assert "K8-lr0.001" not in text  # the valid one is not reported
     with pytest.raises(sw.SweepError, match="the sweep is empty"):
         sw.validate(tmp_path, [])
