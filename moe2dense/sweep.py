@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -295,11 +296,13 @@ def run_queue(repo: str | Path, jobs: int, on_line=None, names: Iterable[str] = 
     A subprocess: DVC's API for it (`Repo.experiments.run(run_all=True)`) prints the workers' output to this
     process's console, where it could not reach the run log, and its workers inherit os.environ (stage_env here)."""
     names = set(names)
-    poller = _Progress(repo, names, on_done) if on_done and names else None
+    poller = _Progress(repo, names, on_done or (lambda n: None)) if names else None
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", str(max(1, jobs))]
     try:
         with subprocess.Popen(cmd, cwd=repo, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) as proc:
+            if poller:
+                poller.stop_when_done(proc, len(names))
             for line in proc.stdout:
                 if line.strip() and on_line:
                     on_line(line.rstrip())
@@ -307,11 +310,15 @@ def run_queue(repo: str | Path, jobs: int, on_line=None, names: Iterable[str] = 
     finally:
         if poller:
             poller.close()
-    if rc != 0:
+    if rc != 0 and not (poller and poller.stopped_idle):
         raise SweepError(f"`dvc exp run --run-all` failed (exit {rc}); see `dvc queue logs <name>`")
 
 
 PROGRESS_POLL_S = 5.0  # a look at DVC's queue costs ~20 ms
+#: After every experiment of the sweep has finished, how long `dvc exp run --run-all` may take to exit. With -j 2, a
+#: queue worker told to shut down by the other (whose queue ran empty) mid-task was seen hanging in celery's warm
+#: shutdown after finishing it, holding `--run-all` forever; past this the sweep stops the queue's workers itself.
+QUEUE_EXIT_GRACE_S = 60.0
 
 
 def finished_experiments(repo: str | Path) -> dict[str, str | None]:
@@ -330,6 +337,7 @@ class _Progress:
         self.before = set(finished_experiments(repo))
         self.done = 0
         self.stop = threading.Event()
+        self.proc, self.total, self.all_done_at, self.stopped_idle = None, 0, None, False
         # the caller's context (Prefect's run and settings, e.g. the API URL of a temporary server, are contextvars)
         self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._poll,),
                                        name="sweep-progress", daemon=True)
@@ -349,9 +357,38 @@ class _Progress:
             except Exception as err:  # noqa: BLE001 - a progress display must not fail the sweep
                 log.warning("sweep progress not updated: %s", err)
 
+    def stop_when_done(self, proc: subprocess.Popen, total: int) -> None:
+        """Stop the queue's workers and `proc` (`dvc exp run --run-all`) if it outlives the sweep's `total`
+        experiments by QUEUE_EXIT_GRACE_S (no unbounded wait on a stuck worker)."""
+        self.proc, self.total = proc, total
+
     def _poll(self) -> None:
         while not self.stop.wait(PROGRESS_POLL_S):
             self._count()
+            if self.proc is None or self.proc.poll() is not None or self.done < self.total:
+                continue
+            self.all_done_at = self.all_done_at or time.monotonic()
+            if time.monotonic() - self.all_done_at > QUEUE_EXIT_GRACE_S:
+                log.warning("all %d experiments finished %.0f s ago but `dvc exp run --run-all` has not exited: "
+                            "stopping DVC's queue workers", self.total, time.monotonic() - self.all_done_at)
+                self.stopped_idle = True
+                self._stop_workers()
+                self.proc.terminate()
+                return
+
+    def _stop_workers(self) -> None:
+        """DVC's own `dvc queue stop --kill`; a worker that does not answer is terminated by its pid file."""
+        import os
+        import signal
+
+        try:
+            with dvc_repo(self.repo) as dvc:
+                dvc.experiments.celery_queue.shutdown(kill=True)
+        except Exception as err:  # noqa: BLE001 - the pid files below are the fallback
+            log.debug("dvc queue stop: %s", err)
+        for pid_file in (Path(self.repo) / ".dvc/tmp/exps/celery").glob("*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
 
     def close(self) -> None:
         self.stop.set()

@@ -267,3 +267,21 @@ def test_progress_bar_redraws_stay_out_of_the_sweep_log():
             "Running stage 'report':", "[distill] held-out KL(teacher || assembled student) = 0.3983 over 16384 tokens",
             "[evaluate] distilled demo_ppl_bible: word_perplexity 682.9, bits_per_byte 1.792"]
     assert [bool(PROGRESS_REDRAW.match(line)) for line in dropped + kept] == [True] * 3 + [False] * 4
+
+
+def test_a_queue_run_that_outlives_its_experiments_is_stopped(tmp_path, monkeypatch):
+    """`dvc exp run --run-all` held forever by a queue worker stuck in its shutdown: once every experiment of the
+    sweep has finished, it gets QUEUE_EXIT_GRACE_S, then the workers and it are stopped and the sweep goes on."""
+    monkeypatch.setattr(sw, "PROGRESS_POLL_S", 0.05)
+    monkeypatch.setattr(sw, "QUEUE_EXIT_GRACE_S", 0.3)
+    polls = iter([{"old": "a"}, {"old": "a"}] + [{"old": "a", "new": "a"}] * 10_000)  # before; running; done
+    monkeypatch.setattr(sw, "finished_experiments", lambda repo: next(polls))
+    stopped = []
+    monkeypatch.setattr(sw._Progress, "_stop_workers", lambda self: stopped.append(True))
+    seen = []
+    poller = sw._Progress(tmp_path, {"a"}, seen.append)
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    poller.stop_when_done(hung, 1)
+    assert hung.wait(timeout=20) != 0  # terminated, not left to run out
+    poller.close()
+    assert poller.stopped_idle and stopped == [True] and seen == [1]
