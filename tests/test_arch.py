@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import CONFIGS, tiny_config, tiny_model
+from tiny_models import CONFIGS, FAMILIES, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, Mxfp4Config, Qwen3MoeConfig
 
 from moe2dense.arch import (
@@ -218,6 +218,11 @@ def test_adapter_facts(name):
     assert got == EXPECTED[name]
     assert ad.dense_layers == [i for i in range(ad.num_layers) if i not in ad.moe_layers]
     assert (ad.router_params.n_group is not None) == (name in ("deepseek_v2", "deepseek_v3"))
+
+
+def test_every_family_has_a_tiny_model():
+    # The per-family tests (here, test_assemble, test_select_families) parametrize over tiny_models.FAMILIES.
+    assert sorted(tiny_config(name).model_type for name in FAMILIES) == sorted(SUPPORTED_MODEL_TYPES)
 
 
 def test_qwen_sparse_step_and_mlp_only_layers():

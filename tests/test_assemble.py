@@ -23,9 +23,8 @@ from moe2dense.grouping import merge_experts
 from moe2dense.plan import build_plan
 from moe2dense.selection import score_frame, select_from_scores
 from moe2dense.teacher_weights import read_experts
-from tiny_models import tiny_config, tiny_model
+from tiny_models import FAMILIES, tiny_config, tiny_model
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 DENSE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "olmoe": "olmoe", "mixtral": "mistral",
          "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss"}
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import REPO
+from tiny_models import FAMILIES
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 
 
 def make_checkpoint(family: str, path):

@@ -80,6 +80,11 @@ CONFIGS = {
 }
 
 
+# Every supported family, in registry order (deepseek_v2_greedy is a variant, not a family): the per-family tests
+# parametrize over this list, and test_arch checks it covers the registry.
+FAMILIES = [name for name in CONFIGS if name != "deepseek_v2_greedy"]
+
+
 def tiny_config(name: str) -> PreTrainedConfig:
     """A tiny config by family name (`deepseek_v2_greedy` is the greedy top-k variant of deepseek_v2)."""
     return CONFIGS[name]()
