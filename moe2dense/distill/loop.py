@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe2dense import lm_head
 from moe2dense.distill.cache import CachedTeacher
 from moe2dense.distill.data import load_rows, worker_micro_rows
 from moe2dense.distill.losses import chunked_kd_loss
@@ -57,12 +58,13 @@ class Objective(nn.Module):
         self.student, self.cfg = student, cfg
 
     def forward(self, ids: torch.Tensor, teacher_chunk, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = lm_head.hidden_states(self.student, ids)
         head = self.student.get_output_embeddings()
         c = self.cfg
         return chunked_kd_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, teacher_chunk, loss=c["loss"],
                                temperature=c["temperature"], options=c["loss_options"], labels=labels.reshape(-1),
-                               ce_weight=c["ce_weight"], chunk_tokens=c["chunk_tokens"], head_bias=head.bias)
+                               ce_weight=c["ce_weight"], chunk_tokens=c["chunk_tokens"], head_bias=head.bias,
+                               head_transform=lm_head.transform(self.student.config))
 
 
 def _labels(ids: torch.Tensor) -> torch.Tensor:
@@ -72,10 +74,10 @@ def _labels(ids: torch.Tensor) -> torch.Tensor:
 
 
 def _online_target(teacher: nn.Module, ids: torch.Tensor):
+    """teacher_chunk(start, end): the teacher's fp32 logits of those tokens, the head run chunk by chunk."""
     with torch.no_grad():
-        hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state.reshape(-1, teacher.config.hidden_size)
-    weight = teacher.get_output_embeddings().weight
-    return lambda start, end: (hidden[start:end] @ weight.T).float()
+        hidden = lm_head.hidden_states(teacher, ids).reshape(-1, teacher.config.hidden_size)
+    return lambda start, end: lm_head.logits(teacher, hidden[start:end])
 
 
 @dataclass

@@ -222,22 +222,28 @@ def _n_tokens(hidden: Tensor, labels: Tensor | None, ignore_index: int) -> Tenso
     return torch.tensor(hidden.shape[0], device=hidden.device) if labels is None else (labels != ignore_index).sum()
 
 
-def _student_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """fp32 logits, also inside an autocast region (which would otherwise run the matmul in half precision)."""
+HeadTransform = Union[Callable[[Tensor], Tensor], None]
+
+
+def _student_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: HeadTransform = None) -> Tensor:
+    """fp32 logits, also inside an autocast region (which would otherwise run the matmul in half precision), then the
+    family's post-head map (moe2dense.lm_head.transform: Granite's scaling, Gemma's soft-cap), if any."""
     with torch.autocast(hidden.device.type, enabled=False):
-        return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        return logits if transform is None else transform(logits)
 
 
 def full_kd_loss(hidden: Tensor, head_weight: Tensor, teacher_chunk: Callable[[int, int], Target], *,
                  loss: str = "forward_kl", temperature: float = 1.0, options: dict[str, float] | None = None,
                  labels: Tensor | None = None, ce_weight: float = 0.0, chunk_tokens: int = 1024,
-                 ignore_index: int = -100, head_bias: Tensor | None = None) -> Tensor:
+                 ignore_index: int = -100, head_bias: Tensor | None = None,
+                 head_transform: HeadTransform = None) -> Tensor:
     """`chunked_kd_loss` computed naively with all [T, V] logits at once (plain autograd): the reference for tests
     and the memory benchmark. `chunk_tokens` is accepted for signature parity and unused."""
     objective = _objective(loss, temperature, options, labels, ce_weight, ignore_index)
     with torch.no_grad():
         target = teacher_chunk(0, hidden.shape[0])
-    per_token = objective(_student_logits(hidden, head_weight, head_bias), target, labels)
+    per_token = objective(_student_logits(hidden, head_weight, head_bias, head_transform), target, labels)
     return per_token.sum() / _n_tokens(hidden, labels, ignore_index)
 
 
@@ -245,7 +251,8 @@ class _ChunkedKD(torch.autograd.Function):
     """Loss and all its input gradients computed chunk by chunk in forward; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_chunk, objective, labels, chunk_tokens, n_tokens, grad_enabled):
+    def forward(ctx, hidden, weight, bias, teacher_chunk, objective, labels, chunk_tokens, n_tokens, grad_enabled,
+                transform):
         need_h, need_w, need_b = (need and grad_enabled for need in ctx.needs_input_grad[:3])
         w = weight.detach().float().requires_grad_(need_w)  # one fp32 leaf: its .grad accumulates over chunks
         b = None if bias is None else bias.detach().float().requires_grad_(need_b)
@@ -256,7 +263,7 @@ class _ChunkedKD(torch.autograd.Function):
             target = teacher_chunk(start, end)  # Function.forward runs under no_grad
             h = hidden[start:end].detach().float().requires_grad_(need_h)
             with torch.enable_grad():
-                chunk_loss = objective(_student_logits(h, w, b), target,
+                chunk_loss = objective(_student_logits(h, w, b, transform), target,
                                        None if labels is None else labels[start:end]).sum()
             if chunk_loss.requires_grad:
                 chunk_loss.backward()  # frees this chunk's [c, V] buffers before the next chunk
@@ -271,16 +278,18 @@ class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grads = (None if g is None else (g * grad_output).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def chunked_kd_loss(hidden: Tensor, head_weight: Tensor, teacher_chunk: Callable[[int, int], Target], *,
                     loss: str = "forward_kl", temperature: float = 1.0, options: dict[str, float] | None = None,
                     labels: Tensor | None = None, ce_weight: float = 0.0, chunk_tokens: int = 1024,
-                    ignore_index: int = -100, head_bias: Tensor | None = None) -> Tensor:
+                    ignore_index: int = -100, head_bias: Tensor | None = None,
+                    head_transform: HeadTransform = None) -> Tensor:
     """Scalar mean over tokens with label != ignore_index (all when labels is None) of
     (1 - ce_weight) * kd_loss + ce_weight * cross_entropy, from the student's final hidden states [T, H] and LM head
-    [V, H] (+ bias [V]). `teacher_chunk(start, end)` gives the teacher target for tokens [start, end), dense logits
+    [V, H] (+ bias [V]), then `head_transform` (the family's post-head map, moe2dense.lm_head).
+    `teacher_chunk(start, end)` gives the teacher target for tokens [start, end), dense logits
     or `SparseTarget`; it is called once per chunk, under no_grad (an online teacher can run its head there).
 
     Memory: only [chunk_tokens, V] logits exist at a time, in forward and backward alike; the gradients w.r.t.
@@ -291,4 +300,4 @@ def chunked_kd_loss(hidden: Tensor, head_weight: Tensor, teacher_chunk: Callable
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     objective = _objective(loss, temperature, options, labels, ce_weight, ignore_index)
     return _ChunkedKD.apply(hidden, head_weight, head_bias, teacher_chunk, objective, labels, chunk_tokens,
-                            _n_tokens(hidden, labels, ignore_index), torch.is_grad_enabled())
+                            _n_tokens(hidden, labels, ignore_index), torch.is_grad_enabled(), head_transform)
