@@ -1,5 +1,8 @@
-"""prepare -> teacher -> calibrate -> score -> select on a saved tiny checkpoint of every supported family, run
-through the stage entry points exactly as DVC calls them (in-process to keep the suite fast)."""
+"""Every stage on a saved tiny checkpoint of every supported family (tiny_models.FAMILIES): prepare -> teacher ->
+calibrate -> score -> select -> group -> assemble -> eval_tasks -> evaluate run through the stage entry points
+exactly as DVC calls them (in-process to keep the suite fast); distillation runs its training objective
+(distill.loop.Objective, the code every Ray worker runs) for a few steps in-process, since a Ray job per family would
+cost minutes (tests/test_distill.py and the smoke pipeline run the Ray stage itself)."""
 
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ def small_params(tmp_path, ckpt, experts: int) -> dict:
     params["prepare"]["seq_len"] = 32
     params["teacher"]["source"] = str(ckpt)
     params["select"]["experts"] = experts
+    params["calibrate"]["max_tokens"] = 4096
+    params["evaluate"]["limit"] = 4  # documents/items per lm-eval task: this test checks that it runs, not scores
     work = tmp_path / "work"
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -61,8 +66,40 @@ def run_stages(workdir, monkeypatch, names):
         importlib.import_module(f"stages.{name}").main()
 
 
+def distill_step() -> None:
+    """One optimizer step of the distillation objective on the first batch of the train split (in the current
+    directory, after assemble): its loss equals the KL of both models' own forward, and every student weight gets a
+    finite gradient, the dense MLPs a non-zero one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe2dense.distill.data import load_rows
+    from moe2dense.distill.loop import Objective, _labels, _online_target
+    from moe2dense.distill.losses import kd_loss
+    from moe2dense.params import load_params
+    from moe2dense.teacher.load import load_teacher
+
+    p = load_params().distill
+    teacher = load_teacher("models/teacher", device="cpu")
+    student = AutoModelForCausalLM.from_pretrained("models/student", dtype=torch.float32).eval()  # no dropout
+    objective = Objective(student, {"loss": p.loss, "temperature": p.temperature, "loss_options": p.loss_options,
+                                    "ce_weight": p.ce_weight, "chunk_tokens": 16})
+    ids = torch.from_numpy(load_rows("data/prepared/packed/train.parquet")[: p.batch_size].astype("int64"))
+    with torch.no_grad():  # the reference: the full logits of both models' own forward, last position unlabelled
+        ref = kd_loss(student(input_ids=ids).logits[:, :-1].flatten(0, 1),
+                      teacher(input_ids=ids).logits[:, :-1].flatten(0, 1)).mean()
+    loss = objective(ids, _online_target(teacher, ids), _labels(ids))
+    loss.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-4, abs=1e-9)
+    grads = {name: w.grad for name, w in student.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    dead = [name for name, g in grads.items() if ".mlp." in name and not g.abs().sum() > 0]
+    assert not dead, f"no gradient reaches {dead}"
+    torch.optim.AdamW(student.parameters(), lr=p.lr).step()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_select_on_every_family(family, tmp_path, monkeypatch):
+def test_stages_on_every_family(family, tmp_path, monkeypatch):
     from moe2dense.arch import get_adapter
 
     ckpt = tmp_path / "ckpt"
@@ -70,7 +107,7 @@ def test_select_on_every_family(family, tmp_path, monkeypatch):
     adapter = get_adapter(config)
     work = small_params(tmp_path, ckpt, experts=adapter.top_k + 1)
 
-    run_stages(work, monkeypatch, ["prepare", "teacher", "calibrate", "score", "select"])
+    run_stages(work, monkeypatch, ["prepare", "teacher", "calibrate", "score", "select", "group", "assemble"])
 
     teacher = json.loads((work / "metrics/teacher.json").read_text())
     assert teacher["trained"] is False and teacher["model_type"] == config.model_type
@@ -85,6 +122,16 @@ def test_select_on_every_family(family, tmp_path, monkeypatch):
         assert len(set(entry["experts"])) == adapter.top_k + 1 and 0 < entry["routed_mass_kept"] <= 1
     for plot in ("score_distributions.png", "usage_by_domain.png", "selection_heatmap.png"):
         assert (work / "plots" / plot).stat().st_size > 5000
+
+    student = json.loads((work / "models/student/config.json").read_text())
+    assert student["model_type"] == adapter.dense_model_type
+    distill_step()
+
+    monkeypatch.setattr("sys.argv", ["stages.evaluate", "student"])
+    run_stages(work, monkeypatch, ["eval_tasks", "evaluate"])
+    result = json.loads((work / "eval/student.json").read_text())
+    assert result["path"] == "models/student" and set(result) >= {"demo_ppl_code", "demo_ppl_prose", "demo_continuation"}
+    assert 0 <= result["demo_continuation"]["acc"] <= 1 and result["demo_ppl_code"]["byte_perplexity"] > 1
 
 
 def test_bad_expert_count_fails_before_calibration(tmp_path, monkeypatch, capsys):
