@@ -69,7 +69,7 @@ def run_stages(workdir, monkeypatch, names):
 def distill_step() -> None:
     """One optimizer step of the distillation objective on the first batch of the train split (in the current
     directory, after assemble): its loss equals the KL of both models' own forward, and every student weight gets a
-    finite gradient, the dense MLPs a non-zero one."""
+    finite gradient, the dense FFN's projections a non-zero one."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -93,7 +93,8 @@ def distill_step() -> None:
     assert float(loss) == pytest.approx(float(ref), rel=1e-4, abs=1e-9)
     grads = {name: w.grad for name, w in student.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    dead = [name for name, g in grads.items() if ".mlp." in name and not g.abs().sum() > 0]
+    # the FFN's projections (a one-expert student's router gets none: a softmax over one expert is constant)
+    dead = [name for name, g in grads.items() if ".mlp." in name and "proj" in name and not g.abs().sum() > 0]
     assert not dead, f"no gradient reaches {dead}"
     torch.optim.AdamW(student.parameters(), lr=p.lr).step()
 
