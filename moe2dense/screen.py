@@ -182,13 +182,12 @@ def load_inputs(root: str | Path = ".", *, eval_tokens: int, batch_rows: int, me
 
     from moe2dense.arch import get_adapter
     from moe2dense.calibrate.store import read_meta, read_stats
-    from moe2dense.distill.data import load_rows
+    from moe2dense.distill.data import load_rows, seq_len_of
     from moe2dense.teacher.load import teacher_config
     from moe2dense.teacher.source import teacher_checkpoint
 
     root = Path(root)
-    rows = load_rows(root / INPUT_PATHS[2])
-    rows = rows[: max(1, eval_tokens // rows.shape[1])]
+    rows = load_rows(root / INPUT_PATHS[2], limit=max(1, eval_tokens // seq_len_of(root / INPUT_PATHS[2])))
     calibration = root / "calibration"
     return ScreenInputs(teacher_dir=teacher_checkpoint(root / "models/teacher"), calibration=calibration,
                         adapter=get_adapter(teacher_config(root / "models/teacher")),

@@ -11,7 +11,7 @@ from pathlib import Path
 from stages._runner import run
 from moe2dense.assemble import copy_tokenizer
 from moe2dense.distill.cache import FILE as CACHE_FILE
-from moe2dense.distill.data import load_rows
+from moe2dense.distill.data import load_rows, seq_len_of
 from moe2dense.distill.driver import prepare_distill
 from moe2dense.distill.loop import student_state_from_checkpoint
 from moe2dense.heldout import kl as heldout_kl
@@ -47,8 +47,7 @@ def main() -> None:
         # Ray (RAY_ADDRESS), workers, device and batch split first: they fail in seconds, the models load slowly.
         job = prepare_distill(p, student_dir=STUDENT, teacher_dir=TEACHER, train_path=TRAIN,
                               storage=STORAGE, cached_logits=cached)
-        eval_rows = load_rows(EVAL)
-        eval_rows = eval_rows[: max(1, p.eval_tokens // eval_rows.shape[1])]
+        eval_rows = load_rows(EVAL, limit=max(1, p.eval_tokens // seq_len_of(EVAL)))
         teacher = load_frozen(job.cfg["teacher_dir"], torch.float32, torch.device("cpu"), p.teacher_top_k)
         student = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32).eval()
         before = heldout_kl(student, teacher, eval_rows)

@@ -11,6 +11,7 @@ tail) is known exactly: 1 - sum exp(logprobs). The sparse-support losses use it 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from moe2dense.distill.losses import SparseTarget
 
 FILE = "teacher_logits.parquet"
+CACHE_GROUPS = 16  # decoded row groups a worker keeps (each batch_rows x seq_len x N x 8 bytes)
 
 
 def write_cached_logits(teacher, rows: np.ndarray, row_ids: np.ndarray, out: str | Path, *, top_n: int,
@@ -57,18 +59,26 @@ def write_cached_logits(teacher, rows: np.ndarray, row_ids: np.ndarray, out: str
 
 
 class CachedTeacher:
-    """Reads a teacher_logits.parquet into memory and serves `SparseTarget`s for batches of training rows."""
+    """Serves `SparseTarget`s for batches of training rows from a teacher_logits.parquet, reading row groups on demand
+    (the writer makes one per `batch_rows` rows): only the row ids are read up front, and at most `cache_groups`
+    decoded row groups are held (an LRU), so a worker's memory does not grow with the cache's size."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache_groups: int = CACHE_GROUPS):
         path = Path(path)
-        path = path / FILE if path.is_dir() else path
-        table = pq.read_table(path)
-        self.meta = json.loads(table.schema.metadata[b"moe2dense"])
+        self._file = pq.ParquetFile(path / FILE if path.is_dir() else path)
+        self.meta = json.loads(self._file.schema_arrow.metadata[b"moe2dense"])
+        self._slot: dict[int, tuple[int, int]] = {}  # training row -> (row group, offset in it)
+        for group in range(self._file.num_row_groups):
+            rows = self._file.read_row_group(group, columns=["row"]).column("row").to_numpy()
+            self._slot.update((int(r), (group, i)) for i, r in enumerate(rows))
+        self.group = lru_cache(maxsize=cache_groups)(self._read_group)
+
+    def _read_group(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, logprobs) [rows, seq_len, N] of one row group."""
         n, S = self.meta["top_n"], self.meta["seq_len"]
-        rows = table.column("row").to_numpy()
-        self._slot = {int(r): i for i, r in enumerate(rows)}
-        self._indices = table.column("indices").combine_chunks().flatten().to_numpy().reshape(len(rows), S, n)
-        self._logprobs = table.column("logprobs").combine_chunks().flatten().to_numpy().reshape(len(rows), S, n)
+        table = self._file.read_row_group(group, columns=["indices", "logprobs"])
+        return tuple(table.column(c).combine_chunks().flatten().to_numpy().reshape(-1, S, n)
+                     for c in ("indices", "logprobs"))
 
     def target(self, row_ids: np.ndarray, temperature: float, device: torch.device):
         """A (start, end) -> SparseTarget function over the flattened tokens of these rows."""
@@ -79,8 +89,8 @@ class CachedTeacher:
         if missing:
             raise KeyError(f"training rows {missing[:5]} are not in the cached teacher logits; rerun teacher_logits "
                            "with the same distill.tokens, batch_size and seed")
-        slots = [self._slot[int(r)] for r in row_ids]
         n = self.meta["top_n"]
-        idx = torch.from_numpy(self._indices[slots].reshape(-1, n).astype(np.int64)).to(device)
-        logp = torch.from_numpy(self._logprobs[slots].reshape(-1, n)).to(device)
+        rows = [(self.group(g), i) for g, i in (self._slot[int(r)] for r in row_ids)]
+        idx = torch.from_numpy(np.stack([grp[0][i] for grp, i in rows]).reshape(-1, n).astype(np.int64)).to(device)
+        logp = torch.from_numpy(np.stack([grp[1][i] for grp, i in rows]).reshape(-1, n)).to(device)
         return lambda start, end: SparseTarget(idx[start:end], logp[start:end])

@@ -7,18 +7,65 @@ the batches an uninterrupted run would have used: none repeated, none skipped.
 """
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from moe2dense.io import atomic_file, hash_parquet_footer
 
-def load_rows(path: str | Path) -> np.ndarray:
-    """Packed token rows [n, seq_len] as int32 (the ids column of a packed Parquet file)."""
-    column = pq.read_table(path, columns=["input_ids"]).column("input_ids").combine_chunks()
-    seq_len = column.type.list_size
-    return column.flatten().to_numpy().astype(np.int32, copy=False).reshape(-1, seq_len)
+
+def seq_len_of(path: str | Path) -> int:
+    """Tokens per packed row, from the Parquet schema alone."""
+    return pq.read_schema(path).field("input_ids").type.list_size
+
+
+def _ids(table) -> np.ndarray:
+    column = table.column("input_ids").combine_chunks()
+    return column.flatten().to_numpy().astype(np.int32, copy=False).reshape(-1, column.type.list_size)
+
+
+def load_rows(path: str | Path, limit: int | None = None) -> np.ndarray:
+    """Packed token rows [n, seq_len] as int32 (the ids column of a packed Parquet file), in memory: the first
+    `limit` rows only (row group by row group), or all. Training reads `decode_rows`' memory map instead."""
+    f = pq.ParquetFile(path)
+    if limit is None:
+        return _ids(f.read(columns=["input_ids"]))
+    parts, n = [], 0
+    for group in range(f.num_row_groups):
+        if n >= limit:
+            break
+        parts.append(_ids(f.read_row_group(group, columns=["input_ids"]))[: limit - n])
+        n += len(parts[-1])
+    return np.concatenate(parts) if parts else np.zeros((0, seq_len_of(path)), np.int32)
+
+
+def decode_rows(path: str | Path, cache_dir: str | Path) -> Path:
+    """The packed rows of `path` decoded once into an uncompressed int32 .npy in `cache_dir` (named by the Parquet's
+    footer hash, so a rebuilt split gets a new file), streamed row group by row group. Every worker then maps it
+    (`open_rows`): the rows are shared through the page cache, and no worker's memory grows with the number of
+    training tokens."""
+    path, cache_dir = Path(path), Path(cache_dir)
+    h = hashlib.sha256()
+    hash_parquet_footer(h, path)
+    out = cache_dir / f"rows-{h.hexdigest()[:16]}.npy"
+    if out.exists():
+        return out
+    f = pq.ParquetFile(path)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False,
+              "shape": (f.metadata.num_rows, seq_len_of(path))}
+    with atomic_file(out, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for group in range(f.num_row_groups):
+            fh.write(_ids(f.read_row_group(group, columns=["input_ids"])).tobytes())
+    return out
+
+
+def open_rows(npy: str | Path) -> np.ndarray:
+    """`decode_rows`' file as a read-only memory map [n, seq_len] (indexing a batch copies only that batch)."""
+    return np.load(npy, mmap_mode="r")
 
 
 @lru_cache(maxsize=4)

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from moe2dense.checks import set_offline_env
 from moe2dense.distill.cache import FILE as CACHE_FILE
-from moe2dense.distill.data import check_batch_split, step_rows
+from moe2dense.distill.data import check_batch_split, decode_rows, seq_len_of, step_rows
 from moe2dense.io import hash_files, hash_parquet_footer
 from moe2dense.params import DistillParams
 from moe2dense.teacher.source import teacher_checkpoint
@@ -36,6 +35,7 @@ from moe2dense.teacher.source import teacher_checkpoint
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 RAY_LOG = "ray.log"
+ROWS_DIR = "rows"  # under the run storage: the decoded training rows, shared by runs on the same split
 RAY_CONNECT_TIMEOUT_S = 10.0
 
 
@@ -200,11 +200,6 @@ def run_name(p: DistillParams, student_dir: Path, train_path: Path, cached_logit
     return "distill-" + h.hexdigest()[:16]
 
 
-def seq_len_of(train_path: Path) -> int:
-    """Tokens per packed row, from the Parquet schema alone."""
-    return pq.read_schema(train_path).field("input_ids").type.list_size
-
-
 @dataclass
 class DistillJob:
     """A checked distillation run, connected to Ray, ready to `fit`."""
@@ -320,6 +315,8 @@ def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: s
     cfg = {
         "student_dir": str(student_dir), "teacher_dir": str(Path(teacher_dir).resolve()),
         "teacher_top_k": p.teacher_top_k, "train_path": str(train_path),
+        # decoded once here, memory-mapped by every worker (storage is shared by the nodes of a cluster)
+        "train_rows": str(decode_rows(train_path, storage / ROWS_DIR)),
         "cached_logits": str(cached_logits) if cached_logits else None, "loss": p.loss,
         "loss_options": dict(p.loss_options), "temperature": p.temperature, "ce_weight": p.ce_weight,
         "chunk_tokens": p.chunk_tokens, "steps": steps, "global_batch": p.batch_size, "accum": p.grad_accum,

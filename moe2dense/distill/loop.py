@@ -26,7 +26,7 @@ from torch import nn
 
 from moe2dense import lm_head
 from moe2dense.distill.cache import CachedTeacher
-from moe2dense.distill.data import load_rows, worker_micro_rows
+from moe2dense.distill.data import open_rows, worker_micro_rows
 from moe2dense.distill.losses import chunked_kd_loss
 from moe2dense.teacher.load import load_frozen
 from moe2dense.training import deterministic_algorithms, warmup_cosine_lr
@@ -213,7 +213,7 @@ def train_worker(cfg: dict) -> None:
                                   fill_uninitialized_memory=True):
         w = build_worker(cfg, rank, world, device)
         start, history = resume(w)
-        rows = load_rows(cfg["train_path"])
+        rows = open_rows(cfg["train_rows"])  # a memory map: no copy of the training split per worker
         tokens_per_step = cfg["global_batch"] * rows.shape[1]
         trained_tokens, t0 = 0, time.perf_counter()
         if w.progress is not None:
