@@ -101,11 +101,15 @@ def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_k
     names `save_pretrained` writes: per-expert keys where the family stores them so, else fused."""
     spec, layout = adapter.spec, adapter.spec.layout
     prefix = f"model.layers.{layer}.{spec.block_attr}"
+    disk = f"model.layers.{layer}.{spec.disk_block_attr or spec.block_attr}"  # minimax_m2: block_sparse_moe
     H = block.down.shape[0]
-    router = f"{prefix}.{spec.router_attr}"
-    out = {f"{router}.weight": block.gate.new_zeros(1, H)}
-    if f"{router}.bias" in student_keys:
-        out[f"{router}.bias"] = block.gate.new_zeros(1)
+    router = spec.router_attr
+    out = {f"{disk}.{router}.weight": block.gate.new_zeros(1, H)}
+    if f"{prefix}.{router}.bias" in student_keys:
+        out[f"{disk}.{router}.bias"] = block.gate.new_zeros(1)
+    if spec.router.bias_attr:  # the selection bias of one expert changes nothing
+        owner = disk if spec.router.bias_on_block else f"{disk}.{router}"
+        out[f"{owner}.{spec.router.bias_attr}"] = block.gate.new_zeros(1)
     if spec.disk_expert_prefix is not None:
         if block.down_bias is not None:
             raise ValueError(f"{adapter.model_type} experts have no biases")
@@ -143,6 +147,8 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
         kwargs["num_experts_per_tok"] = 1
     if spec.first_dense_attr:
         kwargs[spec.first_dense_attr] = teacher.num_hidden_layers
+    if spec.mlp_types_attr:
+        kwargs[spec.mlp_types_attr] = ["dense"] * teacher.num_hidden_layers
     config = AutoConfig.for_model(spec.dense_model_type, **kwargs)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.dense_model_type]]
     config.dtype = str(dtype).removeprefix("torch.")
@@ -156,6 +162,13 @@ def student_layout(config: PreTrainedConfig) -> dict[str, tuple[tuple[int, ...],
     tied = getattr(config, "tie_word_embeddings", False)
     return {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()
             if not (tied and n == "lm_head.weight")}
+
+
+def student_num_parameters(config: PreTrainedConfig) -> int:
+    """Parameters only: the saved tensors also hold persistent buffers (minimax_m2's e_score_correction_bias)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    return sum(p.numel() for p in model.parameters())
 
 
 # -------------------------------------------------------------------------------------------------------- assembly
@@ -230,7 +243,7 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
             meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
         shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
         shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
-        params = sum(math.prod(shape) for _, shape, _ in shard_plan)
+        params = student_num_parameters(config)
         with ShardedWriter(out, shard_plan, max_shard_bytes=max_shard_bytes) as writer:
             by_layer: dict[int | None, list[str]] = {}
             for n in copied:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import CONFIGS, FAMILIES, tiny_config, tiny_model
+from tiny_models import CONFIGS, FAMILIES, SIGMOID_ROUTERS, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, Mxfp4Config, Qwen3MoeConfig
 
 from moe2dense.arch import (
@@ -101,7 +101,7 @@ def test_routing_matches_model(cap: Captured):
         torch.testing.assert_close(logits, cap.router_logits[layer].float(), **TOL)
         r = ad.route(model, layer, logits)
         assert r.probs.shape == (logits.shape[0], ad.num_experts) and r.index.shape == r.weights.shape
-        expected = torch.sigmoid(logits) if ad.model_type == "deepseek_v3" else logits.softmax(-1)
+        expected = torch.sigmoid(logits) if ad.model_type in SIGMOID_ROUTERS else logits.softmax(-1)
         torch.testing.assert_close(r.probs, expected, **TOL)
         got_i, got_w = _sorted(r.index, r.weights)
         want_i, want_w = _sorted(cap.router_out[layer][2], cap.router_out[layer][1].float())
@@ -136,7 +136,8 @@ def test_block_output_is_weighted_sum_of_experts(cap: Captured):
 def test_shared_experts_kind(cap: Captured):
     ad, model = cap.adapter, cap.model
     shared = ad.shared_experts(model, ad.moe_layers[0])
-    kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated"}.get(ad.model_type)
+    kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated", "glm4_moe": "ungated",
+            "glm4_moe_lite": "ungated", "dots1": "ungated"}.get(ad.model_type)
     assert len(shared) == (kind is not None)
     if kind:
         assert (shared[0].gate_weight is not None) == (kind == "gated")
@@ -199,7 +200,14 @@ EXPECTED = {  # name: (model_type, dense_model_type, E, k, I, renormalizes, scal
     "deepseek_v2_greedy": ("deepseek_v2", "deepseek_v2", 8, 2, 16, False, 1.0, [1, 2]),
     "deepseek_v3": ("deepseek_v3", "deepseek_v3", 8, 2, 16, True, 1.5, [1, 2]),
     "gpt_oss": ("gpt_oss", "gpt_oss", 8, 2, 16, True, 1.0, [0, 1]),
+    "glm4_moe": ("glm4_moe", "glm4_moe", 8, 2, 16, True, 2.5, [1, 2]),
+    "glm4_moe_lite": ("glm4_moe_lite", "glm4_moe_lite", 8, 2, 16, True, 1.8, [1, 2]),
+    "minimax_m2": ("minimax_m2", "minimax_m2", 8, 2, 16, True, 1.0, [0, 1]),
+    "dots1": ("dots1", "dots1", 8, 2, 16, True, 2.5, [1, 2]),
 }
+# Families whose router runs group-limited top-k (always on in the DeepSeek-V3 router, a single group in the
+# published GLM and dots1 checkpoints).
+GROUPED = {"deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1"}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -217,7 +225,7 @@ def test_adapter_facts(name):
     )
     assert got == EXPECTED[name]
     assert ad.dense_layers == [i for i in range(ad.num_layers) if i not in ad.moe_layers]
-    assert (ad.router_params.n_group is not None) == (name in ("deepseek_v2", "deepseek_v3"))
+    assert (ad.router_params.n_group is not None) == (name in GROUPED)
 
 
 def test_every_family_has_a_tiny_model():

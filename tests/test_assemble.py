@@ -26,7 +26,8 @@ from moe2dense.teacher_weights import read_experts
 from tiny_models import FAMILIES, tiny_config, tiny_model
 
 DENSE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "olmoe": "olmoe", "mixtral": "mistral",
-         "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss"}
+         "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss",
+         "glm4_moe": "glm4_moe", "glm4_moe_lite": "glm4_moe_lite", "minimax_m2": "minimax_m2", "dots1": "dots1"}
 
 
 def _batches(vocab: int, n: int = 4, seq: int = 16, seed: int = 0):
@@ -131,7 +132,8 @@ def test_dense_mlp_is_the_scaled_sum_of_merged_experts(family, tmp_path):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "glm4_moe_lite",
+                                    "minimax_m2", "dots1"])
 def test_pure_pruning_copies_selected_experts_bit_for_bit(family, tmp_path):
     teacher = tiny_model(family)
     adapter = get_adapter(teacher)

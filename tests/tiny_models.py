@@ -10,7 +10,11 @@ from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
+    Dots1Config,
+    Glm4MoeConfig,
+    Glm4MoeLiteConfig,
     GptOssConfig,
+    MiniMaxM2Config,
     MixtralConfig,
     OlmoeConfig,
     PreTrainedConfig,
@@ -77,12 +81,61 @@ CONFIGS = {
         sliding_window=8,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # zai-org/GLM-4.5 (GLM-4.7 alike): leading dense layers, one ungated shared expert, qk-norm and attention biases,
+    # partial RoPE (the config's default 0.5), a single expert group, routed_scaling_factor 2.5.
+    "glm4_moe": lambda: Glm4MoeConfig(
+        **{**_COMMON, "num_hidden_layers": 3},
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        use_qk_norm=True,
+        attention_bias=True,
+    ),
+    # zai-org/GLM-4.7-Flash: multi-head latent attention with a q LoRA, mlp_layer_types dense then sparse.
+    "glm4_moe_lite": lambda: Glm4MoeLiteConfig(
+        **{**_COMMON, **_MLA, "num_hidden_layers": 3, "num_key_value_heads": 4, "q_lora_rank": 16},
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.8,
+    ),
+    # MiniMaxAI/MiniMax-M2: every layer MoE, no shared expert, qk-norm over all heads, partial RoPE via rotary_dim.
+    "minimax_m2": lambda: MiniMaxM2Config(
+        **_COMMON, head_dim=8, rotary_dim=4, intermediate_size=16, num_local_experts=8
+    ),
+    # rednote-hilab/dots.llm1.inst: one leading dense layer, two shared experts, a single expert group.
+    "dots1": lambda: Dots1Config(
+        **{**_COMMON, "num_hidden_layers": 3},
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    ),
 }
 
 
 # Every supported family, in registry order (deepseek_v2_greedy is a variant, not a family): the per-family tests
 # parametrize over this list, and test_arch checks it covers the registry.
 FAMILIES = [name for name in CONFIGS if name != "deepseek_v2_greedy"]
+
+# Families whose router scores experts with a sigmoid (p_t); the others use a softmax over all E experts.
+SIGMOID_ROUTERS = {"deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2", "dots1"}
 
 
 def tiny_config(name: str) -> PreTrainedConfig:
@@ -100,6 +153,8 @@ def tiny_model(name: str, seed: int = 0):
             p.normal_(0.0, 0.1)  # gpt_oss inits expert biases to zero
         if name_.endswith("experts.gate_up_proj") and model.config.model_type == "gpt_oss":
             p.mul_(100.0)  # push pre-activations past swiglu_limit so the clamp is exercised
+        if name_.endswith("_proj.bias") and ".self_attn." in name_ and model.config.model_type == "glm4_moe":
+            p.normal_(0.0, 0.1)  # zero-initialised: a student that dropped attention_bias would go unnoticed
     for name_, b in model.named_buffers():
         if name_.endswith("e_score_correction_bias"):
             b.normal_(0.0, 0.3)  # bias changes selection but not the applied weights

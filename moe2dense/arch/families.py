@@ -25,6 +25,17 @@ def _all_layers(config: PreTrainedConfig, layer: int) -> bool:
     return True
 
 
+def _sparse_mlp_type(config: PreTrainedConfig, layer: int) -> bool:
+    return config.mlp_layer_types[layer] == "sparse"
+
+
+# DeepSeek-V3's router (transformers' *TopkRouter, copied as is by glm4_moe, glm4_moe_lite and dots1): sigmoid of
+# fp32 logits, e_score_correction_bias for selection only, group limiting always on (no topk_method switch).
+_DEEPSEEK_V3_ROUTER = RouterSpec(
+    score="sigmoid", group_score="top2_sum", bias_attr="e_score_correction_bias", fp32_logits=True
+)
+
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         model_type="qwen3_moe",
@@ -85,9 +96,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         is_moe_layer=_after_first_k_dense,
         renorm="norm_topk_prob",
         scaling_attr="routed_scaling_factor",
-        router=RouterSpec(
-            score="sigmoid", group_score="top2_sum", bias_attr="e_score_correction_bias", fp32_logits=True
-        ),
+        router=_DEEPSEEK_V3_ROUTER,
         shared_attr="shared_experts",
         first_dense_attr="first_k_dense_replace",
     ),
@@ -103,5 +112,56 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block_returns_tuple=True,
         disk_expert_prefix=None,  # saved fused, exactly as in memory
         dense_mlp="single_expert",
+    ),
+    FamilySpec(
+        model_type="glm4_moe",
+        dense_model_type="glm4_moe",  # every layer below first_k_dense_replace: Glm4MoeMLP
+        num_experts_attr="n_routed_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_after_first_k_dense,
+        renorm="norm_topk_prob",
+        scaling_attr="routed_scaling_factor",
+        router=_DEEPSEEK_V3_ROUTER,
+        shared_attr="shared_experts",
+        first_dense_attr="first_k_dense_replace",
+    ),
+    FamilySpec(
+        model_type="glm4_moe_lite",
+        dense_model_type="glm4_moe_lite",  # every mlp_layer_types entry "dense": Glm4MoeLiteMLP
+        num_experts_attr="n_routed_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_sparse_mlp_type,
+        renorm="norm_topk_prob",
+        scaling_attr="routed_scaling_factor",
+        router=_DEEPSEEK_V3_ROUTER,
+        shared_attr="shared_experts",
+        mlp_types_attr="mlp_layer_types",
+    ),
+    FamilySpec(
+        model_type="minimax_m2",
+        dense_model_type="minimax_m2",
+        num_experts_attr="num_local_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm=True,  # MiniMaxM2TopKRouter always renormalises, no scaling factor
+        # Logits in the model dtype, then sigmoid in fp32; the block owns the correction bias, no groups.
+        router=RouterSpec(score="sigmoid", bias_attr="e_score_correction_bias", bias_on_block=True),
+        # Stored with Mixtral's names; from_pretrained renames block_sparse_moe -> mlp and fuses w1/w3/w2.
+        disk_expert_prefix="block_sparse_moe.experts",
+        disk_proj_names=("w1", "w3", "w2"),
+        disk_block_attr="block_sparse_moe",
+        dense_mlp="single_expert",  # every decoder layer is MoE: no dense MLP in the class
+    ),
+    FamilySpec(
+        model_type="dots1",
+        dense_model_type="dots1",  # every layer below first_k_dense_replace: Dots1MLP
+        num_experts_attr="n_routed_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_after_first_k_dense,
+        renorm="norm_topk_prob",
+        scaling_attr="routed_scaling_factor",
+        router=_DEEPSEEK_V3_ROUTER,
+        shared_attr="shared_experts",
+        first_dense_attr="first_k_dense_replace",
     ),
 )

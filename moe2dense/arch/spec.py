@@ -24,12 +24,14 @@ class RouterSpec:
     group_methods: config.topk_method values that turn group limiting on, "greedy" being the only other one
                    allowed (deepseek_v2); None: always on (deepseek_v3's router has no topk_method switch).
     bias_attr:     router buffer added to p_t for *selection only* (deepseek_v3's e_score_correction_bias).
+    bias_on_block: the bias buffer lives on the MoE block, which passes it to the router (minimax_m2).
     """
 
     score: Literal["softmax", "sigmoid"] = "softmax"
     group_score: Literal["max", "top2_sum"] | None = None
     group_methods: tuple[str, ...] | None = None
     bias_attr: str | None = None
+    bias_on_block: bool = False
     # deepseek routers cast hidden states and weight to fp32 before the matmul; the others run in the model dtype.
     fp32_logits: bool = False
 
@@ -78,3 +80,5 @@ class FamilySpec:
     dense_mlp: Literal["mlp", "single_expert"] = "mlp"
     # Config field giving the number of leading dense layers; the student sets it to num_hidden_layers (deepseek).
     first_dense_attr: str | None = None
+    # Config field listing "dense"/"sparse" per layer (glm4_moe_lite's mlp_layer_types); the student sets all "dense".
+    mlp_types_attr: str | None = None
