@@ -25,6 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moe2dense.arch import Adapter, ExpertWeights, get_adapter
+from moe2dense.arch.generic import verify_student
+from moe2dense.arch.registry import is_generic
 from moe2dense.checkpoint import DTYPES, TOKENIZER_FILES, CheckpointReader, ShardedWriter
 from moe2dense.grouping import merge_experts
 from moe2dense.markdown import table
@@ -145,6 +147,7 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
     if spec.dense_mlp == "single_expert":
         kwargs[spec.num_experts_attr] = 1
         kwargs["num_experts_per_tok"] = 1
+        kwargs[spec.intermediate_attr] = width  # the one expert's width (a no-op where it is intermediate_size)
     if spec.first_dense_attr:
         kwargs[spec.first_dense_attr] = teacher.num_hidden_layers
     if spec.mlp_types_attr:
@@ -257,6 +260,10 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
                 for n, t in writer_fn(adapter, layer, concat_blocks(blocks, width, target), keys).items():
                     writer.write(n, t.to(target).contiguous())
                 del blocks
+            if is_generic(adapter):  # the one-expert student of a discovered family is checked, not assumed
+                layer = adapter.moe_layers[0]
+                reference = concat_blocks(layer_blocks(reader, adapter, layer, plans.get(layer), plan.align), width,
+                                          target)
     finally:
         reader.close()
     config.save_pretrained(out)
@@ -268,6 +275,8 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
                "bytes": sum(math.prod(s) * d.itemsize for _, s, d in shard_plan)}
     single = adapter.spec.dense_mlp == "single_expert"
     (out / "README.md").write_text(card or model_card(plan.to_json(), summary, teacher_dir, single))
+    if is_generic(adapter):
+        verify_student(out, adapter, layer, reference)
     return summary
 
 

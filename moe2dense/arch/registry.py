@@ -5,8 +5,9 @@ from __future__ import annotations
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .adapter import Adapter
-from .errors import QuantizedModelError, UnsupportedModelError
+from .errors import QuantizedModelError
 from .families import FAMILIES
+from .generic import discover_spec, spec_for_raw
 
 _REGISTRY = {spec.model_type: spec for spec in FAMILIES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
@@ -28,12 +29,15 @@ def get_adapter(config: PreTrainedConfig | PreTrainedModel) -> Adapter:
         config = config.config
     model_type = getattr(config, "model_type", None)
     spec = _REGISTRY.get(model_type)
-    if spec is None:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if spec is None:  # the generic path (arch.generic): discovered from the config, verified once weights load
+        spec = discover_spec(config)
     _reject_quantized(config)
     return Adapter.from_config(spec, config)
+
+
+def is_generic(adapter: Adapter) -> bool:
+    """True for a family without a written spec: its adapter holds only once `generic.verify_teacher` passed."""
+    return adapter.model_type not in _REGISTRY
 
 
 def _reject_quantized(config: PreTrainedConfig) -> None:
@@ -55,10 +59,7 @@ def check_config_keys(raw: dict, source: object) -> None:
     in silently with its library default (num_experts_per_tok=8, a default expert width), and the conversion would
     run on the wrong routing or crash later with a traceback. `source` names the file in the error."""
     model_type = raw.get("model_type")
-    spec = _REGISTRY.get(model_type)
-    if spec is None:
-        raise UnsupportedModelError(f"{source}: model_type {model_type!r} is not a supported MoE family; supported: "
-                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    spec = _REGISTRY.get(model_type) or spec_for_raw(raw, source)
     from transformers import CONFIG_MAPPING
 
     aliases = CONFIG_MAPPING[model_type].attribute_map  # e.g. qwen3_moe saves num_experts as num_local_experts

@@ -36,6 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe2dense.arch import Adapter, get_adapter
+from moe2dense.arch.generic import with_verified_teacher
+from moe2dense.arch.registry import is_generic
 from moe2dense.calibrate.store import RoutingWriter, write_meta, write_stats
 from moe2dense.data.packing import iter_packed_batches
 from moe2dense.scoring import CAPTURES, LayerStats
@@ -327,6 +329,8 @@ def capture(
     if writer_threads is not None and writer_threads < 0:
         raise ValueError(f"writer_threads must be >= 0 or None, got {writer_threads}")
     adapter = get_adapter(model)
+    if is_generic(adapter):  # a discovered family is used only once its blocks are reproduced (arch.generic)
+        batches = with_verified_teacher(model, adapter, batches)
     out_root = Path(out_root)
     device = next(model.parameters()).device
     n_moe = len(adapter.moe_layers)
