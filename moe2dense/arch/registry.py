@@ -6,7 +6,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from .adapter import Adapter
 from .errors import QuantizedModelError, UnsupportedModelError
-from .families import FAMILIES
+from .families import FAMILIES, TEXT_MODEL_OF, UNWRAP_RECIPE
 
 _REGISTRY = {spec.model_type: spec for spec in FAMILIES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
@@ -29,11 +29,16 @@ def get_adapter(config: PreTrainedConfig | PreTrainedModel) -> Adapter:
     model_type = getattr(config, "model_type", None)
     spec = _REGISTRY.get(model_type)
     if spec is None:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise UnsupportedModelError(_unsupported(model_type))
     _reject_quantized(config)
     return Adapter.from_config(spec, config)
+
+
+def _unsupported(model_type: object) -> str:
+    if model_type in TEXT_MODEL_OF:
+        return (f"model_type {model_type!r} is a multimodal wrapper; moe2dense converts its text model "
+                f"({TEXT_MODEL_OF[model_type]}): {UNWRAP_RECIPE}")
+    return f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
 
 
 def _reject_quantized(config: PreTrainedConfig) -> None:
@@ -57,8 +62,7 @@ def check_config_keys(raw: dict, source: object) -> None:
     model_type = raw.get("model_type")
     spec = _REGISTRY.get(model_type)
     if spec is None:
-        raise UnsupportedModelError(f"{source}: model_type {model_type!r} is not a supported MoE family; supported: "
-                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UnsupportedModelError(f"{source}: {_unsupported(model_type)}")
     from transformers import CONFIG_MAPPING
 
     aliases = CONFIG_MAPPING[model_type].attribute_map  # e.g. qwen3_moe saves num_experts as num_local_experts

@@ -78,3 +78,6 @@ class FamilySpec:
     dense_mlp: Literal["mlp", "single_expert"] = "mlp"
     # Config field giving the number of leading dense layers; the student sets it to num_hidden_layers (deepseek).
     first_dense_attr: str | None = None
+    # Config field listing the layers that keep a dense MLP; the student lists every layer (qwen3_next's
+    # mlp_only_layers: its dense twin is the same class).
+    mlp_only_attr: str | None = None
