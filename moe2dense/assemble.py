@@ -152,6 +152,8 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
         kwargs[spec.first_dense_attr] = teacher.num_hidden_layers
     if spec.mlp_types_attr:
         kwargs[spec.mlp_types_attr] = ["dense"] * teacher.num_hidden_layers
+    if spec.mlp_only_attr:
+        kwargs[spec.mlp_only_attr] = list(range(teacher.num_hidden_layers))
     config = AutoConfig.for_model(spec.dense_model_type, **kwargs)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.dense_model_type]]
     config.dtype = str(dtype).removeprefix("torch.")

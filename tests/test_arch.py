@@ -137,7 +137,8 @@ def test_shared_experts_kind(cap: Captured):
     ad, model = cap.adapter, cap.model
     shared = ad.shared_experts(model, ad.moe_layers[0])
     kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated", "glm4_moe": "ungated",
-            "glm4_moe_lite": "ungated", "dots1": "ungated"}.get(ad.model_type)
+            "glm4_moe_lite": "ungated", "dots1": "ungated", "qwen3_next": "gated",
+            "qwen3_5_moe_text": "gated"}.get(ad.model_type)
     assert len(shared) == (kind is not None)
     if kind:
         assert (shared[0].gate_weight is not None) == (kind == "gated")
@@ -204,6 +205,8 @@ EXPECTED = {  # name: (model_type, dense_model_type, E, k, I, renormalizes, scal
     "glm4_moe_lite": ("glm4_moe_lite", "glm4_moe_lite", 8, 2, 16, True, 1.8, [1, 2]),
     "minimax_m2": ("minimax_m2", "minimax_m2", 8, 2, 16, True, 1.0, [0, 1]),
     "dots1": ("dots1", "dots1", 8, 2, 16, True, 2.5, [1, 2]),
+    "qwen3_next": ("qwen3_next", "qwen3_next", 8, 2, 16, True, 1.0, [0, 1, 2, 3]),
+    "qwen3_5_moe_text": ("qwen3_5_moe_text", "qwen3_5_text", 8, 2, 16, True, 1.0, [0, 1, 2, 3]),
 }
 # Families whose router runs group-limited top-k (always on in the DeepSeek-V3 router, a single group in the
 # published GLM and dots1 checkpoints).
@@ -238,6 +241,29 @@ def test_qwen_sparse_step_and_mlp_only_layers():
     config.num_hidden_layers, config.decoder_sparse_step, config.mlp_only_layers = 6, 2, [3]
     ad = get_adapter(config)
     assert (ad.moe_layers, ad.dense_layers) == ([1, 5], [0, 2, 3, 4])
+
+
+def test_qwen3_next_hybrid_pattern_and_mlp_only_layers():
+    config = tiny_config("qwen3_next")
+    assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]  # the published interval of 4
+    config.mlp_only_layers = [2]
+    assert (get_adapter(config).moe_layers, get_adapter(config).dense_layers) == ([0, 1, 3], [2])
+
+
+def test_qwen3_5_moe_router_renormalises_without_a_config_switch():
+    config = tiny_config("qwen3_5_moe_text")
+    assert not hasattr(config, "norm_topk_prob") and get_adapter(config).renormalizes
+
+
+def test_multimodal_wrapper_names_its_text_model():
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig
+
+    from moe2dense.arch.registry import check_config_keys
+
+    with pytest.raises(UnsupportedModelError, match="qwen3_5_moe_text.*save_original_format=False"):
+        get_adapter(Qwen3_5MoeConfig(text_config=tiny_config("qwen3_5_moe_text").to_dict()))
+    with pytest.raises(UnsupportedModelError, match="config.json: .*multimodal wrapper"):
+        check_config_keys({"model_type": "qwen3_5_moe", "text_config": {}}, "config.json")
 
 
 def test_unsupported_model_type_lists_supported():

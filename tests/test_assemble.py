@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe2dense.arch import expert_forward, get_adapter
-from moe2dense.assemble import assemble
+from moe2dense.assemble import assemble, student_config, student_layout
 from moe2dense.calibrate.capture import capture
 from moe2dense.calibrate.store import read_meta
 from moe2dense.checkpoint import CheckpointReader
@@ -27,7 +27,8 @@ from tiny_models import FAMILIES, tiny_config, tiny_model
 
 DENSE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "olmoe": "olmoe", "mixtral": "mistral",
          "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss",
-         "glm4_moe": "glm4_moe", "glm4_moe_lite": "glm4_moe_lite", "minimax_m2": "minimax_m2", "dots1": "dots1"}
+         "glm4_moe": "glm4_moe", "glm4_moe_lite": "glm4_moe_lite", "minimax_m2": "minimax_m2", "dots1": "dots1",
+         "qwen3_next": "qwen3_next", "qwen3_5_moe_text": "qwen3_5_text"}
 
 
 def _batches(vocab: int, n: int = 4, seq: int = 16, seed: int = 0):
@@ -132,8 +133,7 @@ def test_dense_mlp_is_the_scaled_sum_of_merged_experts(family, tmp_path):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "glm4_moe_lite",
-                                    "minimax_m2", "dots1"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pure_pruning_copies_selected_experts_bit_for_bit(family, tmp_path):
     teacher = tiny_model(family)
     adapter = get_adapter(teacher)
@@ -175,3 +175,20 @@ def test_student_reloads_and_generates(family, tmp_path):
     gen = student.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 10) and bool(np.isfinite(student(gen).logits.detach().numpy()).all())
     assert "moe2dense" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe_text"])
+def test_hybrid_student_keeps_the_layer_pattern(family):
+    """Qwen3-Next / Qwen3.5: the linear/full attention interleave and the DeltaNet shapes are the teacher's; every
+    layer of the student has a plain MLP (qwen3_next: the same class with all layers in mlp_only_layers)."""
+    teacher = tiny_config(family)
+    config = student_config(teacher, get_adapter(teacher), 40, torch.float32)
+    assert config.model_type == DENSE[family] and config.layer_types == teacher.layer_types
+    assert all(getattr(config, k) == getattr(teacher, k) for k in ("linear_num_key_heads", "linear_num_value_heads",
+                                                                   "linear_key_head_dim", "linear_conv_kernel_dim"))
+    layout = student_layout(config)
+    assert not [n for n in layout if ".experts." in n or ".gate." in n or "shared_expert" in n]
+    for i, kind in enumerate(teacher.layer_types):
+        assert layout[f"model.layers.{i}.mlp.gate_proj.weight"][0] == (40, teacher.hidden_size)
+        assert (f"model.layers.{i}.linear_attn.out_proj.weight" in layout) == (kind == "linear_attention")
+        assert (f"model.layers.{i}.self_attn.o_proj.weight" in layout) == (kind == "full_attention")

@@ -20,7 +20,9 @@ from transformers import (
     PreTrainedConfig,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
+    Qwen3NextConfig,
 )
+from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
 
 _COMMON = dict(
     vocab_size=64,
@@ -34,6 +36,23 @@ _COMMON = dict(
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=0,
+)
+# Qwen3-Next / Qwen3.5 hybrid backbone as published: three Gated-DeltaNet (linear attention) layers, then one full
+# attention layer (full_attention_interval 4), every layer MoE with a sigmoid-gated shared expert. The DeltaNet runs
+# its torch fallback on CPU: keep its heads tiny.
+_HYBRID = dict(
+    _COMMON,
+    num_hidden_layers=4,
+    full_attention_interval=4,
+    head_dim=8,
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    num_experts=8,
 )
 # DeepSeek uses multi-head latent attention; keep its low-rank dims tiny as well.
 _MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
@@ -127,6 +146,8 @@ CONFIGS = {
         norm_topk_prob=True,
         routed_scaling_factor=2.5,
     ),
+    "qwen3_next": lambda: Qwen3NextConfig(**_HYBRID, intermediate_size=48, norm_topk_prob=True),
+    "qwen3_5_moe_text": lambda: Qwen3_5MoeTextConfig(**_HYBRID),
 }
 
 
@@ -155,6 +176,8 @@ def tiny_model(name: str, seed: int = 0):
             p.mul_(100.0)  # push pre-activations past swiglu_limit so the clamp is exercised
         if name_.endswith("_proj.bias") and ".self_attn." in name_ and model.config.model_type == "glm4_moe":
             p.normal_(0.0, 0.1)  # zero-initialised: a student that dropped attention_bias would go unnoticed
+        if name_.endswith("norm.weight") and not p.any():
+            p.normal_(0.0, 0.1)  # zero-centred RMSNorms (weight 0 means scale 1, qwen3_next / qwen3_5)
     for name_, b in model.named_buffers():
         if name_.endswith("e_score_correction_bias"):
             b.normal_(0.0, 0.3)  # bias changes selection but not the applied weights

@@ -164,4 +164,36 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_attr="shared_experts",
         first_dense_attr="first_k_dense_replace",
     ),
+    # Hybrid Gated-DeltaNet / full-attention backbone (config.layer_types), copied to the student unchanged.
+    FamilySpec(
+        model_type="qwen3_next",
+        dense_model_type="qwen3_next",  # the same class with every layer in mlp_only_layers
+        num_experts_attr="num_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_qwen_sparse_step,
+        renorm="norm_topk_prob",
+        shared_attr="shared_expert",
+        shared_gate_attr="shared_expert_gate",
+        mlp_only_attr="mlp_only_layers",
+    ),
+    # The text causal LM that AutoModelForCausalLM builds from a Qwen3.5-MoE checkpoint (see TEXT_MODEL_OF).
+    FamilySpec(
+        model_type="qwen3_5_moe_text",
+        dense_model_type="qwen3_5_text",
+        num_experts_attr="num_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm=True,  # Qwen3_5MoeTopKRouter always renormalises (its config has no norm_topk_prob)
+        shared_attr="shared_expert",
+        shared_gate_attr="shared_expert_gate",
+    ),
+)
+
+# Multimodal wrapper model_type -> the supported text model inside it. Their checkpoints store the language model
+# under "model.language_model." next to the vision tower; moe2dense reads "model.layers." (UNWRAP_RECIPE).
+TEXT_MODEL_OF = {"qwen3_5_moe": "qwen3_5_moe_text"}
+UNWRAP_RECIPE = (
+    "save its text model first: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)"
+    ".save_pretrained(text_dir, save_original_format=False), copy the tokenizer files into text_dir, and use "
+    "text_dir as the teacher"
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .adapter import Adapter
-from .errors import QuantizedModelError
-from .families import FAMILIES
+from .errors import QuantizedModelError, UnsupportedModelError
+from .families import FAMILIES, TEXT_MODEL_OF, UNWRAP_RECIPE
 from .generic import discover_spec, spec_for_raw
 
 _REGISTRY = {spec.model_type: spec for spec in FAMILIES}
@@ -29,8 +29,10 @@ def get_adapter(config: PreTrainedConfig | PreTrainedModel) -> Adapter:
         config = config.config
     model_type = getattr(config, "model_type", None)
     spec = _REGISTRY.get(model_type)
-    if spec is None:  # the generic path (arch.generic): discovered from the config, verified once weights load
-        spec = discover_spec(config)
+    if spec is None:
+        if model_type in TEXT_MODEL_OF:
+            raise UnsupportedModelError(_wrapper(model_type))
+        spec = discover_spec(config)  # the generic path (arch.generic), verified once weights load
     _reject_quantized(config)
     return Adapter.from_config(spec, config)
 
@@ -38,6 +40,11 @@ def get_adapter(config: PreTrainedConfig | PreTrainedModel) -> Adapter:
 def is_generic(adapter: Adapter) -> bool:
     """True for a family without a written spec: its adapter holds only once `generic.verify_teacher` passed."""
     return adapter.model_type not in _REGISTRY
+
+
+def _wrapper(model_type: str) -> str:
+    return (f"model_type {model_type!r} is a multimodal wrapper; moe2dense converts its text model "
+            f"({TEXT_MODEL_OF[model_type]}): {UNWRAP_RECIPE}")
 
 
 def _reject_quantized(config: PreTrainedConfig) -> None:
@@ -59,6 +66,8 @@ def check_config_keys(raw: dict, source: object) -> None:
     in silently with its library default (num_experts_per_tok=8, a default expert width), and the conversion would
     run on the wrong routing or crash later with a traceback. `source` names the file in the error."""
     model_type = raw.get("model_type")
+    if model_type in TEXT_MODEL_OF:
+        raise UnsupportedModelError(f"{source}: {_wrapper(model_type)}")
     spec = _REGISTRY.get(model_type) or spec_for_raw(raw, source)
     from transformers import CONFIG_MAPPING
 

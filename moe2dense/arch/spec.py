@@ -82,3 +82,6 @@ class FamilySpec:
     first_dense_attr: str | None = None
     # Config field listing "dense"/"sparse" per layer (glm4_moe_lite's mlp_layer_types); the student sets all "dense".
     mlp_types_attr: str | None = None
+    # Config field listing the layers that keep a dense MLP; the student lists every layer (qwen3_next's
+    # mlp_only_layers: its dense twin is the same class).
+    mlp_only_attr: str | None = None
