@@ -266,6 +266,19 @@ def test_multimodal_wrapper_names_its_text_model():
         check_config_keys({"model_type": "qwen3_5_moe", "text_config": {}}, "config.json")
 
 
+def test_glm4_moe_lite_mlp_layer_types_and_its_dense_twin():
+    from moe2dense.assemble import student_config
+
+    config = tiny_config("glm4_moe_lite")
+    config.num_hidden_layers, config.mlp_layer_types = 4, ["dense", "sparse", "dense", "sparse"]
+    ad = get_adapter(config)
+    assert (ad.moe_layers, ad.dense_layers) == ([1, 3], [0, 2])
+    student = student_config(config, ad, 64, torch.float32)
+    assert (student.model_type, student.mlp_layer_types, student.intermediate_size) == (
+        "glm4_moe_lite", ["dense"] * 4, 64)
+    assert (student.q_lora_rank, student.kv_lora_rank) == (config.q_lora_rank, config.kv_lora_rank)  # MLA kept
+
+
 def test_unsupported_model_type_lists_supported():
     with pytest.raises(UnsupportedModelError) as err:
         get_adapter(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=64))
