@@ -135,6 +135,19 @@ def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_k
     return out
 
 
+@register_mlp_writer("in_class")
+def _in_class(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The teacher's own class with one expert (families found by arch.generic): in each layer whatever that class
+    builds there, a plain SwiGLU MLP under the block's name or the one-expert block."""
+    prefix = f"model.layers.{layer}.{adapter.spec.block_attr}"
+    if f"{prefix}.gate_proj.weight" not in student_keys:
+        return _single_expert(adapter, layer, block, student_keys)
+    if block.down_bias is not None or block.act != "swiglu":
+        raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
+    return {f"{prefix}.gate_proj.weight": block.gate, f"{prefix}.up_proj.weight": block.up,
+            f"{prefix}.down_proj.weight": block.down}
+
+
 # ----------------------------------------------------------------------------------------------- the student config
 def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtype: torch.dtype) -> PreTrainedConfig:
     """The dense twin's config: every field the dense class knows is copied from the teacher (attention, rope,
@@ -144,7 +157,7 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
     skip = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"}
     kwargs = {k: v for k, v in teacher.to_dict().items() if k in known and k not in skip}
     kwargs["intermediate_size"] = width
-    if spec.dense_mlp == "single_expert":
+    if spec.dense_mlp in ("single_expert", "in_class"):
         kwargs[spec.num_experts_attr] = 1
         kwargs["num_experts_per_tok"] = 1
         kwargs[spec.intermediate_attr] = width  # the one expert's width (a no-op where it is intermediate_size)
@@ -262,10 +275,10 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
                 for n, t in writer_fn(adapter, layer, concat_blocks(blocks, width, target), keys).items():
                     writer.write(n, t.to(target).contiguous())
                 del blocks
-            if is_generic(adapter):  # the one-expert student of a discovered family is checked, not assumed
-                layer = adapter.moe_layers[0]
-                reference = concat_blocks(layer_blocks(reader, adapter, layer, plans.get(layer), plan.align), width,
-                                          target)
+            if is_generic(adapter):  # the student of a discovered family is checked, not assumed
+                check = [adapter.moe_layers[0], *adapter.dense_layers[:1]]
+                references = {i: concat_blocks(layer_blocks(reader, adapter, i, plans.get(i), plan.align), width,
+                                               target) for i in check}
     finally:
         reader.close()
     config.save_pretrained(out)
@@ -278,7 +291,7 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
     single = adapter.spec.dense_mlp == "single_expert"
     (out / "README.md").write_text(card or model_card(plan.to_json(), summary, teacher_dir, single))
     if is_generic(adapter):
-        verify_student(out, adapter, layer, reference)
+        verify_student(out, adapter, references)
     return summary
 
 

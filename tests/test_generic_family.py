@@ -1,9 +1,11 @@
 """The generic path (moe2dense/arch/generic.py) on families without a written spec, tiny models built from configs.
 
-flex_olmo (softmax top-k, fused experts, norm_topk_prob) is accepted: discovered, verified and converted, and the
-uniform-router / every-expert-kept conversion reproduces the teacher's logits. phimoe (sparsemixer router) and flint
-(sigmoid router with a shared expert) are discovered but refused by the on-the-spot check, before any output; jamba
-(dense layers) and llama (no experts) are refused from the config alone.
+Accepted (discovered, verified on the spot, converted; a uniform router with every expert kept reproduces the
+teacher's logits): flex_olmo (softmax top-k, norm_topk_prob, every layer MoE; student: flex_olmo with one expert)
+and jamba (unnormalised softmax top-k, MoE every other layer between Mamba mixers; student: jamba with one expert,
+which the class builds as a plain MLP in every layer). Refused by the on-the-spot check, before any output: phimoe
+(sparsemixer router) and flint (sigmoid router). Refused from the config alone: lfm2_moe (a selection bias buffer
+on the block; w1/w3/w2 dense MLPs), a model_type transformers does not know; llama (no experts) in test_arch.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlintConfig, JambaConfig, PhimoeConfig
+from transformers import (AutoModelForCausalLM, FlexOlmoConfig, FlintConfig, JambaConfig, Lfm2MoeConfig,
+                          PhimoeConfig)
 
 from moe2dense.__main__ import main
 from moe2dense.arch import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
@@ -32,6 +35,9 @@ _COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention
                eos_token_id=2, pad_token_id=0)
 CONFIGS = {
     "flex_olmo": lambda **kw: FlexOlmoConfig(**{**_COMMON, "intermediate_size": 16, "num_experts": 8, **kw}),
+    # attn_layer_period=2: Mamba, attention, Mamba, attention; expert_layer_period=2: MoE in layers 1 and 3
+    "jamba": lambda **kw: JambaConfig(**{**_COMMON, "num_hidden_layers": 4, "intermediate_size": 16,
+                                         "num_experts": 8, "attn_layer_period": 2, "attn_layer_offset": 1, **kw}),
     "phimoe": lambda **kw: PhimoeConfig(**{**_COMMON, "intermediate_size": 16, "num_local_experts": 8, **kw}),
     "flint": lambda **kw: FlintConfig(**{**_COMMON, "intermediate_size": 48, "moe_intermediate_size": 16,
                                          "shared_expert_intermediate_size": 24, "num_experts": 8,
@@ -63,7 +69,7 @@ def test_flex_olmo_spec_is_discovered_from_the_config():
     assert not spec.layout.transposed and not spec.layout.interleaved and not spec.layout.has_bias
     # on-disk names from transformers' own conversion mapping (flex_olmo is stored like qwen2_moe)
     assert spec.disk_expert_prefix == "mlp.experts" and spec.disk_proj_names == ("gate_proj", "up_proj", "down_proj")
-    assert spec.dense_mlp == "single_expert" and spec.shared_attr is None
+    assert spec.dense_mlp == "in_class" and spec.shared_attr is None
     assert not get_adapter(CONFIGS["flex_olmo"](norm_topk_prob=False)).renormalizes
 
 
@@ -97,21 +103,35 @@ def test_a_wrong_routing_rule_is_caught():
         verify_teacher(model, wrong, _ids())
 
 
+@pytest.mark.parametrize("name, dense", [("flex_olmo", False), ("jamba", True)])
 @torch.no_grad()
-def test_uniform_router_every_expert_kept_reproduces_teacher_logits(tmp_path):
-    config = CONFIGS["flex_olmo"](num_experts_per_tok=8)
+def test_uniform_router_every_expert_kept_reproduces_teacher_logits(name, dense, tmp_path):
+    config = CONFIGS[name](num_experts_per_tok=8)
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    for name, p in teacher.named_parameters():
-        if name.endswith("mlp.gate.weight"):
+    router = get_adapter(config).spec.router_attr
+    for n, p in teacher.named_parameters():
+        if n.endswith(f".{router}.weight"):
             p.zero_()
     plan, summary, _, out = _convert(teacher, tmp_path, K=8)
-    assert plan.pure_pruning and summary["model_type"] == "flex_olmo"
+    assert plan.pure_pruning and summary["model_type"] == name and summary["intermediate_size"] == 8 * 16
     student = _load(out)
     assert student.config.num_experts == 1 and student.config.num_experts_per_tok == 1
-    assert student.model.layers[0].mlp.experts.gate_up_proj.shape == (1, 2 * 8 * 16, 32)
+    experts = [n for n in student.state_dict() if ".experts." in n]
+    if dense:  # jamba builds a plain MLP in every layer when E is 1: no router, no experts left
+        assert not experts and not any(f".{router}." in n for n in student.state_dict())
+    else:
+        assert student.model.layers[0].mlp.experts.gate_up_proj.shape == (1, 2 * 8 * 16, 32)
     ids = _ids(seed=3)
-    torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-4, rtol=0)
+    want, got = teacher(ids, use_cache=False).logits, student(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_jamba_spec_has_its_dense_layers():
+    adapter = get_adapter(CONFIGS["jamba"]())
+    assert (adapter.moe_layers, adapter.dense_layers) == ([1, 3], [0, 2])
+    assert (adapter.spec.block_attr, adapter.spec.router_attr, adapter.renormalizes) == ("feed_forward", "router",
+                                                                                          False)
 
 
 def test_merged_flex_olmo_student_reloads_and_generates(tmp_path):
@@ -154,8 +174,10 @@ def test_convert_cli_on_flex_olmo_from_another_cwd(tokenizer_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name, kw, why", [
-    ("phimoe", {}, "routing rule"),  # sparsemixer
-    ("flint", {"norm_topk_prob": False}, "routing rule"),  # sigmoid scores (and an ungated shared expert)
+    ("phimoe", {}, "generic rule"),  # sparsemixer
+    # sigmoid scores (and an ungated shared expert); renormalised, only the sharpened probe tells them apart
+    ("flint", {"norm_topk_prob": False}, "generic rule"),
+    ("flint", {"norm_topk_prob": True}, "generic rule"),
 ])
 def test_other_routers_are_refused_before_any_output(name, kw, why, tokenizer_dir, tmp_path, capsys):
     model = _model(name, **kw)
@@ -178,11 +200,43 @@ def test_flint_shared_expert_is_discovered():
 
 
 def test_structures_the_generic_path_cannot_read_are_refused_from_the_config():
-    jamba = JambaConfig(**_COMMON, intermediate_size=16, num_experts=8)  # MoE every other layer, Mamba mixers
-    with pytest.raises(UnsupportedModelError) as err:
-        get_adapter(jamba)
-    assert "dense" in _refusal(err.value, "jamba")
+    lfm2 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                max_position_embeddings=64, layer_types=["conv", "full_attention"])
+    for kw, why in (({"num_dense_layers": 0, "use_expert_bias": True}, "expert_bias"),
+                    ({"num_dense_layers": 1, "use_expert_bias": False}, "neither its MoE block nor a SwiGLU MLP")):
+        with pytest.raises(UnsupportedModelError) as err:
+            get_adapter(Lfm2MoeConfig(**lfm2, **kw))
+        assert why in _refusal(err.value, "lfm2_moe")
     raw = {"model_type": "no_such_family", "num_hidden_layers": 2}
     with pytest.raises(UnsupportedModelError) as err:
         check_config_keys(raw, "config.json")
     assert str(err.value).startswith("config.json: ") and "no_such_family" in str(err.value)
+
+
+def test_a_student_that_does_not_compute_the_dense_mlp_is_refused(tmp_path, monkeypatch):
+    """verify_student can fail: a writer that halves the down projection is caught before assemble returns."""
+    import moe2dense.assemble as A
+
+    real = A.MLP_WRITERS["in_class"]
+
+    def halved(adapter, layer, block, keys):
+        return {n: t / 2 if "down" in n else t for n, t in real(adapter, layer, block, keys).items()}
+
+    monkeypatch.setitem(A.MLP_WRITERS, "in_class", halved)
+    with pytest.raises(UnsupportedModelError) as err:
+        _convert(_model("flex_olmo"), tmp_path, K=4)
+    assert "differs from the dense MLP" in _refusal(err.value, "flex_olmo")
+
+
+@torch.no_grad()
+def test_checkpoint_experts_must_be_the_loaded_ones(tmp_path):
+    """The on-disk read (names from the conversion mapping) is checked against the loaded teacher."""
+    _model("flex_olmo").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    adapter = get_adapter(model)
+    verify_teacher(model, adapter, _ids())
+    model.model.layers[0].mlp.experts.down_proj[0].mul_(2)  # the blocks still agree with the rule; the disk does not
+    with pytest.raises(UnsupportedModelError) as err:
+        verify_teacher(model, adapter, _ids())
+    assert "expert 0's down read from" in _refusal(err.value, "flex_olmo")

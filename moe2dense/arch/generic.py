@@ -92,7 +92,8 @@ def _meta_model(config: PreTrainedConfig) -> nn.Module:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except Exception as err:  # noqa: BLE001 - any failure to build means the generic path cannot read it
-        raise refuse(config.model_type, f"no causal LM builds from its config: {type(err).__name__}") from None
+        first = str(err).splitlines()[0][:160] if str(err) else ""
+        raise refuse(config.model_type, f"no causal LM builds from its config: {type(err).__name__}: {first}") from None
 
 
 def _find_block(layer: nn.Module) -> tuple[str, nn.Module] | None:
@@ -114,17 +115,17 @@ def _discover(config: PreTrainedConfig) -> FamilySpec:
     moe = sorted(i for i, f in found.items() if f is not None)
     if not moe:
         raise refuse(mt, "no decoder layer holds an experts module marked by transformers' use_experts_implementation")
-    if dense := [i for i in found if found[i] is None]:
-        raise refuse(mt, f"the generic path needs an MoE block in every layer; layers {dense} are dense")
     names = {found[i][0] for i in moe}
     if len(names) != 1:
         raise refuse(mt, f"MoE blocks under different names {sorted(names)}")
     block_attr, block = found[moe[0]]
+    # The other layers must hold a plain SwiGLU MLP under the same name (read and written as the dense layers).
+    if odd := [i for i in found if found[i] is None and not _is_silu_mlp(getattr(layers[i], block_attr, None))]:
+        raise refuse(mt, f"layers {odd} hold neither its MoE block nor a SwiGLU MLP as `{block_attr}`")
     experts = block.experts
     if not experts.has_gate or experts.has_post_expert_norm or type(experts)._apply_gate is not _default_apply_gate:
         raise refuse(mt, "its experts are not plain SwiGLU (no gate, a post-expert norm or a custom activation)")
-    probe = torch.linspace(-3, 3, 7)
-    if not torch.allclose(experts.act_fn(probe), F.silu(probe)):
+    if not _is_silu(experts.act_fn):
         raise refuse(mt, f"its experts' activation {type(experts.act_fn).__name__} is not SiLU")
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3):
@@ -146,6 +147,7 @@ def _discover(config: PreTrainedConfig) -> FamilySpec:
         n for n, _ in getattr(block, router_attr).named_buffers()}
     extra = [n for n, _ in block.named_children() if n not in known | {router_attr}
              and any(True for _ in _tensors(getattr(block, n)))]
+    extra += [n for n, _ in (*block.named_parameters(recurse=False), *block.named_buffers(recurse=False))]
     if extra or not router_params <= {"weight", "bias"}:
         raise refuse(mt, f"its MoE block holds what the generic path does not model: {extra or sorted(router_params)}")
     e_attr = next((f for f in _E_FIELDS if getattr(config, f, None) == E), None)
@@ -168,7 +170,7 @@ def _discover(config: PreTrainedConfig) -> FamilySpec:
         shared_attr=shared_attr,
         shared_gate_attr=shared_gate,
         disk_block_attr=disk_block,
-        dense_mlp="single_expert",
+        dense_mlp="in_class",
     )
 
 
@@ -185,6 +187,17 @@ def _weight_shaped(module: object, shape: tuple[int, ...]) -> bool:
 def _is_swiglu_mlp(module: object) -> bool:
     return isinstance(module, nn.Module) and all(
         isinstance(getattr(module, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _is_silu(act: object) -> bool:
+    probe = torch.linspace(-3, 3, 7)
+    return callable(act) and torch.allclose(act(probe), F.silu(probe))
+
+
+def _is_silu_mlp(module: object) -> bool:
+    """A dense SwiGLU MLP without biases (the shape the dense layers are read and written in)."""
+    return _is_swiglu_mlp(module) and _is_silu(getattr(module, "act_fn", None)) and all(
+        getattr(module, p).bias is None for p in ("gate_proj", "up_proj", "down_proj"))
 
 
 def _disk_expert_names(model_type: str, block_attr: str) -> tuple[str | None, tuple[str, str, str], str | None]:
@@ -211,21 +224,24 @@ def _disk_expert_names(model_type: str, block_attr: str) -> tuple[str | None, tu
 
 
 def _check_student_class(config: PreTrainedConfig, spec: FamilySpec) -> None:
-    """The dense student is this class with one always-on expert: refuse unless the class builds, in every layer,
-    the same block with a single expert (some classes build a plain MLP instead when E is 1)."""
+    """The dense student is this class with one expert (`dense_mlp="in_class"`): refuse unless the class then
+    builds, in every layer, either the MoE block with a single expert or a plain SwiGLU MLP (jamba-like classes
+    build the MLP when E is 1), so that every layer's dense MLP has a place to go."""
     from moe2dense.assemble import student_config  # assemble imports arch
 
     from .adapter import Adapter
 
     adapter = Adapter.from_config(spec, config)
     student = student_config(config, adapter, adapter.intermediate_size, torch.float32)
-    model = _meta_model(student)
     teacher_block = type(getattr(_meta_model(config).base_model.layers[adapter.moe_layers[0]], spec.block_attr))
-    for i, layer in enumerate(model.base_model.layers):
+    for i, layer in enumerate(_meta_model(student).base_model.layers):
         block = getattr(layer, spec.block_attr, None)
-        if type(block) is not teacher_block or block.experts.gate_up_proj.shape[0] != 1:
-            raise refuse(spec.model_type, f"its class with {spec.num_experts_attr}=1 builds no one-expert "
-                                          f"{teacher_block.__name__} in layer {i}, so it has no dense student")
+        gate_up = getattr(getattr(block, "experts", None), "gate_up_proj", None)
+        one_expert = type(block) is teacher_block and gate_up is not None and gate_up.shape[0] == 1
+        if not (one_expert or _is_silu_mlp(block)):
+            raise refuse(spec.model_type, f"its class with {spec.num_experts_attr}=1 builds neither a one-expert "
+                                          f"{teacher_block.__name__} nor a SwiGLU MLP in layer {i}, so it has no "
+                                          "dense student")
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -249,70 +265,81 @@ def _reconstruct(model: nn.Module, adapter, layer: int, x: torch.Tensor, logits:
 
 
 def _differs(want: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> tuple[float, float] | None:
+    """(max abs diff, tolerance) where they differ by more than the dtype's rtol of the output's scale (not of 1:
+    a tiny model's outputs are ~1e-2, and a wrong rule must not hide under an absolute floor)."""
     diff = (want.float() - got.float()).abs().max().item()
-    tol = _rtol(dtype) * max(1.0, want.abs().max().item())
+    tol = _rtol(dtype) * max(want.float().abs().max().item(), torch.finfo(torch.float32).tiny)
     return None if diff <= tol else (diff, tol)
+
+
+# Router probes run on the captured block inputs with the router's parameters set to factor * themselves
+# (restored after): None = the real router; 0 = uniform (every expert scores the same); SHARPEN = logits with a
+# standard deviation of SHARPEN_STD, where softmax, sigmoid and renormalised variants differ by O(1).
+SHARPEN, SHARPEN_STD = "sharpened", 3.0
 
 
 @torch.no_grad()
 def verify_teacher(model: nn.Module, adapter, ids: torch.Tensor) -> None:
     """Refuse (UnsupportedModelError) unless every MoE block of the loaded teacher equals the adapter's
-    reconstruction on the first `VERIFY_TOKENS` tokens of `ids` [B, S]: (a) with its real router, (b) with the router
-    zeroed (uniform probe; restored after); and the experts read from its checkpoint dir, if it has one, equal the
-    loaded ones. Tokens whose k-th and (k+1)-th router probabilities are within rounding of each other are left out
-    of (a): there the choice is a tie that the model's dtype decides."""
-    mt = adapter.model_type
+    reconstruction sum_e g_e f_e(x) + shared on the first `VERIFY_TOKENS` tokens of `ids` [B, S], with its real
+    router, with the router zeroed (uniform probe) and with it sharpened; and the experts read from its checkpoint
+    dir, if it has one, equal the loaded ones. Tokens whose k-th and (k+1)-th router probabilities are within
+    rounding of each other are left out where the router is not uniform: there the model's dtype decides a tie."""
     device = next(model.parameters()).device
     ids = torch.as_tensor(ids)[:1, :VERIFY_TOKENS].to(device)
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    seen: dict[int, torch.Tensor] = {}
 
     def keep(layer):
         def hook(module, args, output):
-            if isinstance(output, tuple):
-                raise refuse(mt, f"its MoE block returns a tuple ({len(output)} items)")
-            seen[layer] = (args[0].detach(), output.detach())
+            seen[layer] = args[0].detach()
         return hook
 
     handles = [adapter.mlp(model, i).register_forward_hook(keep(i)) for i in adapter.moe_layers]
     was_training = model.training
     try:
         model.eval()
-        model.base_model(input_ids=ids)
+        model.base_model(input_ids=ids, use_cache=False)
+        for layer in adapter.moe_layers:
+            x = seen[layer].reshape(-1, seen[layer].shape[-1])
+            for probe in (None, 0.0, SHARPEN):
+                _probe(model, adapter, layer, x, probe)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    for layer in adapter.moe_layers:
-        x_in, y = seen[layer]
-        H = x_in.shape[-1]
-        x, y = x_in.reshape(-1, H), y.reshape(-1, H)
-        dtype = adapter.mlp(model, layer).experts.gate_up_proj.dtype
-        logits = adapter.router_logits(model, layer, x)
-        probs = adapter.route(model, layer, logits).probs
-        decisive = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        if adapter.top_k < adapter.num_experts:
-            top = probs.topk(adapter.top_k + 1, dim=-1).values
-            decisive = (top[:, -2] - top[:, -1]) > 4 * torch.finfo(dtype).eps
-        got = _reconstruct(model, adapter, layer, x, logits)
-        if bad := _differs(y[decisive], got[decisive], dtype):
-            raise refuse(mt, f"the generic path's routing rule (softmax, top-{adapter.top_k}, renormalised="
-                             f"{adapter.renormalizes}) does not reproduce layer {layer}'s MoE block: max abs diff "
-                             f"{bad[0]:.3g} > {bad[1]:.3g}")
-        router = adapter.router_module(model, layer)
-        saved = {n: p.detach().clone() for n, p in router.named_parameters(recurse=False)}
-        try:
-            for p in router.parameters(recurse=False):
-                p.data.zero_()
-            y_uniform = adapter.block_forward(model, layer, x_in.reshape(-1, H)).reshape(-1, H)
-            zero = torch.zeros(x.shape[0], adapter.num_experts, device=x.device)
-            bad = _differs(y_uniform, _reconstruct(model, adapter, layer, x, zero), dtype)
-        finally:
-            for n, p in router.named_parameters(recurse=False):
-                p.data.copy_(saved[n])
-        if bad:
-            raise refuse(mt, f"under a uniform router (weights zeroed) the generic reconstruction differs from "
-                             f"layer {layer}'s MoE block: max abs diff {bad[0]:.3g} > {bad[1]:.3g}")
     _verify_disk_experts(model, adapter)
+
+
+def _probe(model: nn.Module, adapter, layer: int, x: torch.Tensor, probe: float | str | None) -> None:
+    mt = adapter.model_type
+    router = adapter.router_module(model, layer)
+    saved = {n: p.detach().clone() for n, p in router.named_parameters(recurse=False)}
+    try:
+        if probe is not None:
+            factor = probe
+            if probe == SHARPEN:
+                factor = SHARPEN_STD / max(adapter.router_logits(model, layer, x).std().item(), 1e-6)
+            for p in router.parameters(recurse=False):
+                p.data.mul_(factor)
+        out = adapter.mlp(model, layer)(x[None])
+        if isinstance(out, tuple):
+            raise refuse(mt, f"its MoE block returns a tuple ({len(out)} items)")
+        y = out.reshape(-1, x.shape[-1])
+        logits = adapter.router_logits(model, layer, x)
+        got = _reconstruct(model, adapter, layer, x, logits)
+    finally:
+        for n, p in router.named_parameters(recurse=False):
+            p.data.copy_(saved[n])
+    dtype = adapter.mlp(model, layer).experts.gate_up_proj.dtype
+    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    if probe != 0.0 and adapter.top_k < adapter.num_experts:
+        top = adapter.route(model, layer, logits).probs.topk(adapter.top_k + 1, dim=-1).values
+        keep = (top[:, -2] - top[:, -1]) > 4 * torch.finfo(dtype).eps
+    if bad := _differs(y[keep], got[keep], dtype):
+        router_name = {None: "its own router", 0.0: "a uniform router (weights zeroed)"}.get(probe, "a sharpened router")
+        raise refuse(mt, f"with {router_name}, the generic rule (softmax over {adapter.num_experts}, top-"
+                         f"{adapter.top_k}, renormalised={adapter.renormalizes}) does not reproduce layer {layer}'s "
+                         f"MoE block: max abs diff {bad[0]:.3g} > {bad[1]:.3g}")
 
 
 def _verify_disk_experts(model: nn.Module, adapter) -> None:
@@ -322,14 +349,19 @@ def _verify_disk_experts(model: nn.Module, adapter) -> None:
     if not (path.is_dir() and any(path.glob("*.safetensors"))):
         return
     from moe2dense.checkpoint import CheckpointReader
-    from moe2dense.teacher_weights import read_experts
+    from moe2dense.teacher_weights import read_experts, read_router_weight
 
     layer, last = adapter.moe_layers[0], adapter.num_experts - 1
     with CheckpointReader(path) as reader:
         try:
             on_disk = read_experts(reader, adapter, layer, [0, last])
+            router = read_router_weight(reader, adapter, layer)
         except KeyError as err:
-            raise refuse(adapter.model_type, f"its experts are not where the generic path looks on disk: {err}") from None
+            raise refuse(adapter.model_type, f"its experts or router are not where the generic path looks on disk: "
+                                             f"{err}") from None
+    loaded = adapter.router_module(model, layer).weight
+    if router.shape != loaded.shape or not torch.equal(router.to(loaded.dtype), loaded):
+        raise refuse(adapter.model_type, f"layer {layer}'s router read from {path} differs from the loaded model's")
     for e in (0, last):
         mem, disk = adapter.expert_weights(model, layer, e), on_disk[e]
         for name in ("gate", "up", "down"):
@@ -353,22 +385,25 @@ def with_verified_teacher(model: nn.Module, adapter, batches: Iterable) -> Itera
 
 
 @torch.no_grad()
-def verify_student(out: Path, adapter, layer: int, reference) -> None:
+def verify_student(out: Path, adapter, references: dict) -> None:
     """The student saved in `out` (its temp dir) loads in stock transformers with no missing or unexpected keys,
-    and its MLP in `layer` computes `reference` (the concatenated dense MLP, ExpertWeights) on random tokens."""
+    and its MLP in each layer of `references` (layer -> the dense MLP assembled there, ExpertWeights) computes that
+    MLP on random tokens."""
     from transformers import AutoModelForCausalLM
 
     from .experts import expert_forward
-    from .registry import get_adapter
 
     mt = adapter.model_type
-    student, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=reference.gate.dtype)
+    dtype = next(iter(references.values())).gate.dtype
+    student, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=dtype)
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
         problems = {k: sorted(v)[:3] for k, v in info.items() if k != "error_msgs" and v}
         raise refuse(mt, f"its one-expert student does not reload cleanly: {problems}")
     student.eval()
-    x = torch.randn(16, reference.gate.shape[1], generator=torch.Generator().manual_seed(0)).to(reference.gate.dtype)
-    got = get_adapter(student.config).block_forward(student, layer, x)
-    if bad := _differs(expert_forward(reference, x), got, reference.gate.dtype):
-        raise refuse(mt, f"its reloaded one-expert student's layer {layer} differs from the dense MLP: max abs diff "
-                         f"{bad[0]:.3g} > {bad[1]:.3g}")
+    for layer, reference in references.items():
+        x = torch.randn(16, reference.gate.shape[1], generator=torch.Generator().manual_seed(layer)).to(dtype)
+        got = getattr(student.base_model.layers[layer], adapter.spec.block_attr)(x[None])
+        got = (got[0] if isinstance(got, tuple) else got)[0]
+        if bad := _differs(expert_forward(reference, x), got, dtype):
+            raise refuse(mt, f"its reloaded one-expert student's layer {layer} differs from the dense MLP assembled "
+                             f"there: max abs diff {bad[0]:.3g} > {bad[1]:.3g}")

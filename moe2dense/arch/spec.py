@@ -77,7 +77,8 @@ class FamilySpec:
     # The dense student (docs/architecture.md, "Family spec"): "mlp" = a plain SwiGLU MLP
     # (gate_proj/up_proj/down_proj);
     # "single_expert" = the same family with one always-on expert, for families without a dense twin.
-    dense_mlp: Literal["mlp", "single_expert"] = "mlp"
+    # "in_class" = the same family with one expert, in each layer whatever the class then builds (arch.generic).
+    dense_mlp: Literal["mlp", "single_expert", "in_class"] = "mlp"
     # Config field giving the number of leading dense layers; the student sets it to num_hidden_layers (deepseek).
     first_dense_attr: str | None = None
     # Config field listing "dense"/"sparse" per layer (glm4_moe_lite's mlp_layer_types); the student sets all "dense".
