@@ -26,7 +26,8 @@ from moe2dense.teacher_weights import read_experts
 from tiny_models import FAMILIES, tiny_config, tiny_model
 
 DENSE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "olmoe": "olmoe", "mixtral": "mistral",
-         "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss"}
+         "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss",
+         "hunyuan_v1_moe": "hunyuan_v1_dense", "granitemoe": "granite", "granitemoeshared": "granite"}
 
 
 def _batches(vocab: int, n: int = 4, seq: int = 16, seed: int = 0):
@@ -73,8 +74,10 @@ def _uniform_router_teacher(family: str):
         config.topk_group = config.n_group
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    adapter = get_adapter(model)
+    routers = {id(p) for i in adapter.moe_layers for p in adapter.router_module(model, i).parameters()}
     for name, p in model.named_parameters():
-        if ".gate.weight" in name or ".router." in name or "shared_expert_gate" in name:
+        if id(p) in routers or "shared_expert_gate" in name:
             p.zero_()  # routers (and qwen2_moe's shared gate: sigmoid(0) = 0.5 on every token)
         elif name.endswith("_bias") and ".experts." in name:
             p.normal_(0.0, 0.1)
@@ -131,7 +134,7 @@ def test_dense_mlp_is_the_scaled_sum_of_merged_experts(family, tmp_path):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3", "hunyuan_v1_moe", "granitemoeshared"])
 def test_pure_pruning_copies_selected_experts_bit_for_bit(family, tmp_path):
     teacher = tiny_model(family)
     adapter = get_adapter(teacher)

@@ -104,4 +104,44 @@ FAMILIES: tuple[FamilySpec, ...] = (
         disk_expert_prefix=None,  # saved fused, exactly as in memory
         dense_mlp="single_expert",
     ),
+    FamilySpec(
+        model_type="hunyuan_v1_moe",
+        dense_model_type="hunyuan_v1_dense",
+        num_experts_attr="num_experts",
+        intermediate_attr="intermediate_size",  # experts and shared MLP both use it
+        is_moe_layer=_all_layers,
+        renorm=True,
+        router_weight="wg.weight",  # kept in fp32 by the model; router_logits computes in the weight's dtype
+        shared_attr="shared_mlp",  # ungated
+    ),
+    FamilySpec(
+        model_type="granitemoe",
+        dense_model_type="granite",  # carries embedding / residual / attention multipliers and logits_scaling
+        num_experts_attr="num_local_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm=True,  # softmax over the top-k logits
+        block_attr="block_sparse_moe",
+        router_attr="router",
+        disk_expert_prefix=None,  # saved fused under the original ParallelExperts names
+        disk_fused_names=("input_linear.weight", "output_linear.weight"),
+        disk_router_weight="router.layer.weight",
+    ),
+    FamilySpec(
+        model_type="granitemoeshared",
+        dense_model_type="granite",
+        num_experts_attr="num_local_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm=True,
+        block_attr="block_sparse_moe",
+        router_attr="router",
+        disk_expert_prefix=None,
+        disk_fused_names=("input_linear.weight", "output_linear.weight"),
+        disk_router_weight="router.layer.weight",
+        shared_attr="shared_mlp",  # ungated, beside the block in the decoder layer
+        shared_proj_names=("input_linear", "output_linear"),
+        shared_in_layer=True,
+        shared_size_attr="shared_intermediate_size",
+    ),
 )
