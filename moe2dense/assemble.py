@@ -247,11 +247,6 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
         config = student_config(tconfig, adapter, width, target)
         layout = student_layout(config)
         writer_fn = MLP_WRITERS[adapter.spec.dense_mlp]
-        mlp_prefix = lambda layer: f"model.layers.{layer}.{adapter.spec.block_attr}."  # noqa: E731
-        copied = [n for n in layout if not any(n.startswith(mlp_prefix(i)) for i in range(adapter.num_layers))]
-        if missing := [n for n in copied if n not in reader]:
-            raise ValueError(f"the teacher checkpoint lacks tensors the {config.model_type} student needs: "
-                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         # The MLP tensors' names and shapes come from running the writer on meta tensors of the final shape.
         keys = set(layout)
         H = tconfig.hidden_size
@@ -259,6 +254,11 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
         for layer in range(adapter.num_layers):
             meta = concat_blocks([(_meta_block(widths[layer], H, adapter), 1.0)], width, target)
             meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
+        # Everything else is copied (the student's MLP may sit under another name than the teacher's block: granite).
+        copied = [n for n in layout if n not in meta_mlp]
+        if missing := [n for n in copied if n not in reader]:
+            raise ValueError(f"the teacher checkpoint lacks tensors the {config.model_type} student needs: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
         shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
         params = student_num_parameters(config)

@@ -60,14 +60,16 @@ def cap(request, tmp_path_factory) -> Captured:
         return hook
 
     def on_block(layer):
-        def hook(module, args, out):
+        def hook(module, args, out):  # the block and a shared MLP beside it (granitemoeshared) see the same input
             c.block_in[layer] = args[0].reshape(-1, hidden).detach()
-            c.block_out[layer] = (out[0] if isinstance(out, tuple) else out).reshape(-1, hidden).detach()
+            out = (out[0] if isinstance(out, tuple) else out).reshape(-1, hidden).detach()
+            c.block_out[layer] = c.block_out[layer] + out if layer in c.block_out else out
 
         return hook
 
     handles = [adapter.router_module(model, i).register_forward_hook(on_router(i)) for i in adapter.moe_layers]
-    handles += [layer.mlp.register_forward_hook(on_block(i)) for i, layer in enumerate(model.model.layers)]
+    handles += [m.register_forward_hook(on_block(i)) for i in range(adapter.num_layers)
+                for m in adapter.mlp_modules(model, i)]
     torch.manual_seed(1)
     with torch.no_grad():
         out = model(torch.randint(0, model.config.vocab_size, (2, 16)), output_router_logits=True)
@@ -133,12 +135,24 @@ def test_block_output_is_weighted_sum_of_experts(cap: Captured):
         torch.testing.assert_close(expert_forward(dense, cap.block_in[layer]), cap.block_out[layer], **TOL)
 
 
+SHARED_KIND = {  # families with shared experts: gated (a sigmoid gate per token) or ungated
+    "qwen2_moe": "gated",
+    "deepseek_v2": "ungated",
+    "deepseek_v3": "ungated",
+    "glm4_moe": "ungated",
+    "glm4_moe_lite": "ungated",
+    "dots1": "ungated",
+    "qwen3_next": "gated",
+    "qwen3_5_moe_text": "gated",
+    "hunyuan_v1_moe": "ungated",
+    "granitemoeshared": "ungated",
+}
+
+
 def test_shared_experts_kind(cap: Captured):
     ad, model = cap.adapter, cap.model
     shared = ad.shared_experts(model, ad.moe_layers[0])
-    kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated", "glm4_moe": "ungated",
-            "glm4_moe_lite": "ungated", "dots1": "ungated", "qwen3_next": "gated",
-            "qwen3_5_moe_text": "gated"}.get(ad.model_type)
+    kind = SHARED_KIND.get(ad.model_type)
     assert len(shared) == (kind is not None)
     if kind:
         assert (shared[0].gate_weight is not None) == (kind == "gated")
@@ -207,6 +221,9 @@ EXPECTED = {  # name: (model_type, dense_model_type, E, k, I, renormalizes, scal
     "dots1": ("dots1", "dots1", 8, 2, 16, True, 2.5, [1, 2]),
     "qwen3_next": ("qwen3_next", "qwen3_next", 8, 2, 16, True, 1.0, [0, 1, 2, 3]),
     "qwen3_5_moe_text": ("qwen3_5_moe_text", "qwen3_5_text", 8, 2, 16, True, 1.0, [0, 1, 2, 3]),
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", "hunyuan_v1_dense", 8, 2, 16, True, 1.0, [0, 1]),
+    "granitemoe": ("granitemoe", "granite", 8, 2, 16, True, 1.0, [0, 1]),
+    "granitemoeshared": ("granitemoeshared", "granite", 8, 2, 16, True, 1.0, [0, 1]),
 }
 # Families whose router runs group-limited top-k (always on in the DeepSeek-V3 router, a single group in the
 # published GLM and dots1 checkpoints).
@@ -311,3 +328,22 @@ def test_any_quantization_config_is_rejected():
     config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     with pytest.raises(QuantizedModelError, match=r"FineGrainedFP8Config\(dequantize=True\)"):
         get_adapter(config)
+
+
+def test_hunyuan_per_layer_top_k():
+    """moe_topk may be a per-layer list: one repeated value is that k; differing values cannot be converted."""
+    config = tiny_config("hunyuan_v1_moe")
+    assert isinstance(config.moe_topk, list) and get_adapter(config).router_params.top_k == 2
+    config.moe_topk = [2, 3]
+    with pytest.raises(UnsupportedModelError, match=r"moe_topk=\[2, 3\]"):
+        get_adapter(config)
+
+
+def test_granitemoeshared_without_shared_mlp():
+    """shared_intermediate_size=0 builds no shared MLP: the adapter then has none either."""
+    config = tiny_config("granitemoeshared")
+    config.shared_intermediate_size = 0
+    model = AutoModelForCausalLM.from_config(config)
+    ad = get_adapter(model)
+    assert ad.spec.shared_attr is None and ad.shared_experts(model, 0) == []
+    assert len(ad.mlp_modules(model, 0)) == 1

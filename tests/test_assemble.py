@@ -25,10 +25,24 @@ from moe2dense.selection import score_frame, select_from_scores
 from moe2dense.teacher_weights import read_experts
 from tiny_models import FAMILIES, tiny_config, tiny_model
 
-DENSE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "olmoe": "olmoe", "mixtral": "mistral",
-         "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss",
-         "glm4_moe": "glm4_moe", "glm4_moe_lite": "glm4_moe_lite", "minimax_m2": "minimax_m2", "dots1": "dots1",
-         "qwen3_next": "qwen3_next", "qwen3_5_moe_text": "qwen3_5_text"}
+DENSE = {  # teacher model_type -> its dense student's
+    "qwen3_moe": "qwen3",
+    "qwen2_moe": "qwen2",
+    "olmoe": "olmoe",
+    "mixtral": "mistral",
+    "deepseek_v2": "deepseek_v2",
+    "deepseek_v3": "deepseek_v3",
+    "gpt_oss": "gpt_oss",
+    "glm4_moe": "glm4_moe",
+    "glm4_moe_lite": "glm4_moe_lite",
+    "minimax_m2": "minimax_m2",
+    "dots1": "dots1",
+    "qwen3_next": "qwen3_next",
+    "qwen3_5_moe_text": "qwen3_5_text",
+    "hunyuan_v1_moe": "hunyuan_v1_dense",
+    "granitemoe": "granite",
+    "granitemoeshared": "granite",
+}
 
 
 def _batches(vocab: int, n: int = 4, seq: int = 16, seed: int = 0):
@@ -75,8 +89,10 @@ def _uniform_router_teacher(family: str):
         config.topk_group = config.n_group
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    adapter = get_adapter(model)
+    routers = {id(p) for i in adapter.moe_layers for p in adapter.router_module(model, i).parameters()}
     for name, p in model.named_parameters():
-        if ".gate.weight" in name or ".router." in name or "shared_expert_gate" in name:
+        if id(p) in routers or "shared_expert_gate" in name:
             p.zero_()  # routers (and qwen2_moe's shared gate: sigmoid(0) = 0.5 on every token)
         elif name.endswith("_bias") and ".experts." in name:
             p.normal_(0.0, 0.1)

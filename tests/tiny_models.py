@@ -15,6 +15,9 @@ from transformers import (
     Glm4MoeLiteConfig,
     GptOssConfig,
     MiniMaxM2Config,
+    GraniteMoeConfig,
+    GraniteMoeSharedConfig,
+    HunYuanMoEV1Config,
     MixtralConfig,
     OlmoeConfig,
     PreTrainedConfig,
@@ -56,6 +59,15 @@ _HYBRID = dict(
 )
 # DeepSeek uses multi-head latent attention; keep its low-rank dims tiny as well.
 _MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+
+_GRANITE = dict(
+    _COMMON,
+    tie_word_embeddings=True,
+    embedding_multiplier=12.0,
+    logits_scaling=6.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.015625,
+)
 
 
 def _deepseek(cls, **kw) -> PreTrainedConfig:
@@ -148,6 +160,22 @@ CONFIGS = {
     ),
     "qwen3_next": lambda: Qwen3NextConfig(**_HYBRID, intermediate_size=48, norm_topk_prob=True),
     "qwen3_5_moe_text": lambda: Qwen3_5MoeTextConfig(**_HYBRID),
+    # Hunyuan-A13B: every layer MoE with one ungated shared MLP, per-layer moe_topk (one value), qk-norm, tied
+    # embeddings, dynamic-alpha rope.
+    "hunyuan_v1_moe": lambda: HunYuanMoEV1Config(
+        **{k: v for k, v in _COMMON.items() if k not in ("num_experts_per_tok", "tie_word_embeddings")},
+        head_dim=8,
+        intermediate_size=16,
+        num_experts=8,
+        moe_topk=[2, 2],
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0},
+    ),
+    # granite-3.1-3b-a800m: every layer MoE, tied embeddings, and the four multipliers the dense twin must carry.
+    "granitemoe": lambda: GraniteMoeConfig(**_GRANITE, intermediate_size=16, num_local_experts=8),
+    "granitemoeshared": lambda: GraniteMoeSharedConfig(
+        **_GRANITE, intermediate_size=16, num_local_experts=8, shared_intermediate_size=24
+    ),
 }
 
 

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ class Adapter:
     def from_config(cls, spec: FamilySpec, config: PreTrainedConfig) -> Adapter:
         if spec.layout.act == "swiglu" and getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
             raise UnsupportedModelError(f"{spec.model_type} with hidden_act={config.hidden_act!r}: only SwiGLU experts")
+        if spec.shared_size_attr and not getattr(config, spec.shared_size_attr):
+            spec = replace(spec, shared_attr=None, shared_in_layer=False)  # this config builds no shared MLP
         router = spec.router
         grouped = router.group_score is not None
         if router.group_methods is not None:
@@ -47,16 +50,17 @@ class Adapter:
             grouped = method != "greedy"  # under greedy transformers ignores n_group
         n_layers = config.num_hidden_layers
         moe = [i for i in range(n_layers) if spec.is_moe_layer(config, i)]
+        top_k = _one_top_k(spec, config)
         return cls(
             spec=spec,
             num_experts=getattr(config, spec.num_experts_attr),
-            top_k=config.num_experts_per_tok,
+            top_k=top_k,
             num_layers=n_layers,
             intermediate_size=getattr(config, spec.intermediate_attr),
             moe_layers=moe,
             dense_layers=[i for i in range(n_layers) if i not in moe],
             router_params=RouterParams(
-                top_k=config.num_experts_per_tok,
+                top_k=top_k,
                 renorm=spec.renorm if isinstance(spec.renorm, bool) else bool(getattr(config, spec.renorm)),
                 scale=float(getattr(config, spec.scaling_attr)) if spec.scaling_attr else 1.0,
                 n_group=config.n_group if grouped else None,
@@ -89,6 +93,17 @@ class Adapter:
     def _block(self, model: nn.Module, layer: int) -> nn.Module:
         return getattr(model.base_model.layers[layer], self.spec.block_attr)
 
+    def _shared_parent(self, model: nn.Module, layer: int) -> nn.Module:
+        return model.base_model.layers[layer] if self.spec.shared_in_layer else self.mlp(model, layer)
+
+    def mlp_modules(self, model: nn.Module, layer: int) -> list[nn.Module]:
+        """The modules whose outputs sum to what the dense student's MLP replaces in `layer`: the block, plus a
+        shared MLP that sits beside it (granitemoeshared)."""
+        block = self._block(model, layer)
+        if self.spec.shared_in_layer and layer in self.moe_layers:
+            return [block, getattr(self._shared_parent(model, layer), self.spec.shared_attr)]
+        return [block]
+
     def mlp(self, model: nn.Module, layer: int) -> nn.Module:
         if layer not in self.moe_layers:
             raise ValueError(f"layer {layer} of this {self.model_type} model is dense; MoE layers: {self.moe_layers}")
@@ -99,15 +114,18 @@ class Adapter:
         return getattr(self.mlp(model, layer), self.spec.router_attr)
 
     def block_forward(self, model: nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The MoE block's output for x [T, H] (gpt_oss's extra router-scores output dropped)."""
-        out = self.mlp(model, layer)(x[None])
-        return (out[0] if self.spec.block_returns_tuple else out)[0]
+        """The MoE block's output for x [T, H] (gpt_oss's extra router-scores output dropped), plus a shared MLP
+        beside the block."""
+        block, *beside = self.mlp_modules(model, layer)
+        out = block(x[None])
+        out = (out[0] if self.spec.block_returns_tuple else out)[0]
+        return out + sum(m(x) for m in beside) if beside else out
 
     # -- routing ----------------------------------------------------------------------------------------------------
     def router_logits(self, model: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Raw logits [T, E] in fp32, computed in the dtype the model's router uses (so selection matches it)."""
         router = self.router_module(model, layer)
-        weight, bias = router.weight, getattr(router, "bias", None)  # only gpt_oss's router has a bias
+        weight, bias = attrgetter(self.spec.router_weight)(router), getattr(router, "bias", None)  # gpt_oss: bias
         hidden = hidden.reshape(-1, weight.shape[1])
         if self.spec.router.fp32_logits:
             return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
@@ -126,11 +144,12 @@ class Adapter:
 
     def expert_weights_from_tensors(self, tensors: Mapping[str, torch.Tensor], layer: int, e: int) -> ExpertWeights:
         """Expert e from a state dict / safetensors mapping, fused (in-memory) or per-expert (on-disk) keys."""
+        for fused in self.fused_name_sets(layer):
+            if fused[0] in tensors:
+                return X.fused_expert(
+                    {n: tensors[key] for n, key in zip(self._fused, fused)}, e, self.spec.layout, self.act_params
+                )
         fused = self._fused_names(layer)
-        if fused[0] in tensors:
-            return X.fused_expert(
-                {n: tensors[key] for n, key in zip(self._fused, fused)}, e, self.spec.layout, self.act_params
-            )
         names = self.per_expert_names(layer, e)
         if names and names[0] in tensors:
             gate, up, down = (tensors[n] for n in names)
@@ -140,15 +159,15 @@ class Adapter:
     def expert_tensor_names(self, layer: int, available: Collection[str] | None = None) -> list[str]:
         """Key names holding layer `layer`'s routed experts. Without `available`: every candidate of both layouts;
         with it (e.g. a safetensors index's keys): the complete layout found there."""
-        fused = self._fused_names(layer)
+        fused = self.fused_name_sets(layer)
         per = [n for e in range(self.num_experts) for n in self.per_expert_names(layer, e)]
         if available is None:
-            return fused + per
+            return [n for names in fused for n in names] + per
         available = set(available)
-        for names in (fused, per):
+        for names in (*fused, per):
             if names and available.issuperset(names):
                 return names
-        raise KeyError(f"layer {layer}'s experts are in neither layout; expected e.g. {fused[0]!r} or {per[:1]}")
+        raise KeyError(f"layer {layer}'s experts are in neither layout; expected e.g. {fused[0][0]!r} or {per[:1]}")
 
     def all_expert_outputs(
         self, model: nn.Module, layer: int, x: torch.Tensor, experts: Sequence[int] | torch.Tensor | None = None
@@ -164,9 +183,10 @@ class Adapter:
     def shared_experts(self, model: nn.Module, layer: int) -> list[SharedExpert]:
         if self.spec.shared_attr is None:
             return []
-        block = self.mlp(model, layer)
-        gate = getattr(block, self.spec.shared_gate_attr).weight.detach()[0] if self.spec.shared_gate_attr else None
-        return [SharedExpert(X.mlp_weights(getattr(block, self.spec.shared_attr)), gate)]
+        parent = self._shared_parent(model, layer)
+        gate = getattr(parent, self.spec.shared_gate_attr).weight.detach()[0] if self.spec.shared_gate_attr else None
+        shared = getattr(parent, self.spec.shared_attr)
+        return [SharedExpert(X.mlp_weights(shared, self.spec.shared_proj_names), gate)]
 
     @staticmethod
     def shared_gate(shared: SharedExpert, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +211,29 @@ class Adapter:
     def _fused_names(self, layer: int) -> list[str]:
         return [f"model.layers.{layer}.{self.spec.block_attr}.experts.{n}" for n in self._fused]
 
+    def fused_name_sets(self, layer: int) -> list[list[str]]:
+        """The fused experts' key names: in memory, then on disk where save_pretrained renames them."""
+        sets = [self._fused_names(layer)]
+        if self.spec.disk_fused_names:
+            sets.append([f"model.layers.{layer}.{self.spec.block_attr}.{n}" for n in self.spec.disk_fused_names])
+        return sets
+
     def per_expert_names(self, layer: int, e: int) -> list[str]:
         if self.spec.disk_expert_prefix is None:
             return []
         prefix = f"model.layers.{layer}.{self.spec.disk_expert_prefix}.{e}."
         return [f"{prefix}{proj}.weight" for proj in self.spec.disk_proj_names]
+
+
+def _one_top_k(spec: FamilySpec, config: PreTrainedConfig) -> int:
+    """config.num_experts_per_tok, which hunyuan_v1_moe (as moe_topk) may give per layer. Selection and assembly
+    keep K experts and k blocks in every layer, so a per-layer list converts exactly only when it repeats one value
+    (as in every published Hunyuan checkpoint)."""
+    k = config.num_experts_per_tok
+    if isinstance(k, (list, tuple)):
+        name = type(config).attribute_map.get("num_experts_per_tok", "num_experts_per_tok")
+        if len(set(k)) != 1:
+            raise UnsupportedModelError(f"{spec.model_type} with {name}={list(k)!r}: top-k must be the same in "
+                                        "every layer")
+        k = k[0]
+    return k

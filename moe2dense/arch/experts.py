@@ -54,16 +54,23 @@ def expert_forward(w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     return F.linear(h, w.down, w.down_bias)
 
 
-def mlp_weights(mlp: nn.Module) -> ExpertWeights:
-    """A dense SwiGLU MLP (gate_proj / up_proj / down_proj Linears): shared experts and originally dense layers."""
-    return ExpertWeights(
-        gate=mlp.gate_proj.weight.detach(),
-        up=mlp.up_proj.weight.detach(),
-        down=mlp.down_proj.weight.detach(),
-        gate_bias=_detach(mlp.gate_proj.bias),
-        up_bias=_detach(mlp.up_proj.bias),
-        down_bias=_detach(mlp.down_proj.bias),
-    )
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def mlp_weights(mlp: nn.Module, proj_names: Sequence[str] = MLP_PROJ) -> ExpertWeights:
+    """A dense SwiGLU MLP (gate_proj / up_proj / down_proj Linears, or `proj_names`): shared experts and originally
+    dense layers."""
+    projs = [getattr(mlp, n) for n in proj_names]
+    return mlp_from_tensors([p.weight.detach() for p in projs], [_detach(p.bias) for p in projs])
+
+
+def mlp_from_tensors(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> ExpertWeights:
+    """A SwiGLU MLP from its projections, (gate, up, down) or (gate_up, down) with gate rows then up rows."""
+    if len(weights) == 2:
+        gate, up = weights[0].chunk(2, dim=0)
+        gate_b, up_b = (None, None) if biases[0] is None else biases[0].chunk(2)
+        weights, biases = (gate, up, weights[1]), (gate_b, up_b, biases[1])
+    return ExpertWeights(*weights, *biases)
 
 
 def split_gate_up(t: torch.Tensor, layout: ExpertLayout, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +138,7 @@ __all__ = [
     "all_expert_outputs",
     "expert_forward",
     "fused_expert",
+    "mlp_from_tensors",
     "mlp_weights",
     "split_gate_up",
 ]

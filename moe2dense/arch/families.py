@@ -36,6 +36,16 @@ _DEEPSEEK_V3_ROUTER = RouterSpec(
 )
 
 
+# Multimodal wrapper model_type -> the supported text model inside it. Their checkpoints store the language model
+# under "model.language_model." next to the vision tower; moe2dense reads "model.layers." (UNWRAP_RECIPE).
+TEXT_MODEL_OF = {"qwen3_5_moe": "qwen3_5_moe_text"}
+UNWRAP_RECIPE = (
+    "save its text model first: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)"
+    ".save_pretrained(text_dir, save_original_format=False), copy the tokenizer files into text_dir, and use "
+    "text_dir as the teacher"
+)
+
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         model_type="qwen3_moe",
@@ -187,13 +197,44 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_attr="shared_expert",
         shared_gate_attr="shared_expert_gate",
     ),
-)
-
-# Multimodal wrapper model_type -> the supported text model inside it. Their checkpoints store the language model
-# under "model.language_model." next to the vision tower; moe2dense reads "model.layers." (UNWRAP_RECIPE).
-TEXT_MODEL_OF = {"qwen3_5_moe": "qwen3_5_moe_text"}
-UNWRAP_RECIPE = (
-    "save its text model first: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)"
-    ".save_pretrained(text_dir, save_original_format=False), copy the tokenizer files into text_dir, and use "
-    "text_dir as the teacher"
+    FamilySpec(
+        model_type="hunyuan_v1_moe",
+        dense_model_type="hunyuan_v1_dense",
+        num_experts_attr="num_experts",
+        intermediate_attr="intermediate_size",  # experts and shared MLP both use it
+        is_moe_layer=_all_layers,
+        renorm=True,
+        router_weight="wg.weight",  # kept in fp32 by the model; router_logits computes in the weight's dtype
+        shared_attr="shared_mlp",  # ungated
+    ),
+    FamilySpec(
+        model_type="granitemoe",
+        dense_model_type="granite",  # carries embedding / residual / attention multipliers and logits_scaling
+        num_experts_attr="num_local_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm=True,  # softmax over the top-k logits
+        block_attr="block_sparse_moe",
+        router_attr="router",
+        disk_expert_prefix=None,  # saved fused under the original ParallelExperts names
+        disk_fused_names=("input_linear.weight", "output_linear.weight"),
+        disk_router_weight="router.layer.weight",
+    ),
+    FamilySpec(
+        model_type="granitemoeshared",
+        dense_model_type="granite",
+        num_experts_attr="num_local_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_all_layers,
+        renorm=True,
+        block_attr="block_sparse_moe",
+        router_attr="router",
+        disk_expert_prefix=None,
+        disk_fused_names=("input_linear.weight", "output_linear.weight"),
+        disk_router_weight="router.layer.weight",
+        shared_attr="shared_mlp",  # ungated, beside the block in the decoder layer
+        shared_proj_names=("input_linear", "output_linear"),
+        shared_in_layer=True,
+        shared_size_attr="shared_intermediate_size",
+    ),
 )

@@ -79,5 +79,6 @@ def check_config_keys(raw: dict, source: object) -> None:
         if value is None:
             raise ValueError(f"{source}: {model_type} config has no {attr!r}; moe2dense does not guess it "
                              "(transformers would silently use its library default)")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{source}: {attr}={value!r} must be a positive integer")
+        items = value if isinstance(value, list) and value else [value]  # hunyuan's moe_topk may be per layer
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
+            raise ValueError(f"{source}: {attr}={value!r} must be a positive integer (or a per-layer list of them)")

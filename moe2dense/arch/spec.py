@@ -64,6 +64,7 @@ class FamilySpec:
     layout: ExpertLayout = ExpertLayout()
     block_attr: str = "mlp"  # decoder-layer attribute holding the MoE block
     router_attr: str = "gate"  # MoE-block attribute holding the router
+    router_weight: str = "weight"  # the router's (E, H) rows under it (hunyuan_v1_moe: its Linear "wg.weight")
     block_returns_tuple: bool = False  # gpt_oss's block returns (hidden, router_scores)
     # Per-expert layout that save_pretrained writes: "{prefix}.{e}.{proj}.weight" for (gate, up, down) projections;
     # None where the family is stored fused on disk too.
@@ -74,6 +75,19 @@ class FamilySpec:
     shared_gate_attr: str | None = None
     # On-disk name of the MoE block where it differs from `block_attr` (mixtral: "block_sparse_moe").
     disk_block_attr: str | None = None
+    # Fused experts saved under other names (transformers' conversion_mapping renames them back on load), relative
+    # to the block: granitemoe's (gate_up_proj, down_proj) as ("input_linear.weight", "output_linear.weight").
+    disk_fused_names: tuple[str, str] | None = None
+    # The router's rows on disk where the name differs, relative to the block (granitemoe: "router.layer.weight").
+    disk_router_weight: str | None = None
+    # The shared MLP's projections: (gate, up, down) Linears, or (gate_up, down) with gate rows then up rows in one
+    # Linear (granitemoeshared's input_linear / output_linear).
+    shared_proj_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # The shared MLP is a decoder-layer attribute beside the block, added to the block's output by the layer
+    # (granitemoeshared), not inside the block.
+    shared_in_layer: bool = False
+    # Config field of the shared MLP's width where 0 means no shared MLP (granitemoeshared's shared_intermediate_size)
+    shared_size_attr: str | None = None
     # The dense student (docs/architecture.md, "Family spec"): "mlp" = a plain SwiGLU MLP
     # (gate_proj/up_proj/down_proj);
     # "single_expert" = the same family with one always-on expert, for families without a dense twin.
