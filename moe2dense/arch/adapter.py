@@ -132,9 +132,8 @@ class Adapter:
         return F.linear(hidden.to(weight.dtype), weight, bias).float()
 
     def route(self, model: nn.Module, layer: int, logits: torch.Tensor) -> Routing:
-        attr, owner = self.spec.router.bias_attr, None
-        if attr:
-            owner = self.mlp(model, layer) if self.spec.router.bias_on_block else self.router_module(model, layer)
+        attr = self.spec.router.bias_attr
+        owner = self.mlp(model, layer) if self.spec.router.bias_on_block else self.router_module(model, layer)
         bias = getattr(owner, attr) if attr else None
         return route_logits(logits, self.spec.router, self.router_params, bias)
 
