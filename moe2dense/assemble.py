@@ -254,11 +254,11 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
         for layer in range(adapter.num_layers):
             meta = concat_blocks([(_meta_block(widths[layer], H, adapter), 1.0)], width, target)
             meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
-        # Everything else is copied: not the block's tensors (in the in-memory names the layout lists, which may
-        # differ from the writer's on-disk names: olmoe) nor the writer's (which may sit under another name than the
-        # teacher's block: granite).
-        block = tuple(f"model.layers.{i}.{adapter.spec.block_attr}." for i in range(adapter.num_layers))
-        copied = [n for n in layout if n not in meta_mlp and not n.startswith(block)]
+        # Everything outside the student's MLP modules is copied; they are the writer's (granite's student has
+        # `mlp` where the teacher has `block_sparse_moe`) and the teacher's block.
+        mlp_prefixes = tuple({".".join(n.split(".")[:4]) + "." for n in meta_mlp}
+                             | {f"model.layers.{i}.{adapter.spec.block_attr}." for i in range(adapter.num_layers)})
+        copied = [n for n in layout if not n.startswith(mlp_prefixes)]
         if missing := [n for n in copied if n not in reader]:
             raise ValueError(f"the teacher checkpoint lacks tensors the {config.model_type} student needs: "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -347,3 +347,14 @@ def test_granitemoeshared_without_shared_mlp():
     ad = get_adapter(model)
     assert ad.spec.shared_attr is None and ad.shared_experts(model, 0) == []
     assert len(ad.mlp_modules(model, 0)) == 1
+
+
+def test_config_keys_accept_a_per_layer_top_k_list():
+    from moe2dense.arch.registry import check_config_keys
+
+    raw = tiny_config("hunyuan_v1_moe").to_dict()
+    assert raw["moe_topk"] == [2, 2]
+    check_config_keys(raw, "config.json")
+    raw["moe_topk"] = [2, 0]
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=\[2, 0\] must be a positive integer"):
+        check_config_keys(raw, "config.json")
