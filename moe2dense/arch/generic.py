@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from .errors import UnsupportedModelError
+from .experts import FUSED
 from .spec import ExpertLayout, FamilySpec
 
 # Config fields that may hold E and the routed expert's I, tried in order; the tensor shapes decide which one.
@@ -134,7 +135,9 @@ def _discover(config: PreTrainedConfig) -> FamilySpec:
     I2 = gate_up.shape[2] if experts.is_transposed else gate_up.shape[1]
     layout = ExpertLayout(transposed=experts.is_transposed, interleaved=not experts.is_concatenated,
                           has_bias=experts.has_bias)
-    shared_attr = next((n for n in _SHARED_NAMES if _is_swiglu_mlp(getattr(block, n, None))), None)
+    if odd := sorted({n for n, _ in experts.named_parameters()} - set(FUSED if experts.has_bias else FUSED[:2])):
+        raise refuse(mt, f"its experts hold tensors the generic path does not model: {odd}")
+    shared_attr = next((n for n in _SHARED_NAMES if _is_silu_mlp(getattr(block, n, None))), None)
     shared_gate = f"{shared_attr}_gate" if shared_attr else None
     if shared_gate and not _weight_shaped(getattr(block, shared_gate, None), (1, H)):
         shared_gate = None
@@ -290,11 +293,14 @@ def verify_teacher(model: nn.Module, adapter, ids: torch.Tensor) -> None:
     seen: dict[int, torch.Tensor] = {}
 
     def keep(layer):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
+            if len(args) != 1 or kwargs:  # the probes call the block on the hidden states alone
+                raise refuse(adapter.model_type, f"its MoE block takes more than the hidden states ({len(args)} "
+                                                 f"arguments, keywords {sorted(kwargs)})")
             seen[layer] = args[0].detach()
         return hook
 
-    handles = [adapter.mlp(model, i).register_forward_hook(keep(i)) for i in adapter.moe_layers]
+    handles = [adapter.mlp(model, i).register_forward_hook(keep(i), with_kwargs=True) for i in adapter.moe_layers]
     was_training = model.training
     try:
         model.eval()
@@ -336,8 +342,8 @@ def _probe(model: nn.Module, adapter, layer: int, x: torch.Tensor, probe: float 
         top = adapter.route(model, layer, logits).probs.topk(adapter.top_k + 1, dim=-1).values
         keep = (top[:, -2] - top[:, -1]) > 4 * torch.finfo(dtype).eps
     if bad := _differs(y[keep], got[keep], dtype):
-        router_name = {None: "its own router", 0.0: "a uniform router (weights zeroed)"}.get(probe, "a sharpened router")
-        raise refuse(mt, f"with {router_name}, the generic rule (softmax over {adapter.num_experts}, top-"
+        named = {None: "its own router", 0.0: "a uniform router (weights zeroed)"}.get(probe, "a sharpened router")
+        raise refuse(mt, f"with {named}, the generic rule (softmax over {adapter.num_experts}, top-"
                          f"{adapter.top_k}, renormalised={adapter.renormalizes}) does not reproduce layer {layer}'s "
                          f"MoE block: max abs diff {bad[0]:.3g} > {bad[1]:.3g}")
 
@@ -360,14 +366,15 @@ def _verify_disk_experts(model: nn.Module, adapter) -> None:
             raise refuse(adapter.model_type, f"its experts or router are not where the generic path looks on disk: "
                                              f"{err}") from None
     loaded = adapter.router_module(model, layer).weight
-    if router.shape != loaded.shape or not torch.equal(router.to(loaded.dtype), loaded):
+    if router.shape != loaded.shape or not torch.equal(router.to(loaded.device, loaded.dtype), loaded):
         raise refuse(adapter.model_type, f"layer {layer}'s router read from {path} differs from the loaded model's")
     for e in (0, last):
         mem, disk = adapter.expert_weights(model, layer, e), on_disk[e]
         for name in ("gate", "up", "down"):
             a, b = getattr(mem, name), getattr(disk, name)
-            if a.shape != b.shape or not torch.equal(b.to(a.dtype), a):
-                raise refuse(adapter.model_type, f"expert {e}'s {name} read from {path} differs from the loaded model's")
+            if a.shape != b.shape or not torch.equal(b.to(a.device, a.dtype), a):
+                raise refuse(adapter.model_type, f"expert {e}'s {name} read from {path} differs from the loaded "
+                                                 "model's")
 
 
 def with_verified_teacher(model: nn.Module, adapter, batches: Iterable) -> Iterable:
