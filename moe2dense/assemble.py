@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -73,6 +74,13 @@ def concat_blocks(blocks: list[Block], width: int, dtype: torch.dtype = torch.fl
                          act=first.act, swiglu_alpha=first.swiglu_alpha, swiglu_limit=first.swiglu_limit)
 
 
+def scale_input(w: ExpertWeights, c: float) -> ExpertWeights:
+    """f(c x) as an MLP of x: gate and up rows times c (in float32), biases and down unchanged. For a family whose
+    routing weight scales the expert's input (llama4_text), block g's constant c_g goes here, not on down: SwiGLU is
+    not homogeneous, silu(c G x) * (c U x) != c silu(G x) * (U x)."""
+    return replace(w, gate=(w.gate.float() * c).to(w.gate.dtype), up=(w.up.float() * c).to(w.up.dtype))
+
+
 # ----------------------------------------------------------------------------------- the student's MLP, by family
 MlpWriter = Callable[[Adapter, int, ExpertWeights, set[str]], dict[str, torch.Tensor]]
 MLP_WRITERS: dict[str, MlpWriter] = {}
@@ -89,7 +97,7 @@ def register_mlp_writer(kind: str) -> Callable[[MlpWriter], MlpWriter]:
 def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
     if block.down_bias is not None or block.act != "swiglu":
         raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
-    prefix = f"model.layers.{layer}.mlp"
+    prefix = f"model.layers.{layer}.{adapter.spec.block_attr}"
     return {f"{prefix}.gate_proj.weight": block.gate, f"{prefix}.up_proj.weight": block.up,
             f"{prefix}.down_proj.weight": block.down}
 
@@ -137,7 +145,9 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
     known = set(AutoConfig.for_model(spec.dense_model_type).to_dict())
     skip = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"}
     kwargs = {k: v for k, v in teacher.to_dict().items() if k in known and k not in skip}
-    kwargs["intermediate_size"] = width
+    kwargs[spec.dense_width_attr] = width
+    if spec.dense_config:
+        kwargs.update(spec.dense_config(teacher))
     if spec.dense_mlp == "single_expert":
         kwargs[spec.num_experts_attr] = 1
         kwargs["num_experts_per_tok"] = 1
@@ -168,6 +178,8 @@ def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_p
     experts = read_experts(reader, adapter, layer, [e for g in groups for e in g.experts])
     blocks = [(merge_experts([experts[e] for e in g.experts], list(g.weights), align=align), g.scale)
               for g in groups]
+    if adapter.spec.router.scales_input:
+        blocks = [(scale_input(w, c), 1.0) for w, c in blocks]
     shared = read_shared_experts(reader, adapter, layer)
     if len(shared) != len(layer_plan.shared):
         raise ValueError(f"layer {layer}: the plan has {len(layer_plan.shared)} shared experts, the teacher "

@@ -55,7 +55,7 @@ def cap(request, tmp_path_factory) -> Captured:
     def on_router(layer):
         def hook(module, args, out):
             c.router_in[layer] = args[0].reshape(-1, hidden).detach()
-            c.router_out[layer] = tuple(t.detach() for t in out)
+            c.router_out[layer] = tuple(t.detach() for t in adapter.router_output(out))
 
         return hook
 
@@ -67,7 +67,8 @@ def cap(request, tmp_path_factory) -> Captured:
         return hook
 
     handles = [adapter.router_module(model, i).register_forward_hook(on_router(i)) for i in adapter.moe_layers]
-    handles += [layer.mlp.register_forward_hook(on_block(i)) for i, layer in enumerate(model.model.layers)]
+    handles += [getattr(layer, adapter.spec.block_attr).register_forward_hook(on_block(i))
+                for i, layer in enumerate(adapter.decoder(model).layers)]
     torch.manual_seed(1)
     with torch.no_grad():
         out = model(torch.randint(0, model.config.vocab_size, (2, 16)), output_router_logits=True)
@@ -101,7 +102,7 @@ def test_routing_matches_model(cap: Captured):
         torch.testing.assert_close(logits, cap.router_logits[layer].float(), **TOL)
         r = ad.route(model, layer, logits)
         assert r.probs.shape == (logits.shape[0], ad.num_experts) and r.index.shape == r.weights.shape
-        expected = torch.sigmoid(logits) if ad.model_type == "deepseek_v3" else logits.softmax(-1)
+        expected = torch.sigmoid(logits) if ad.spec.router.score == "sigmoid" else logits.softmax(-1)
         torch.testing.assert_close(r.probs, expected, **TOL)
         got_i, got_w = _sorted(r.index, r.weights)
         want_i, want_w = _sorted(cap.router_out[layer][2], cap.router_out[layer][1].float())
@@ -121,7 +122,12 @@ def test_block_output_is_weighted_sum_of_experts(cap: Captured):
         x, y = cap.block_in[layer], cap.block_out[layer]
         r = ad.route(model, layer, ad.router_logits(model, layer, x))
         f = torch.stack([expert_forward(ad.expert_weights(model, layer, e), x) for e in range(ad.num_experts)])
-        recon = (r.weights[..., None] * f[r.index, torch.arange(x.shape[0])[:, None]]).sum(1)
+        recon = sum(ad.routed_output(ad.expert_weights(model, layer, e), x, (r.weights * (r.index == e)).sum(1))
+                    for e in range(ad.num_experts))  # g = 0 off the top-k: adds exactly 0 (no expert biases here)
+        if not ad.spec.layout.has_bias:
+            assert torch.allclose(
+                recon, (r.weights[..., None] * f[r.index, torch.arange(x.shape[0])[:, None]]).sum(1), **TOL
+            ) != ad.spec.router.scales_input  # input scaling really differs from output scaling
         for shared in ad.shared_experts(model, layer):
             recon = recon + ad.shared_gate(shared, x)[:, None] * ad.expert_forward(shared.weights, x)
         torch.testing.assert_close(recon, y, **TOL)
@@ -136,7 +142,8 @@ def test_block_output_is_weighted_sum_of_experts(cap: Captured):
 def test_shared_experts_kind(cap: Captured):
     ad, model = cap.adapter, cap.model
     shared = ad.shared_experts(model, ad.moe_layers[0])
-    kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated"}.get(ad.model_type)
+    kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated", "ernie4_5_moe": "ungated",
+            "llama4_text": "ungated"}.get(ad.model_type)
     assert len(shared) == (kind is not None)
     if kind:
         assert (shared[0].gate_weight is not None) == (kind == "gated")
@@ -174,6 +181,10 @@ def test_layout_matches_transformers_flags(cap: Captured):
     ad = cap.adapter
     experts = ad.mlp(cap.model, ad.moe_layers[0]).experts
     layout = ad.spec.layout
+    E, H, I = ad.num_experts, cap.model.config.hidden_size, ad.intermediate_size
+    assert tuple(experts.gate_up_proj.shape) == ((E, H, 2 * I) if layout.transposed else (E, 2 * I, H))
+    if not hasattr(experts, "is_transposed"):  # not decorated (llama4_text): the shapes above are the check
+        return
     assert (experts.is_transposed, experts.is_concatenated, experts.has_bias) == (
         layout.transposed,
         not layout.interleaved,
@@ -199,6 +210,8 @@ EXPECTED = {  # name: (model_type, dense_model_type, E, k, I, renormalizes, scal
     "deepseek_v2_greedy": ("deepseek_v2", "deepseek_v2", 8, 2, 16, False, 1.0, [1, 2]),
     "deepseek_v3": ("deepseek_v3", "deepseek_v3", 8, 2, 16, True, 1.5, [1, 2]),
     "gpt_oss": ("gpt_oss", "gpt_oss", 8, 2, 16, True, 1.0, [0, 1]),
+    "ernie4_5_moe": ("ernie4_5_moe", "ernie4_5", 8, 2, 16, True, 1.0, [1, 2]),
+    "llama4_text": ("llama4_text", "llama4_text", 8, 2, 16, False, 1.0, [1, 3]),
 }
 
 

@@ -10,7 +10,9 @@ from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
+    Ernie4_5_MoeConfig,
     GptOssConfig,
+    Llama4TextConfig,
     MixtralConfig,
     OlmoeConfig,
     PreTrainedConfig,
@@ -77,6 +79,28 @@ CONFIGS = {
         sliding_window=8,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # ERNIE-4.5-21B-A3B's structure: layer 0 dense, MoE from moe_layer_start_index 1 to the last layer, two ungated
+    # shared experts, tied embeddings, no head_dim in the config (hidden_size // heads).
+    "ernie4_5_moe": lambda: Ernie4_5_MoeConfig(
+        **{**_COMMON, "tie_word_embeddings": True, "num_hidden_layers": 3},
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        moe_num_experts=8,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+    ),
+    # Llama-4-Maverick's structure: dense and MoE layers alternate (interleave_moe_layer_step 2; the dense ones are
+    # intermediate_size_mlp wide), one ungated shared expert, every 4th layer NoPE full attention, the others
+    # chunked (attention_chunk_size below the test sequence length, so chunking is exercised).
+    "llama4_text": lambda: Llama4TextConfig(
+        **{**_COMMON, "num_hidden_layers": 4},
+        head_dim=8,
+        intermediate_size=16,
+        intermediate_size_mlp=48,
+        num_local_experts=8,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=8,
+    ),
 }
 
 
@@ -100,7 +124,7 @@ def tiny_model(name: str, seed: int = 0):
             p.normal_(0.0, 0.1)  # gpt_oss inits expert biases to zero
         if name_.endswith("experts.gate_up_proj") and model.config.model_type == "gpt_oss":
             p.mul_(100.0)  # push pre-activations past swiglu_limit so the clamp is exercised
-    for name_, b in model.named_buffers():
-        if name_.endswith("e_score_correction_bias"):
+    for name_, b in [*model.named_buffers(), *model.named_parameters()]:
+        if name_.endswith("e_score_correction_bias"):  # a parameter in ernie4_5_moe's moe_statics
             b.normal_(0.0, 0.3)  # bias changes selection but not the applied weights
     return model

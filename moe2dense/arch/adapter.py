@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ class Adapter:
     def from_config(cls, spec: FamilySpec, config: PreTrainedConfig) -> Adapter:
         if spec.layout.act == "swiglu" and getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
             raise UnsupportedModelError(f"{spec.model_type} with hidden_act={config.hidden_act!r}: only SwiGLU experts")
+        for attr, allowed in spec.config_allowed:
+            if (value := getattr(config, attr, None)) not in allowed:
+                raise UnsupportedModelError(f"{spec.model_type} with {attr}={value!r}: supported: {allowed}")
         router = spec.router
         grouped = router.group_score is not None
         if router.group_methods is not None:
@@ -61,6 +65,7 @@ class Adapter:
                 scale=float(getattr(config, spec.scaling_attr)) if spec.scaling_attr else 1.0,
                 n_group=config.n_group if grouped else None,
                 topk_group=config.topk_group if grouped else None,
+                renorm_min=float(getattr(config, spec.renorm_min_attr)) if spec.renorm_min_attr else None,
             ),
             act_params=(
                 float(getattr(config, "swiglu_alpha", X.GPT_OSS_ALPHA)),
@@ -79,15 +84,25 @@ class Adapter:
 
     @property
     def renormalizes(self) -> bool:
-        return self.router_params.renorm
+        """The applied top-k weights always sum to routed_scaling_factor. A clamped denominator (ernie4_5_moe) never
+        binds when renorm_min <= k / E: the k largest softmax probabilities sum to at least k / E."""
+        p = self.router_params
+        return p.renorm and (p.renorm_min is None or p.renorm_min <= self.top_k / self.num_experts)
 
     @property
     def routed_scaling_factor(self) -> float:
         return self.router_params.scale
 
     # -- modules ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def decoder(model: nn.Module) -> nn.Module:
+        """The decoder stack (the module holding `.layers`): base_model, or its `.model` where base_model_prefix
+        names no attribute (Llama4ForCausalLM's "language_model")."""
+        base = model.base_model
+        return base if hasattr(base, "layers") else base.model
+
     def _block(self, model: nn.Module, layer: int) -> nn.Module:
-        return getattr(model.base_model.layers[layer], self.spec.block_attr)
+        return getattr(self.decoder(model).layers[layer], self.spec.block_attr)
 
     def mlp(self, model: nn.Module, layer: int) -> nn.Module:
         if layer not in self.moe_layers:
@@ -101,7 +116,7 @@ class Adapter:
     def block_forward(self, model: nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The MoE block's output for x [T, H] (gpt_oss's extra router-scores output dropped)."""
         out = self.mlp(model, layer)(x[None])
-        return (out[0] if self.spec.block_returns_tuple else out)[0]
+        return (out[0] if self.spec.block_returns_tuple else out).reshape(x.shape)  # llama4_text returns [T, H]
 
     # -- routing ----------------------------------------------------------------------------------------------------
     def router_logits(self, model: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -115,8 +130,23 @@ class Adapter:
 
     def route(self, model: nn.Module, layer: int, logits: torch.Tensor) -> Routing:
         attr = self.spec.router.bias_attr
-        bias = getattr(self.router_module(model, layer), attr) if attr else None
+        bias = attrgetter(attr)(self.router_module(model, layer)) if attr else None
         return route_logits(logits, self.spec.router, self.router_params, bias)
+
+    def router_output(self, output: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [T, E], weights [T, k], index [T, k]) from what the router module's forward returned."""
+        if self.spec.router.output == "logits_weights_index":
+            return output[0], output[1], output[2]
+        scores, logits = output[0].reshape(-1, self.num_experts), output[1].reshape(-1, self.num_experts)
+        index = logits.topk(self.top_k, dim=-1).indices  # the router's own top-k call on the same tensor
+        return logits, scores.gather(1, index), index
+
+    def routed_output(self, w: ExpertWeights, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """What one routed expert adds to the block for tokens x [T, H] at applied weights g [T]: g f_e(x), or
+        f_e(g x) where the weight scales the expert's input (llama4_text)."""
+        if self.spec.router.scales_input:
+            return X.expert_forward(w, g[:, None].to(x.dtype) * x)
+        return g[:, None].to(x.dtype) * X.expert_forward(w, x)
 
     # -- routed experts ---------------------------------------------------------------------------------------------
     def expert_weights(self, model: nn.Module, layer: int, e: int) -> ExpertWeights:
