@@ -277,3 +277,68 @@ def test_any_quantization_config_is_rejected():
     config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     with pytest.raises(QuantizedModelError, match=r"FineGrainedFP8Config\(dequantize=True\)"):
         get_adapter(config)
+
+
+def _moe_layers_in_model(model, ad: Adapter) -> list[int]:
+    """The layers whose block transformers built as an MoE block (it has the family's router)."""
+    return [i for i, layer in enumerate(ad.decoder(model).layers)
+            if hasattr(getattr(layer, ad.spec.block_attr), ad.spec.router_attr)]
+
+
+@pytest.mark.parametrize("name, changes, moe", [
+    ("ernie4_5_moe", dict(num_hidden_layers=6, moe_layer_start_index=1, moe_layer_end_index=4, moe_layer_interval=2),
+     [1, 3]),
+    ("ernie4_5_moe", dict(num_hidden_layers=5, moe_layer_start_index=2, moe_layer_end_index=-1), [2, 3, 4]),
+    ("llama4_text", dict(num_hidden_layers=6, interleave_moe_layer_step=3, moe_layers=None), [2, 5]),
+    ("llama4_text", dict(num_hidden_layers=5, moe_layers=[0, 2, 3]), [0, 2, 3]),
+])
+def test_moe_layer_patterns_match_transformers(name, changes, moe):
+    derived = dict(layer_types=None, no_rope_layers=None) if name == "llama4_text" else {}  # re-derived per length
+    config = type(tiny_config(name))(**{**tiny_config(name).to_dict(), **derived, **changes})
+    ad = get_adapter(config)
+    assert ad.moe_layers == moe == _moe_layers_in_model(AutoModelForCausalLM.from_config(config), ad)
+
+
+def test_ernie_renorm_clamp_is_the_models():
+    """moe_norm_min above k / E binds on tokens whose top-k mass is below it: weights then sum to less than 1."""
+    config = tiny_config("ernie4_5_moe")
+    config.moe_norm_min = 0.45  # k / E = 0.25
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ad = get_adapter(model)
+    assert ad.router_params.renorm_min == 0.45 and not ad.renormalizes
+    router = ad.router_module(model, 1)
+    router.weight.data.normal_(0.0, 0.3)
+    x = torch.randn(64, config.hidden_size)
+    with torch.no_grad():
+        logits, weights, index = router(x)
+    r = ad.route(model, 1, ad.router_logits(model, 1, x))
+    assert torch.equal(r.index, index)
+    torch.testing.assert_close(r.weights, weights, atol=0, rtol=0)
+    sums = r.weights.sum(-1)
+    assert (sums < 0.999).any() and torch.allclose(sums[sums < 0.999], r.probs.gather(1, r.index).sum(-1)[sums < 0.999]
+                                                    / 0.45)
+    assert get_adapter(tiny_config("ernie4_5_moe")).renormalizes  # the default 1e-12 never binds
+
+
+def test_llama4_topk_on_logits_where_sigmoid_saturates():
+    """Logits far enough apart to order but whose sigmoids are all 1.0 in fp32: the model ranks the logits."""
+    model = tiny_model("llama4_text")
+    ad = get_adapter(model)
+    router = ad.router_module(model, 1)
+    x = torch.zeros(1, model.config.hidden_size)
+    x[0, 0] = 1.0
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, 0] = torch.tensor([17.0, 0.0, 30.0, 25.0, 18.0, -3.0, 19.0, 1.0])
+        scores, logits = router(x)
+    r = ad.route(model, 1, ad.router_logits(model, 1, x))
+    assert r.probs[0, [0, 2, 3, 4, 6]].eq(1.0).all()  # saturated: ranking by p_t would be arbitrary
+    assert sorted(r.index[0].tolist()) == [2, 3] == sorted(ad.router_output((scores, logits))[2][0].tolist())
+
+
+def test_ernie_use_bias_is_refused():
+    config = tiny_config("ernie4_5_moe")
+    config.use_bias = True
+    with pytest.raises(UnsupportedModelError, match=r"use_bias=True.*supported: \(False, None\)"):
+        get_adapter(config)
