@@ -266,7 +266,10 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
                "num_parameters": params, "dtype": str(target).removeprefix("torch."),
                "bytes": sum(math.prod(s) * d.itemsize for _, s, d in shard_plan)}
     single = adapter.spec.dense_mlp == "single_expert"
-    (out / "README.md").write_text(card or model_card(plan.to_json(), summary, teacher_dir, single))
+    text = card or model_card(plan.to_json(), summary, teacher_dir, single)
+    if not card and adapter.spec.router.scales_input:
+        text += INPUT_SCALED.format(family=adapter.model_type)
+    (out / "README.md").write_text(text)
     return summary
 
 
@@ -307,6 +310,13 @@ WHY_SINGLE_EXPERT = (
     "{family} has no dense counterpart in transformers, so the student is a {family} model with a single expert "
     "that every token uses with weight 1 (a softmax over one logit). It computes exactly a dense SwiGLU MLP of "
     "width {width} and loads with `AutoModelForCausalLM.from_pretrained` like any {family} checkpoint."
+)
+
+
+INPUT_SCALED = (
+    "\n{family} multiplies each expert's input, not its output, by the routing score, so here each block's constant "
+    "c_g is folded into its gate and up rows (the MLP computes sum_g E_g(c_g x)) and the down projection is the "
+    "merged expert's own.\n"
 )
 
 
