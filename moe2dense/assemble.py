@@ -75,10 +75,10 @@ def concat_blocks(blocks: list[Block], width: int, dtype: torch.dtype = torch.fl
 
 
 def scale_input(w: ExpertWeights, c: float) -> ExpertWeights:
-    """f(c x) as an MLP of x: gate and up rows times c (in float32), biases and down unchanged. For a family whose
-    routing weight scales the expert's input (llama4_text), block g's constant c_g goes here, not on down: SwiGLU is
-    not homogeneous, silu(c G x) * (c U x) != c silu(G x) * (U x)."""
-    return replace(w, gate=(w.gate.float() * c).to(w.gate.dtype), up=(w.up.float() * c).to(w.up.dtype))
+    """f(c x) as an MLP of x: gate and up rows times c (float32, cast once by concat_blocks, as c on down is), biases
+    and down unchanged. For a family whose routing weight scales the expert's input (llama4_text), block g's constant
+    c_g goes here, not on down: SwiGLU is not homogeneous, silu(c G x) * (c U x) != c silu(G x) * (U x)."""
+    return replace(w, gate=w.gate.float() * c, up=w.up.float() * c)
 
 
 # ----------------------------------------------------------------------------------- the student's MLP, by family

@@ -12,7 +12,8 @@ from .spec import RouterSpec
 @dataclass(frozen=True)
 class Routing:
     """probs: p_t over all E experts [T, E]; index: S_t [T, k]; weights: g_{t,e} applied to each selected expert's
-    output (input where the RouterSpec says scales_input) [T, k], routed_scaling_factor included. Rows of index/weights are ordered by selection score."""
+    output (input where the RouterSpec says scales_input) [T, k], routed_scaling_factor included. Rows of
+    index/weights are ordered by selection score."""
 
     probs: torch.Tensor
     index: torch.Tensor

@@ -24,7 +24,7 @@ class RouterSpec:
     group_methods: config.topk_method values that turn group limiting on, "greedy" being the only other one
                    allowed (deepseek_v2); None: always on (deepseek_v3's router has no topk_method switch).
     bias_attr:     router buffer added to p_t for *selection only* (deepseek_v3's e_score_correction_bias); a dotted
-                   path below the router module where it lives deeper (ernie4_5_moe's moe_statics.e_score_correction_bias).
+                   path below the router where it lives deeper (ernie4_5_moe: moe_statics.e_score_correction_bias).
     topk_on:       what the top-k ranks: the scores p_t (+ bias), or the raw logits (llama4_text: top-k, then sigmoid;
                    the same order except where sigmoid saturates to equal fp32 values).
     scales_input:  the weight g multiplies the expert's INPUT, f_e(g x) (llama4_text), not its output g f_e(x).
