@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def concat_blocks(blocks: list[Block], width: int, dtype: torch.dtype = torch.fl
                          act=first.act, swiglu_alpha=first.swiglu_alpha, swiglu_limit=first.swiglu_limit)
 
 
+def scale_input(w: ExpertWeights, c: float) -> ExpertWeights:
+    """f(c x) as an MLP of x: gate and up rows times c (float32, cast once by concat_blocks, as c on down is), biases
+    and down unchanged. For a family whose routing weight scales the expert's input (llama4_text), block g's constant
+    c_g goes here, not on down: SwiGLU is not homogeneous, silu(c G x) * (c U x) != c silu(G x) * (U x)."""
+    return replace(w, gate=w.gate.float() * c, up=w.up.float() * c)
+
+
 # ----------------------------------------------------------------------------------- the student's MLP, by family
 MlpWriter = Callable[[Adapter, int, ExpertWeights, set[str]], dict[str, torch.Tensor]]
 MLP_WRITERS: dict[str, MlpWriter] = {}
@@ -91,7 +99,7 @@ def register_mlp_writer(kind: str) -> Callable[[MlpWriter], MlpWriter]:
 def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
     if block.down_bias is not None or block.act != "swiglu":
         raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
-    prefix = f"model.layers.{layer}.mlp"
+    prefix = f"model.layers.{layer}.{adapter.spec.block_attr}"
     return {f"{prefix}.gate_proj.weight": block.gate, f"{prefix}.up_proj.weight": block.up,
             f"{prefix}.down_proj.weight": block.down}
 
@@ -156,7 +164,9 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
     known = set(AutoConfig.for_model(spec.dense_model_type).to_dict())
     skip = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"}
     kwargs = {k: v for k, v in teacher.to_dict().items() if k in known and k not in skip}
-    kwargs["intermediate_size"] = width
+    kwargs[spec.dense_width_attr] = width
+    if spec.dense_config:
+        kwargs.update(spec.dense_config(teacher))
     if spec.dense_mlp in ("single_expert", "in_class"):
         kwargs[spec.num_experts_attr] = 1
         kwargs["num_experts_per_tok"] = 1
@@ -199,6 +209,8 @@ def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_p
     experts = read_experts(reader, adapter, layer, [e for g in groups for e in g.experts])
     blocks = [(merge_experts([experts[e] for e in g.experts], list(g.weights), align=align), g.scale)
               for g in groups]
+    if adapter.spec.router.scales_input:
+        blocks = [(scale_input(w, c), 1.0) for w, c in blocks]
     shared = read_shared_experts(reader, adapter, layer)
     if len(shared) != len(layer_plan.shared):
         raise ValueError(f"layer {layer}: the plan has {len(layer_plan.shared)} shared experts, the teacher "
@@ -292,7 +304,10 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
                "num_parameters": params, "dtype": str(target).removeprefix("torch."),
                "bytes": sum(math.prod(s) * d.itemsize for _, s, d in shard_plan)}
     single = adapter.spec.dense_mlp == "single_expert"
-    (out / "README.md").write_text(card or model_card(plan.to_json(), summary, teacher_dir, single))
+    text = card or model_card(plan.to_json(), summary, teacher_dir, single)
+    if not card and adapter.spec.router.scales_input:
+        text += INPUT_SCALED.format(family=adapter.model_type)
+    (out / "README.md").write_text(text)
     if is_generic(adapter):
         verify_student(out, adapter, references)
     return summary
@@ -335,6 +350,13 @@ WHY_SINGLE_EXPERT = (
     "{family} has no dense counterpart in transformers, so the student is a {family} model with a single expert "
     "that every token uses with weight 1 (a softmax over one logit). It computes exactly a dense SwiGLU MLP of "
     "width {width} and loads with `AutoModelForCausalLM.from_pretrained` like any {family} checkpoint."
+)
+
+
+INPUT_SCALED = (
+    "\n{family} multiplies each expert's input, not its output, by the routing score, so here each block's constant "
+    "c_g is folded into its gate and up rows (the MLP computes sum_g E_g(c_g x)) and the down projection is the "
+    "merged expert's own.\n"
 )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import CONFIGS, FAMILIES, SIGMOID_ROUTERS, tiny_config, tiny_model
+from tiny_models import CONFIGS, FAMILIES, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, Mxfp4Config, Qwen3MoeConfig
 
 from moe2dense.arch import (
@@ -55,7 +55,7 @@ def cap(request, tmp_path_factory) -> Captured:
     def on_router(layer):
         def hook(module, args, out):
             c.router_in[layer] = args[0].reshape(-1, hidden).detach()
-            c.router_out[layer] = tuple(t.detach() for t in out)
+            c.router_out[layer] = tuple(t.detach() for t in adapter.router_output(out))
 
         return hook
 
@@ -103,7 +103,7 @@ def test_routing_matches_model(cap: Captured):
         torch.testing.assert_close(logits, cap.router_logits[layer].float(), **TOL)
         r = ad.route(model, layer, logits)
         assert r.probs.shape == (logits.shape[0], ad.num_experts) and r.index.shape == r.weights.shape
-        expected = torch.sigmoid(logits) if ad.model_type in SIGMOID_ROUTERS else logits.softmax(-1)
+        expected = torch.sigmoid(logits) if ad.spec.router.score == "sigmoid" else logits.softmax(-1)
         torch.testing.assert_close(r.probs, expected, **TOL)
         got_i, got_w = _sorted(r.index, r.weights)
         want_i, want_w = _sorted(cap.router_out[layer][2], cap.router_out[layer][1].float())
@@ -123,7 +123,12 @@ def test_block_output_is_weighted_sum_of_experts(cap: Captured):
         x, y = cap.block_in[layer], cap.block_out[layer]
         r = ad.route(model, layer, ad.router_logits(model, layer, x))
         f = torch.stack([expert_forward(ad.expert_weights(model, layer, e), x) for e in range(ad.num_experts)])
-        recon = (r.weights[..., None] * f[r.index, torch.arange(x.shape[0])[:, None]]).sum(1)
+        recon = sum(ad.routed_output(ad.expert_weights(model, layer, e), x, (r.weights * (r.index == e)).sum(1))
+                    for e in range(ad.num_experts))  # g = 0 off the top-k: adds exactly 0 (no expert biases here)
+        if not ad.spec.layout.has_bias:
+            assert torch.allclose(
+                recon, (r.weights[..., None] * f[r.index, torch.arange(x.shape[0])[:, None]]).sum(1), **TOL
+            ) != ad.spec.router.scales_input  # input scaling really differs from output scaling
         for shared in ad.shared_experts(model, layer):
             recon = recon + ad.shared_gate(shared, x)[:, None] * ad.expert_forward(shared.weights, x)
         torch.testing.assert_close(recon, y, **TOL)
@@ -146,6 +151,8 @@ SHARED_KIND = {  # families with shared experts: gated (a sigmoid gate per token
     "qwen3_5_moe_text": "gated",
     "hunyuan_v1_moe": "ungated",
     "granitemoeshared": "ungated",
+    "ernie4_5_moe": "ungated",
+    "llama4_text": "ungated",
 }
 
 
@@ -190,6 +197,10 @@ def test_layout_matches_transformers_flags(cap: Captured):
     ad = cap.adapter
     experts = ad.mlp(cap.model, ad.moe_layers[0]).experts
     layout = ad.spec.layout
+    E, H, I = ad.num_experts, cap.model.config.hidden_size, ad.intermediate_size
+    assert tuple(experts.gate_up_proj.shape) == ((E, H, 2 * I) if layout.transposed else (E, 2 * I, H))
+    if not hasattr(experts, "is_transposed"):  # not decorated (llama4_text): the shapes above are the check
+        return
     assert (experts.is_transposed, experts.is_concatenated, experts.has_bias) == (
         layout.transposed,
         not layout.interleaved,
@@ -224,6 +235,8 @@ EXPECTED = {  # name: (model_type, dense_model_type, E, k, I, renormalizes, scal
     "hunyuan_v1_moe": ("hunyuan_v1_moe", "hunyuan_v1_dense", 8, 2, 16, True, 1.0, [0, 1]),
     "granitemoe": ("granitemoe", "granite", 8, 2, 16, True, 1.0, [0, 1]),
     "granitemoeshared": ("granitemoeshared", "granite", 8, 2, 16, True, 1.0, [0, 1]),
+    "ernie4_5_moe": ("ernie4_5_moe", "ernie4_5", 8, 2, 16, True, 1.0, [1, 2]),
+    "llama4_text": ("llama4_text", "llama4_text", 8, 2, 16, False, 1.0, [1, 3]),
 }
 # Families whose router runs group-limited top-k (always on in the DeepSeek-V3 router, a single group in the
 # published GLM and dots1 checkpoints).
@@ -358,3 +371,66 @@ def test_config_keys_accept_a_per_layer_top_k_list():
     raw["moe_topk"] = [2, 0]
     with pytest.raises(ValueError, match=r"num_experts_per_tok=\[2, 0\] must be a positive integer"):
         check_config_keys(raw, "config.json")
+def _moe_layers_in_model(model, ad: Adapter) -> list[int]:
+    """The layers whose block transformers built as an MoE block (it has the family's router)."""
+    return [i for i, layer in enumerate(ad.decoder(model).layers)
+            if hasattr(getattr(layer, ad.spec.block_attr), ad.spec.router_attr)]
+
+
+@pytest.mark.parametrize("name, changes, moe", [
+    ("ernie4_5_moe", dict(num_hidden_layers=6, moe_layer_start_index=1, moe_layer_end_index=4, moe_layer_interval=2),
+     [1, 3]),
+    ("ernie4_5_moe", dict(num_hidden_layers=5, moe_layer_start_index=2, moe_layer_end_index=-1), [2, 3, 4]),
+    ("llama4_text", dict(num_hidden_layers=6, interleave_moe_layer_step=3, moe_layers=None), [2, 5]),
+    ("llama4_text", dict(num_hidden_layers=5, moe_layers=[0, 2, 3]), [0, 2, 3]),
+])
+def test_moe_layer_patterns_match_transformers(name, changes, moe):
+    derived = dict(layer_types=None, no_rope_layers=None) if name == "llama4_text" else {}  # re-derived per length
+    config = type(tiny_config(name))(**{**tiny_config(name).to_dict(), **derived, **changes})
+    ad = get_adapter(config)
+    assert ad.moe_layers == moe == _moe_layers_in_model(AutoModelForCausalLM.from_config(config), ad)
+
+
+def test_ernie_renorm_clamp_is_the_models():
+    """moe_norm_min above k / E binds on tokens whose top-k mass is below it: weights then sum to less than 1."""
+    config = tiny_config("ernie4_5_moe")
+    config.moe_norm_min = 0.45  # k / E = 0.25
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ad = get_adapter(model)
+    assert ad.router_params.renorm_min == 0.45 and not ad.renormalizes
+    router = ad.router_module(model, 1)
+    router.weight.data.normal_(0.0, 0.3)
+    x = torch.randn(64, config.hidden_size)
+    with torch.no_grad():
+        logits, weights, index = router(x)
+    r = ad.route(model, 1, ad.router_logits(model, 1, x))
+    assert torch.equal(r.index, index)
+    torch.testing.assert_close(r.weights, weights, atol=0, rtol=0)
+    sums = r.weights.sum(-1)
+    assert (sums < 0.999).any() and torch.allclose(sums[sums < 0.999], r.probs.gather(1, r.index).sum(-1)[sums < 0.999]
+                                                    / 0.45)
+    assert get_adapter(tiny_config("ernie4_5_moe")).renormalizes  # the default 1e-12 never binds
+
+
+def test_llama4_topk_on_logits_where_sigmoid_saturates():
+    """Logits far enough apart to order but whose sigmoids are all 1.0 in fp32: the model ranks the logits."""
+    model = tiny_model("llama4_text")
+    ad = get_adapter(model)
+    router = ad.router_module(model, 1)
+    x = torch.zeros(1, model.config.hidden_size)
+    x[0, 0] = 1.0
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, 0] = torch.tensor([17.0, 0.0, 30.0, 25.0, 18.0, -3.0, 19.0, 1.0])
+        scores, logits = router(x)
+    r = ad.route(model, 1, ad.router_logits(model, 1, x))
+    assert r.probs[0, [0, 2, 3, 4, 6]].eq(1.0).all()  # saturated: ranking by p_t would be arbitrary
+    assert sorted(r.index[0].tolist()) == [2, 3] == sorted(ad.router_output((scores, logits))[2][0].tolist())
+
+
+def test_ernie_use_bias_is_refused():
+    config = tiny_config("ernie4_5_moe")
+    config.use_bias = True
+    with pytest.raises(UnsupportedModelError, match=r"use_bias=True.*supported: \(False, None\)"):
+        get_adapter(config)

@@ -42,6 +42,8 @@ DENSE = {  # teacher model_type -> its dense student's
     "hunyuan_v1_moe": "hunyuan_v1_dense",
     "granitemoe": "granite",
     "granitemoeshared": "granite",
+    "ernie4_5_moe": "ernie4_5",
+    "llama4_text": "llama4_text",
 }
 
 
@@ -138,11 +140,12 @@ def test_dense_mlp_is_the_scaled_sum_of_merged_experts(family, tmp_path):
         for layer in adapter.moe_layers:
             lp = plan.layers[layer]
             experts = read_experts(reader, adapter, layer, [e for g in lp.groups for e in g.experts])
-            want = sum(g.scale * expert_forward(merge_experts([experts[e] for e in g.experts], list(g.weights),
-                                                              align=True), x) for g in lp.groups)
+            merged = [merge_experts([experts[e] for e in g.experts], list(g.weights), align=True) for g in lp.groups]
+            want = sum(adapter.routed_output(w, x, torch.full((x.shape[0],), g.scale))
+                       for w, g in zip(merged, lp.groups))  # g.scale on the input where the family scales it
             for s, shared in zip(lp.shared, adapter.shared_experts(teacher, layer)):
                 want = want + s.scale * expert_forward(shared.weights, x)
-            mlp = student.model.layers[layer].mlp
+            mlp = getattr(student.model.layers[layer], adapter.spec.block_attr)
             with torch.no_grad():
                 got = mlp(x[None])
                 got = (got[0] if isinstance(got, tuple) else got)[0]
@@ -164,14 +167,19 @@ def test_pure_pruning_copies_selected_experts_bit_for_bit(family, tmp_path):
             (e,) = g.experts
             src = adapter.expert_weights(teacher, layer, e)
             rows = slice(b * I, (b + 1) * I)
-            assert torch.equal(w.gate[rows], src.gate) and torch.equal(w.up[rows], src.up)
-            assert torch.equal(w.down[:, rows], (src.down.float() * g.scale).to(src.down.dtype))
+            if adapter.spec.router.scales_input:  # c_g folded into gate and up rows, down copied
+                c = lambda t: (t.float() * g.scale).to(t.dtype)  # noqa: E731
+                assert torch.equal(w.gate[rows], c(src.gate)) and torch.equal(w.up[rows], c(src.up))
+                assert torch.equal(w.down[:, rows], src.down)
+            else:
+                assert torch.equal(w.gate[rows], src.gate) and torch.equal(w.up[rows], src.up)
+                assert torch.equal(w.down[:, rows], (src.down.float() * g.scale).to(src.down.dtype))
             if src.gate_bias is not None:
                 assert torch.equal(w.gate_bias[rows], src.gate_bias) and torch.equal(w.up_bias[rows], src.up_bias)
 
 
 def _student_mlp(student, adapter, layer):
-    mlp = student.model.layers[layer].mlp
+    mlp = getattr(student.model.layers[layer], adapter.spec.block_attr)
     if adapter.spec.dense_mlp == "single_expert":
         return adapter.expert_weights(student, layer, 0)
     from moe2dense.arch.experts import mlp_weights
@@ -185,10 +193,10 @@ def test_student_reloads_and_generates(family, tmp_path):
     student = _load(out)
     assert student.config.model_type == DENSE[family]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["intermediate_size"] == summary["intermediate_size"]
+    assert cfg[get_adapter(teacher).spec.dense_width_attr] == summary["intermediate_size"]
     assert summary["num_parameters"] == sum(p.numel() for p in student.parameters())
     ids = torch.tensor([[1, 5, 9, 3]])
-    gen = student.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    gen = student.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)  # no early EOS
     assert gen.shape == (1, 10) and bool(np.isfinite(student(gen).logits.detach().numpy()).all())
     assert "moe2dense" in (out / "README.md").read_text()
 

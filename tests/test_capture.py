@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tiny_models import CONFIGS, SIGMOID_ROUTERS, tiny_model
+from tiny_models import CONFIGS, tiny_model
 
 from moe2dense.arch import Adapter, get_adapter
 from moe2dense.calibrate.capture import _WriterThreads, calibration_batches, capture
@@ -40,7 +40,7 @@ def record_router(model, adapter: Adapter) -> tuple[dict[int, list], list]:
     def hook(layer):
         def fn(module, args, out):
             x = args[0].reshape(-1, args[0].shape[-1]).detach().clone()
-            seen[layer].append((x, *(t.detach().clone() for t in out)))
+            seen[layer].append((x, *(t.detach().clone() for t in adapter.router_output(out))))
         return fn
 
     handles = [adapter.router_module(model, layer).register_forward_hook(hook(layer)) for layer in adapter.moe_layers]
@@ -48,8 +48,8 @@ def record_router(model, adapter: Adapter) -> tuple[dict[int, list], list]:
 
 
 def scores(adapter: Adapter, logits: torch.Tensor) -> torch.Tensor:
-    """p_t: sigmoid for SIGMOID_ROUTERS, softmax over all experts otherwise (README "Scoring methods" notation)."""
-    return logits.sigmoid() if adapter.model_type in SIGMOID_ROUTERS else logits.softmax(-1)
+    """p_t: sigmoid or softmax over all experts, as the family's RouterSpec says (README "Scoring methods")."""
+    return logits.sigmoid() if adapter.spec.router.score == "sigmoid" else logits.softmax(-1)
 
 
 def by_expert_id(index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

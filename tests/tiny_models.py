@@ -18,6 +18,8 @@ from transformers import (
     GraniteMoeConfig,
     GraniteMoeSharedConfig,
     HunYuanMoEV1Config,
+    Ernie4_5_MoeConfig,
+    Llama4TextConfig,
     MixtralConfig,
     OlmoeConfig,
     PreTrainedConfig,
@@ -176,15 +178,34 @@ CONFIGS = {
     "granitemoeshared": lambda: GraniteMoeSharedConfig(
         **_GRANITE, intermediate_size=16, num_local_experts=8, shared_intermediate_size=24
     ),
+    # ERNIE-4.5-21B-A3B's structure: layer 0 dense, MoE from moe_layer_start_index 1 to the last layer, two ungated
+    # shared experts, tied embeddings, no head_dim in the config (hidden_size // heads).
+    "ernie4_5_moe": lambda: Ernie4_5_MoeConfig(
+        **{**_COMMON, "tie_word_embeddings": True, "num_hidden_layers": 3},
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        moe_num_experts=8,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+    ),
+    # Llama-4-Maverick's structure: dense and MoE layers alternate (interleave_moe_layer_step 2; the dense ones are
+    # intermediate_size_mlp wide), one ungated shared expert, every 4th layer NoPE full attention, the others
+    # chunked (attention_chunk_size below the test sequence length, so chunking is exercised).
+    "llama4_text": lambda: Llama4TextConfig(
+        **{**_COMMON, "num_hidden_layers": 4},
+        head_dim=8,
+        intermediate_size=16,
+        intermediate_size_mlp=48,
+        num_local_experts=8,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=8,
+    ),
 }
 
 
 # Every supported family, in registry order (deepseek_v2_greedy is a variant, not a family): the per-family tests
 # parametrize over this list, and test_arch checks it covers the registry.
 FAMILIES = [name for name in CONFIGS if name != "deepseek_v2_greedy"]
-
-# Families whose router scores experts with a sigmoid (p_t); the others use a softmax over all E experts.
-SIGMOID_ROUTERS = {"deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2", "dots1"}
 
 
 def tiny_config(name: str) -> PreTrainedConfig:
@@ -206,7 +227,7 @@ def tiny_model(name: str, seed: int = 0):
             p.normal_(0.0, 0.1)  # zero-initialised: a student that dropped attention_bias would go unnoticed
         if name_.endswith("norm.weight") and not p.any():
             p.normal_(0.0, 0.1)  # zero-centred RMSNorms (weight 0 means scale 1, qwen3_next / qwen3_5)
-    for name_, b in model.named_buffers():
-        if name_.endswith("e_score_correction_bias"):
+    for name_, b in [*model.named_buffers(), *model.named_parameters()]:
+        if name_.endswith("e_score_correction_bias"):  # a parameter in ernie4_5_moe's moe_statics
             b.normal_(0.0, 0.3)  # bias changes selection but not the applied weights
     return model

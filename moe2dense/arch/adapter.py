@@ -40,6 +40,9 @@ class Adapter:
             raise UnsupportedModelError(f"{spec.model_type} with hidden_act={config.hidden_act!r}: only SwiGLU experts")
         if spec.shared_size_attr and not getattr(config, spec.shared_size_attr):
             spec = replace(spec, shared_attr=None, shared_in_layer=False)  # this config builds no shared MLP
+        for attr, allowed in spec.config_allowed:
+            if (value := getattr(config, attr, None)) not in allowed:
+                raise UnsupportedModelError(f"{spec.model_type} with {attr}={value!r}: supported: {allowed}")
         router = spec.router
         grouped = router.group_score is not None
         if router.group_methods is not None:
@@ -65,6 +68,7 @@ class Adapter:
                 scale=float(getattr(config, spec.scaling_attr)) if spec.scaling_attr else 1.0,
                 n_group=config.n_group if grouped else None,
                 topk_group=config.topk_group if grouped else None,
+                renorm_min=float(getattr(config, spec.renorm_min_attr)) if spec.renorm_min_attr else None,
             ),
             act_params=(
                 float(getattr(config, "swiglu_alpha", X.GPT_OSS_ALPHA)),
@@ -83,18 +87,28 @@ class Adapter:
 
     @property
     def renormalizes(self) -> bool:
-        return self.router_params.renorm
+        """The applied top-k weights always sum to routed_scaling_factor. A clamped denominator (ernie4_5_moe) never
+        binds when renorm_min <= k / E: the k largest softmax probabilities sum to at least k / E."""
+        p = self.router_params
+        return p.renorm and (p.renorm_min is None or p.renorm_min <= self.top_k / self.num_experts)
 
     @property
     def routed_scaling_factor(self) -> float:
         return self.router_params.scale
 
     # -- modules ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def decoder(model: nn.Module) -> nn.Module:
+        """The decoder stack (the module holding `.layers`): base_model, or its `.model` where base_model_prefix
+        names no attribute (Llama4ForCausalLM's "language_model")."""
+        base = model.base_model
+        return base if hasattr(base, "layers") else base.model
+
     def _block(self, model: nn.Module, layer: int) -> nn.Module:
-        return getattr(model.base_model.layers[layer], self.spec.block_attr)
+        return getattr(self.decoder(model).layers[layer], self.spec.block_attr)
 
     def _shared_parent(self, model: nn.Module, layer: int) -> nn.Module:
-        return model.base_model.layers[layer] if self.spec.shared_in_layer else self.mlp(model, layer)
+        return self.decoder(model).layers[layer] if self.spec.shared_in_layer else self.mlp(model, layer)
 
     def mlp_modules(self, model: nn.Module, layer: int) -> list[nn.Module]:
         """The modules whose outputs sum to what the dense student's MLP replaces in `layer`: the block, plus a
@@ -118,7 +132,7 @@ class Adapter:
         beside the block."""
         block, *beside = self.mlp_modules(model, layer)
         out = block(x[None])
-        out = (out[0] if self.spec.block_returns_tuple else out)[0]
+        out = (out[0] if self.spec.block_returns_tuple else out).reshape(x.shape)  # llama4_text returns [T, H]
         return out + sum(m(x) for m in beside) if beside else out
 
     # -- routing ----------------------------------------------------------------------------------------------------
@@ -134,8 +148,23 @@ class Adapter:
     def route(self, model: nn.Module, layer: int, logits: torch.Tensor) -> Routing:
         attr = self.spec.router.bias_attr
         owner = self.mlp(model, layer) if self.spec.router.bias_on_block else self.router_module(model, layer)
-        bias = getattr(owner, attr) if attr else None
+        bias = attrgetter(attr)(owner) if attr else None
         return route_logits(logits, self.spec.router, self.router_params, bias)
+
+    def router_output(self, output: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [T, E], weights [T, k], index [T, k]) from what the router module's forward returned."""
+        if self.spec.router.output == "logits_weights_index":
+            return output[0], output[1], output[2]
+        scores, logits = output[0].reshape(-1, self.num_experts), output[1].reshape(-1, self.num_experts)
+        index = logits.topk(self.top_k, dim=-1).indices  # the router's own top-k call on the same tensor
+        return logits, scores.gather(1, index), index
+
+    def routed_output(self, w: ExpertWeights, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """What one routed expert adds to the block for tokens x [T, H] at applied weights g [T]: g f_e(x), or
+        f_e(g x) where the weight scales the expert's input (llama4_text)."""
+        if self.spec.router.scales_input:
+            return X.expert_forward(w, g[:, None].to(x.dtype) * x)
+        return g[:, None].to(x.dtype) * X.expert_forward(w, x)
 
     # -- routed experts ---------------------------------------------------------------------------------------------
     def expert_weights(self, model: nn.Module, layer: int, e: int) -> ExpertWeights:

@@ -25,6 +25,7 @@ def _all_layers(config: PreTrainedConfig, layer: int) -> bool:
     return True
 
 
+<<<<<<< HEAD
 def _sparse_mlp_type(config: PreTrainedConfig, layer: int) -> bool:
     return config.mlp_layer_types[layer] == "sparse"
 
@@ -44,6 +45,27 @@ UNWRAP_RECIPE = (
     ".save_pretrained(text_dir, save_original_format=False), copy the tokenizer files into text_dir, and use "
     "text_dir as the teacher"
 )
+=======
+def _ernie_moe_layer(config: PreTrainedConfig, layer: int) -> bool:
+    # Ernie4_5_MoeDecoderLayer: every moe_layer_interval-th layer within [moe_layer_start_index, moe_layer_end_index].
+    return (
+        (layer + 1) % config.moe_layer_interval == 0
+        and config.moe_layer_start_index <= layer <= config.moe_layer_end_index
+    )
+
+
+def _ernie_dense_config(config: PreTrainedConfig) -> dict:
+    # Ernie4_5_Moe falls back to hidden_size // num_attention_heads without a head_dim; ernie4_5 defaults it to 128.
+    return {"head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads}
+
+
+def _in_moe_layers(config: PreTrainedConfig, layer: int) -> bool:
+    return layer in config.moe_layers  # llama4_text resolves interleave_moe_layer_step into moe_layers
+
+
+def _no_moe_layers(config: PreTrainedConfig) -> dict:
+    return {"moe_layers": []}  # an explicit empty list: None would be re-derived from interleave_moe_layer_step
+>>>>>>> fam-d
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -124,6 +146,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         dense_mlp="single_expert",
     ),
     FamilySpec(
+<<<<<<< HEAD
         model_type="glm4_moe",
         dense_model_type="glm4_moe",  # every layer below first_k_dense_replace: Glm4MoeMLP
         num_experts_attr="n_routed_experts",
@@ -236,5 +259,40 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_proj_names=("input_linear", "output_linear"),
         shared_in_layer=True,
         shared_size_attr="shared_intermediate_size",
+=======
+        model_type="ernie4_5_moe",
+        dense_model_type="ernie4_5",
+        num_experts_attr="num_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_ernie_moe_layer,
+        renorm=True,
+        renorm_min_attr="moe_norm_min",  # weights / clamp(sum, min=moe_norm_min)
+        # softmax in fp32 (fp32 router weight); moe_statics' bias ranks the experts, the weights come without it
+        router=RouterSpec(bias_attr="moe_statics.e_score_correction_bias", fp32_logits=True),
+        shared_attr="shared_experts",  # ungated, moe_num_shared_experts * moe_intermediate_size wide
+        dense_config=_ernie_dense_config,
+        # use_bias puts biases on attention and on dense / shared MLPs, which the dense writer does not carry;
+        # every published ERNIE-4.5 MoE checkpoint has use_bias false.
+        config_allowed=(("use_bias", (False, None)),),
+    ),
+    FamilySpec(
+        model_type="llama4_text",
+        dense_model_type="llama4_text",  # moe_layers=[]: every layer a Llama4TextMLP of intermediate_size_mlp
+        num_experts_attr="num_local_experts",
+        intermediate_attr="intermediate_size",
+        is_moe_layer=_in_moe_layers,
+        renorm=False,
+        # top-k on the logits, sigmoid of those k; the score multiplies each expert's input (assembly folds c_g
+        # into the block's gate and up rows)
+        router=RouterSpec(score="sigmoid", topk_on="logits", scales_input=True, output="scores_logits"),
+        layout=ExpertLayout(transposed=True),  # gate_up_proj (E, H, 2I), down_proj (E, I, H); saved fused
+        block_attr="feed_forward",
+        router_attr="router",
+        block_returns_tuple=True,  # (hidden, router_logits)
+        disk_expert_prefix=None,
+        shared_attr="shared_expert",  # ungated, intermediate_size wide
+        dense_width_attr="intermediate_size_mlp",
+        dense_config=_no_moe_layers,
+>>>>>>> fam-d
     ),
 )

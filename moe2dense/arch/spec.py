@@ -23,8 +23,14 @@ class RouterSpec:
                    expert ("max", deepseek_v2) or the sum of its two best ("top2_sum", deepseek_v3).
     group_methods: config.topk_method values that turn group limiting on, "greedy" being the only other one
                    allowed (deepseek_v2); None: always on (deepseek_v3's router has no topk_method switch).
-    bias_attr:     router buffer added to p_t for *selection only* (deepseek_v3's e_score_correction_bias).
+    bias_attr:     router buffer added to p_t for *selection only* (deepseek_v3's e_score_correction_bias); a dotted
+                   path below the router where it lives deeper (ernie4_5_moe: moe_statics.e_score_correction_bias).
     bias_on_block: the bias buffer lives on the MoE block, which passes it to the router (minimax_m2).
+    topk_on:       what the top-k ranks: the scores p_t (+ bias), or the raw logits (llama4_text: top-k, then sigmoid;
+                   the same order except where sigmoid saturates to equal fp32 values).
+    scales_input:  the weight g multiplies the expert's INPUT, f_e(g x) (llama4_text), not its output g f_e(x).
+    output:        what the router module's forward returns: (logits, top-k weights, top-k index), or llama4_text's
+                   (scores [T, E], zero off the top-k; logits).
     """
 
     score: Literal["softmax", "sigmoid"] = "softmax"
@@ -34,6 +40,9 @@ class RouterSpec:
     bias_on_block: bool = False
     # deepseek routers cast hidden states and weight to fp32 before the matmul; the others run in the model dtype.
     fp32_logits: bool = False
+    topk_on: Literal["scores", "logits"] = "scores"
+    scales_input: bool = False
+    output: Literal["logits_weights_index", "scores_logits"] = "logits_weights_index"
 
 
 @dataclass(frozen=True)
@@ -100,3 +109,11 @@ class FamilySpec:
     # Config field listing the layers that keep a dense MLP; the student lists every layer (qwen3_next's
     # mlp_only_layers: its dense twin is the same class).
     mlp_only_attr: str | None = None
+    # Config field of a lower bound on the renormalising denominator: weights / clamp(sum, min) (ernie4_5_moe).
+    renorm_min_attr: str | None = None
+    # The student config's field for its MLP width (llama4_text's dense layers use intermediate_size_mlp).
+    dense_width_attr: str = "intermediate_size"
+    # Further student-config fields, from the teacher config (e.g. llama4_text: moe_layers=[] makes every layer dense).
+    dense_config: Callable[[PreTrainedConfig], dict] | None = None
+    # (config field, allowed values): a teacher with any other value is refused (a variant moe2dense does not convert).
+    config_allowed: tuple[tuple[str, tuple], ...] = ()

@@ -121,7 +121,7 @@ class _LayerCapture:
             raise RuntimeError(f"layer {self.layer}: router saw {x.shape[0]} tokens, the batch has {batch.n_tokens}")
         # The router's own (logits, top-k weights, top-k index): the model's choice itself, at no extra cost;
         # p_t is the family's score of the logits (test_capture checks both against the model for every family).
-        logits, weights, index = (t.detach() for t in output[:3])
+        logits, weights, index = (t.detach() for t in self.adapter.router_output(output))
         logits = logits.reshape(-1, E).float()
         probs = logits.softmax(-1) if self._softmax else logits.sigmoid()
         index, weights = index.reshape(-1, k).long(), weights.reshape(-1, k).float()
@@ -258,7 +258,7 @@ def _run_batches(model: nn.Module, layers: dict[int, _LayerCapture], batches: It
             batch = _Batch(seen.n_sequences, B, S, list(domains))
             for cap in layers.values():
                 cap.batch = batch
-            model.base_model(input_ids=ids.to(device), use_cache=False)
+            Adapter.decoder(model)(input_ids=ids.to(device), use_cache=False)
             seen.add(B, S, domains)
             bar.update(B * S)
     if seen.n_tokens == 0:
