@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig
 
+from moe2dense import lm_head
+
 from . import experts as X
 from .errors import UnsupportedModelError
 from .experts import ExpertWeights, SharedExpert
@@ -97,12 +99,7 @@ class Adapter:
         return self.router_params.scale
 
     # -- modules ----------------------------------------------------------------------------------------------------
-    @staticmethod
-    def decoder(model: nn.Module) -> nn.Module:
-        """The decoder stack (the module holding `.layers`): base_model, or its `.model` where base_model_prefix
-        names no attribute (Llama4ForCausalLM's "language_model")."""
-        base = model.base_model
-        return base if hasattr(base, "layers") else base.model
+    decoder = staticmethod(lm_head.decoder)  # the module holding `.layers`
 
     def _block(self, model: nn.Module, layer: int) -> nn.Module:
         return getattr(self.decoder(model).layers[layer], self.spec.block_attr)

@@ -25,7 +25,6 @@ def _all_layers(config: PreTrainedConfig, layer: int) -> bool:
     return True
 
 
-<<<<<<< HEAD
 def _sparse_mlp_type(config: PreTrainedConfig, layer: int) -> bool:
     return config.mlp_layer_types[layer] == "sparse"
 
@@ -45,7 +44,8 @@ UNWRAP_RECIPE = (
     ".save_pretrained(text_dir, save_original_format=False), copy the tokenizer files into text_dir, and use "
     "text_dir as the teacher"
 )
-=======
+
+
 def _ernie_moe_layer(config: PreTrainedConfig, layer: int) -> bool:
     # Ernie4_5_MoeDecoderLayer: every moe_layer_interval-th layer within [moe_layer_start_index, moe_layer_end_index].
     return (
@@ -65,7 +65,6 @@ def _in_moe_layers(config: PreTrainedConfig, layer: int) -> bool:
 
 def _no_moe_layers(config: PreTrainedConfig) -> dict:
     return {"moe_layers": []}  # an explicit empty list: None would be re-derived from interleave_moe_layer_step
->>>>>>> fam-d
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -146,7 +145,6 @@ FAMILIES: tuple[FamilySpec, ...] = (
         dense_mlp="single_expert",
     ),
     FamilySpec(
-<<<<<<< HEAD
         model_type="glm4_moe",
         dense_model_type="glm4_moe",  # every layer below first_k_dense_replace: Glm4MoeMLP
         num_experts_attr="n_routed_experts",
@@ -259,7 +257,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_proj_names=("input_linear", "output_linear"),
         shared_in_layer=True,
         shared_size_attr="shared_intermediate_size",
-=======
+    ),
+    FamilySpec(
         model_type="ernie4_5_moe",
         dense_model_type="ernie4_5",
         num_experts_attr="num_experts",
@@ -293,6 +292,5 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_attr="shared_expert",  # ungated, intermediate_size wide
         dense_width_attr="intermediate_size_mlp",
         dense_config=_no_moe_layers,
->>>>>>> fam-d
     ),
 )
