@@ -99,7 +99,7 @@ def register_mlp_writer(kind: str) -> Callable[[MlpWriter], MlpWriter]:
 def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
     if block.down_bias is not None or block.act != "swiglu":
         raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
-    prefix = f"model.layers.{layer}.{adapter.spec.block_attr}"
+    prefix = f"model.layers.{layer}.{adapter.spec.dense_mlp_attr}"
     return {f"{prefix}.gate_proj.weight": block.gate, f"{prefix}.up_proj.weight": block.up,
             f"{prefix}.down_proj.weight": block.down}
 

@@ -145,7 +145,7 @@ def test_dense_mlp_is_the_scaled_sum_of_merged_experts(family, tmp_path):
                        for w, g in zip(merged, lp.groups))  # g.scale on the input where the family scales it
             for s, shared in zip(lp.shared, adapter.shared_experts(teacher, layer)):
                 want = want + s.scale * expert_forward(shared.weights, x)
-            mlp = getattr(student.model.layers[layer], adapter.spec.block_attr)
+            mlp = getattr(student.model.layers[layer], adapter.spec.dense_mlp_attr)
             with torch.no_grad():
                 got = mlp(x[None])
                 got = (got[0] if isinstance(got, tuple) else got)[0]
@@ -179,7 +179,7 @@ def test_pure_pruning_copies_selected_experts_bit_for_bit(family, tmp_path):
 
 
 def _student_mlp(student, adapter, layer):
-    mlp = getattr(student.model.layers[layer], adapter.spec.block_attr)
+    mlp = getattr(student.model.layers[layer], adapter.spec.dense_mlp_attr)
     if adapter.spec.dense_mlp == "single_expert":
         return adapter.expert_weights(student, layer, 0)
     from moe2dense.arch.experts import mlp_weights

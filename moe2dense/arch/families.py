@@ -291,6 +291,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         disk_expert_prefix=None,
         shared_attr="shared_expert",  # ungated, intermediate_size wide
         dense_width_attr="intermediate_size_mlp",
+        dense_mlp_attr="feed_forward",
         dense_config=_no_moe_layers,
     ),
 )

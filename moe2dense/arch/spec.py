@@ -113,6 +113,9 @@ class FamilySpec:
     renorm_min_attr: str | None = None
     # The student config's field for its MLP width (llama4_text's dense layers use intermediate_size_mlp).
     dense_width_attr: str = "intermediate_size"
+    # The decoder-layer attribute of the student's plain MLP (granite: "mlp" where the teacher has
+    # "block_sparse_moe"; llama4_text: "feed_forward").
+    dense_mlp_attr: str = "mlp"
     # Further student-config fields, from the teacher config (e.g. llama4_text: moe_layers=[] makes every layer dense).
     dense_config: Callable[[PreTrainedConfig], dict] | None = None
     # (config field, allowed values): a teacher with any other value is refused (a variant moe2dense does not convert).
