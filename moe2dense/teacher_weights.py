@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from moe2dense.arch import Adapter, ExpertWeights, QuantizedModelError
-from moe2dense.arch.experts import FUSED
+from moe2dense.arch.experts import UP_ONLY_ACTS
 from moe2dense.checkpoint import CheckpointReader
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -20,7 +20,7 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 def _block_prefixes(adapter: Adapter, layer: int) -> list[str]:
     spec = adapter.spec
     names = [spec.block_attr] + ([spec.disk_block_attr] if spec.disk_block_attr else [])
-    return [f"model.layers.{layer}.{n}" for n in names]
+    return [f"{adapter.disk_layer_prefix(layer)}.{n}" for n in names]
 
 
 def _first_present(reader: CheckpointReader, candidates: Sequence[str], what: str) -> str:
@@ -37,7 +37,7 @@ def read_router_weight(reader: CheckpointReader, adapter: Adapter, layer: int) -
 
 
 def _check_not_quantized(reader: CheckpointReader, adapter: Adapter, layer: int) -> None:
-    prefix = f"model.layers.{layer}.{adapter.spec.block_attr}.experts."
+    prefix = f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}.experts."
     packed = [n for n in reader.keys() if n.startswith(prefix) and n.endswith(("_blocks", "_scales"))]
     if packed:
         raise QuantizedModelError(
@@ -53,7 +53,7 @@ def read_experts(reader: CheckpointReader, adapter: Adapter, layer: int, experts
     _check_not_quantized(reader, adapter, layer)
     ids = sorted(set(int(e) for e in experts))
     names = adapter.expert_tensor_names(layer, reader.keys())
-    if names[0].endswith(FUSED[0]):  # fused: read the selected rows and renumber them 0..len(ids)-1
+    if names[0] == adapter.expert_tensor_names(layer)[0]:  # fused: read the selected rows, renumber 0..len(ids)-1
         subset = {name: reader.read_rows(name, ids) for name in names}
         return {e: adapter.expert_weights_from_tensors(subset, layer, j) for j, e in enumerate(ids)}
     out = {}
@@ -63,35 +63,38 @@ def read_experts(reader: CheckpointReader, adapter: Adapter, layer: int, experts
     return out
 
 
-def read_mlp(reader: CheckpointReader, prefix: str) -> ExpertWeights:
-    """A SwiGLU MLP stored as `{prefix}.gate_proj/up_proj/down_proj.weight` (+ optional biases)."""
-    tensors = {}
-    for proj in _PROJ:
+def read_mlp(reader: CheckpointReader, prefix: str, act: str = "swiglu") -> ExpertWeights:
+    """An MLP stored as `{prefix}.gate_proj/up_proj/down_proj.weight` (+ optional biases); up-only activations
+    (relu2) have no gate_proj."""
+    tensors = {"gate_proj": None, "gate_proj_bias": None}
+    for proj in _PROJ[1:] if act in UP_ONLY_ACTS else _PROJ:
         tensors[proj] = reader.read(_first_present(reader, [f"{prefix}.{proj}.weight"], f"MLP {prefix}"))
         bias = f"{prefix}.{proj}.bias"
         tensors[proj + "_bias"] = reader.read(bias) if bias in reader else None
     return ExpertWeights(gate=tensors["gate_proj"], up=tensors["up_proj"], down=tensors["down_proj"],
                          gate_bias=tensors["gate_proj_bias"], up_bias=tensors["up_proj_bias"],
-                         down_bias=tensors["down_proj_bias"])
+                         down_bias=tensors["down_proj_bias"], act=act)
 
 
 def read_shared_experts(reader: CheckpointReader, adapter: Adapter, layer: int) -> list[ExpertWeights]:
     """The layer's shared expert MLP (one module, however many shared experts it stands for), or []."""
     if adapter.spec.shared_attr is None:
         return []
-    return [read_mlp(reader, f"model.layers.{layer}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}")]
+    prefix = f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}"
+    return [read_mlp(reader, prefix, adapter.spec.layout.act)]
 
 
 def read_dense_mlp(reader: CheckpointReader, adapter: Adapter, layer: int) -> ExpertWeights:
     """The MLP of an originally dense layer (deepseek's first_k_dense_replace, qwen's mlp_only_layers)."""
-    return read_mlp(reader, f"model.layers.{layer}.{adapter.spec.block_attr}")
+    return read_mlp(reader, f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}", adapter.spec.layout.act)
 
 
 def dense_mlp_width(reader: CheckpointReader, adapter: Adapter, layer: int) -> int:
-    return reader.shape(f"model.layers.{layer}.{adapter.spec.block_attr}.up_proj.weight")[0]
+    return reader.shape(f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}.up_proj.weight")[0]
 
 
 def shared_width(reader: CheckpointReader, adapter: Adapter, layer: int) -> int:
     if adapter.spec.shared_attr is None:
         return 0
-    return reader.shape(f"model.layers.{layer}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}.up_proj.weight")[0]
+    prefix = f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}"
+    return reader.shape(f"{prefix}.up_proj.weight")[0]

@@ -67,7 +67,8 @@ def cap(request, tmp_path_factory) -> Captured:
         return hook
 
     handles = [adapter.router_module(model, i).register_forward_hook(on_router(i)) for i in adapter.moe_layers]
-    handles += [layer.mlp.register_forward_hook(on_block(i)) for i, layer in enumerate(model.model.layers)]
+    handles += [getattr(model.model.layers[i], adapter.spec.block_attr).register_forward_hook(on_block(i))
+                for i in adapter.mlp_layers]
     torch.manual_seed(1)
     with torch.no_grad():
         out = model(torch.randint(0, model.config.vocab_size, (2, 16)), output_router_logits=True)
@@ -101,7 +102,7 @@ def test_routing_matches_model(cap: Captured):
         torch.testing.assert_close(logits, cap.router_logits[layer].float(), **TOL)
         r = ad.route(model, layer, logits)
         assert r.probs.shape == (logits.shape[0], ad.num_experts) and r.index.shape == r.weights.shape
-        expected = torch.sigmoid(logits) if ad.model_type == "deepseek_v3" else logits.softmax(-1)
+        expected = torch.sigmoid(logits) if ad.spec.router.score == "sigmoid" else logits.softmax(-1)
         torch.testing.assert_close(r.probs, expected, **TOL)
         got_i, got_w = _sorted(r.index, r.weights)
         want_i, want_w = _sorted(cap.router_out[layer][2], cap.router_out[layer][1].float())
@@ -136,7 +137,8 @@ def test_block_output_is_weighted_sum_of_experts(cap: Captured):
 def test_shared_experts_kind(cap: Captured):
     ad, model = cap.adapter, cap.model
     shared = ad.shared_experts(model, ad.moe_layers[0])
-    kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated"}.get(ad.model_type)
+    kind = {"qwen2_moe": "gated", "deepseek_v2": "ungated", "deepseek_v3": "ungated",
+            "nemotron_h": "ungated"}.get(ad.model_type)
     assert len(shared) == (kind is not None)
     if kind:
         assert (shared[0].gate_weight is not None) == (kind == "gated")
@@ -151,7 +153,9 @@ def test_expert_weights_from_disk_and_state_dict(cap: Captured):
         assert ad.expert_tensor_names(layer, state.keys()) == [n for n in ad.expert_tensor_names(layer) if n in state]
         for e in range(ad.num_experts):
             mem = ad.expert_weights(model, layer, e)
-            assert mem.gate.shape == mem.up.shape == (ad.intermediate_size, model.config.hidden_size)
+            assert mem.up.shape == (ad.intermediate_size, model.config.hidden_size)
+            assert (mem.gate is not None) == ad.spec.layout.has_gate
+            assert mem.gate is None or mem.gate.shape == mem.up.shape
             assert mem.down.shape == (model.config.hidden_size, ad.intermediate_size)
             _same_weights(ad.expert_weights_from_tensors(cap.disk, layer, e), mem)
             _same_weights(ad.expert_weights_from_tensors(state, layer, e), mem)
@@ -174,10 +178,11 @@ def test_layout_matches_transformers_flags(cap: Captured):
     ad = cap.adapter
     experts = ad.mlp(cap.model, ad.moe_layers[0]).experts
     layout = ad.spec.layout
-    assert (experts.is_transposed, experts.is_concatenated, experts.has_bias) == (
+    assert (experts.is_transposed, experts.is_concatenated, experts.has_bias, experts.has_gate) == (
         layout.transposed,
         not layout.interleaved,
         layout.has_bias,
+        layout.has_gate,
     )
 
 
@@ -199,7 +204,11 @@ EXPECTED = {  # name: (model_type, dense_model_type, E, k, I, renormalizes, scal
     "deepseek_v2_greedy": ("deepseek_v2", "deepseek_v2", 8, 2, 16, False, 1.0, [1, 2]),
     "deepseek_v3": ("deepseek_v3", "deepseek_v3", 8, 2, 16, True, 1.5, [1, 2]),
     "gpt_oss": ("gpt_oss", "gpt_oss", 8, 2, 16, True, 1.0, [0, 1]),
+    "nemotron_h": ("nemotron_h", "nemotron_h", 8, 2, 16, True, 2.5, [1, 3]),
 }
+
+
+NO_MLP_LAYERS = {"nemotron_h": [0, 2]}  # hybrid layers that are neither MoE nor dense MLP (Mamba, attention)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -216,8 +225,9 @@ def test_adapter_facts(name):
         ad.moe_layers,
     )
     assert got == EXPECTED[name]
-    assert ad.dense_layers == [i for i in range(ad.num_layers) if i not in ad.moe_layers]
-    assert (ad.router_params.n_group is not None) == (name in ("deepseek_v2", "deepseek_v3"))
+    no_mlp = NO_MLP_LAYERS.get(name, [])
+    assert ad.dense_layers == [i for i in range(ad.num_layers) if i not in ad.moe_layers + no_mlp]
+    assert (ad.router_params.n_group is not None) == (name in ("deepseek_v2", "deepseek_v3", "nemotron_h"))
 
 
 def test_every_family_has_a_tiny_model():
@@ -264,3 +274,16 @@ def test_any_quantization_config_is_rejected():
     config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     with pytest.raises(QuantizedModelError, match=r"FineGrainedFP8Config\(dequantize=True\)"):
         get_adapter(config)
+
+
+def test_nemotron_h_hybrid_layers_and_refusals():
+    """Mamba and attention layers have no MLP; a latent MoE or a non-relu^2 MLP is refused before any load."""
+    config = tiny_config("nemotron_h")
+    config.layers_block_type = ["linear_attention", "moe", "mlp", "full_attention", "moe"]
+    ad = get_adapter(config)
+    assert (ad.moe_layers, ad.dense_layers, ad.mlp_layers) == ([1, 4], [2], [1, 2, 4])
+    for field, value in (("moe_latent_size", 16), ("mlp_hidden_act", "silu")):
+        config = tiny_config("nemotron_h")
+        setattr(config, field, value)
+        with pytest.raises(UnsupportedModelError, match=field):
+            get_adapter(config)

@@ -12,6 +12,7 @@ from transformers import (
     DeepseekV3Config,
     GptOssConfig,
     MixtralConfig,
+    NemotronHConfig,
     OlmoeConfig,
     PreTrainedConfig,
     Qwen2MoeConfig,
@@ -78,6 +79,30 @@ CONFIGS = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
 }
+
+# Nemotron-3-Nano-30B-A3B's structure (hybrid_override_pattern "MEMEM*EMEMEM*E..."): Mamba-2 layers ("M") alternate with
+# MoE layers ("E"), full attention ("*") now and then, no dense MLP layers; one ungated relu^2 shared expert,
+# routed_scaling_factor 2.5. n_group=2/topk_group=1 (the checkpoint has 1/1) so the group path is exercised.
+# Mamba runs its slow torch path on CPU: keep its heads, state and chunks tiny.
+CONFIGS["nemotron_h"] = lambda: NemotronHConfig(
+    **{k: v for k, v in _COMMON.items() if k != "num_hidden_layers"},
+    hybrid_override_pattern="ME*E",
+    head_dim=8,
+    intermediate_size=48,
+    mamba_num_heads=4,
+    mamba_head_dim=8,
+    ssm_state_size=8,
+    n_groups=2,
+    chunk_size=8,
+    expand=1,
+    n_routed_experts=8,
+    moe_intermediate_size=16,
+    moe_shared_expert_intermediate_size=24,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+)
 
 
 # Every supported family, in registry order (deepseek_v2_greedy is a variant, not a family): the per-family tests

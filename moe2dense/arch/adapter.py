@@ -37,6 +37,10 @@ class Adapter:
     def from_config(cls, spec: FamilySpec, config: PreTrainedConfig) -> Adapter:
         if spec.layout.act == "swiglu" and getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
             raise UnsupportedModelError(f"{spec.model_type} with hidden_act={config.hidden_act!r}: only SwiGLU experts")
+        for field, allowed in spec.config_allowed:
+            if getattr(config, field, None) not in allowed:
+                raise UnsupportedModelError(f"{spec.model_type} with {field}={getattr(config, field, None)!r}; "
+                                            f"supported: {allowed}")
         router = spec.router
         grouped = router.group_score is not None
         if router.group_methods is not None:
@@ -54,7 +58,8 @@ class Adapter:
             num_layers=n_layers,
             intermediate_size=getattr(config, spec.intermediate_attr),
             moe_layers=moe,
-            dense_layers=[i for i in range(n_layers) if i not in moe],
+            dense_layers=[i for i in range(n_layers) if i not in moe
+                          and (spec.is_dense_layer is None or spec.is_dense_layer(config, i))],
             router_params=RouterParams(
                 top_k=config.num_experts_per_tok,
                 renorm=spec.renorm if isinstance(spec.renorm, bool) else bool(getattr(config, spec.renorm)),
@@ -84,6 +89,11 @@ class Adapter:
     @property
     def routed_scaling_factor(self) -> float:
         return self.router_params.scale
+
+    @property
+    def mlp_layers(self) -> list[int]:
+        """Layers with an MLP, MoE or dense (the others, e.g. a hybrid's Mamba layers, have none)."""
+        return sorted(self.moe_layers + self.dense_layers)
 
     # -- modules ----------------------------------------------------------------------------------------------------
     def _block(self, model: nn.Module, layer: int) -> nn.Module:
@@ -131,8 +141,8 @@ class Adapter:
             )
         names = self.per_expert_names(layer, e)
         if names and names[0] in tensors:
-            gate, up, down = (tensors[n] for n in names)
-            return ExpertWeights(gate=gate, up=up, down=down, act=self.spec.layout.act)
+            *gate, up, down = (tensors[n] for n in names)  # no gate in up-only layouts
+            return ExpertWeights(gate=gate[0] if gate else None, up=up, down=down, act=self.spec.layout.act)
         raise KeyError(f"no experts of layer {layer} in the mapping: looked for {fused[0]!r} and {names[:1]}")
 
     def expert_tensor_names(self, layer: int, available: Collection[str] | None = None) -> list[str]:
@@ -164,7 +174,7 @@ class Adapter:
             return []
         block = self.mlp(model, layer)
         gate = getattr(block, self.spec.shared_gate_attr).weight.detach()[0] if self.spec.shared_gate_attr else None
-        return [SharedExpert(X.mlp_weights(getattr(block, self.spec.shared_attr)), gate)]
+        return [SharedExpert(X.mlp_weights(getattr(block, self.spec.shared_attr), self.spec.layout.act), gate)]
 
     @staticmethod
     def shared_gate(shared: SharedExpert, x: torch.Tensor) -> torch.Tensor:
@@ -174,13 +184,24 @@ class Adapter:
         return torch.sigmoid(x @ shared.gate_weight.to(x.dtype))
 
     def dense_mlp_weights(self, model: nn.Module, layer: int) -> ExpertWeights | None:
-        """The SwiGLU MLP of an originally dense layer (deepseek's first_k_dense_replace); None for MoE layers."""
-        return None if layer in self.moe_layers else X.mlp_weights(self._block(model, layer))
+        """The MLP of an originally dense layer (deepseek's first_k_dense_replace); None for MoE layers and for
+        layers without an MLP (hybrids' Mamba/attention layers)."""
+        if layer not in self.dense_layers:
+            return None
+        return X.mlp_weights(self._block(model, layer), self.spec.layout.act)
 
     # -- helpers ----------------------------------------------------------------------------------------------------
     @property
     def _fused(self) -> tuple[str, ...]:
-        return X.FUSED if self.spec.layout.has_bias else X.FUSED[:2]
+        return X.fused_names(self.spec.layout)
+
+    def disk_name(self, name: str) -> str:
+        """The safetensors key of in-memory tensor `name` ("model.x" -> "backbone.x" for nemotron_h)."""
+        head, sep, rest = name.partition(".")
+        return f"{self.spec.disk_prefix}.{rest}" if head == "model" and sep else name
+
+    def disk_layer_prefix(self, layer: int) -> str:
+        return f"{self.spec.disk_prefix}.layers.{layer}"
 
     def _fused_params(self, model: nn.Module, layer: int) -> dict[str, torch.Tensor]:
         experts = self.mlp(model, layer).experts
@@ -192,5 +213,5 @@ class Adapter:
     def per_expert_names(self, layer: int, e: int) -> list[str]:
         if self.spec.disk_expert_prefix is None:
             return []
-        prefix = f"model.layers.{layer}.{self.spec.disk_expert_prefix}.{e}."
+        prefix = f"{self.disk_layer_prefix(layer)}.{self.spec.disk_expert_prefix}.{e}."
         return [f"{prefix}{proj}.weight" for proj in self.spec.disk_proj_names]

@@ -25,6 +25,15 @@ def _all_layers(config: PreTrainedConfig, layer: int) -> bool:
     return True
 
 
+def _block_type_is(kind: str):
+    # Hybrids that list a block type per layer (nemotron_h's layers_block_type; its hybrid_override_pattern is
+    # converted to that list by the config).
+    def check(config: PreTrainedConfig, layer: int) -> bool:
+        return config.layers_block_type[layer] == kind
+
+    return check
+
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         model_type="qwen3_moe",
@@ -103,5 +112,31 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block_returns_tuple=True,
         disk_expert_prefix=None,  # saved fused, exactly as in memory
         dense_mlp="single_expert",
+    ),
+    FamilySpec(
+        model_type="nemotron_h",
+        dense_model_type="nemotron_h",
+        num_experts_attr="n_routed_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_block_type_is("moe"),
+        is_dense_layer=_block_type_is("mlp"),  # Mamba ("linear_attention") and attention layers have no MLP
+        renorm="norm_topk_prob",
+        scaling_attr="routed_scaling_factor",
+        # deepseek_v3's router: fp32 sigmoid, correction bias for selection only, top-2-sum groups (always on)
+        router=RouterSpec(
+            score="sigmoid", group_score="top2_sum", bias_attr="e_score_correction_bias", fp32_logits=True
+        ),
+        layout=ExpertLayout(has_gate=False, act="relu2"),
+        block_attr="mixer",
+        disk_expert_prefix="mixer.experts",
+        disk_proj_names=("up_proj", "down_proj"),
+        shared_attr="shared_experts",  # ungated, relu^2 like the experts
+        dense_mlp="up_mlp",
+        layer_types_attr="layers_block_type",
+        layer_type_swap=("moe", "mlp"),
+        disk_prefix="backbone",
+        num_layers_keys=("layers_block_type", "hybrid_override_pattern"),
+        # moe_latent_size: experts run in a projected latent space (fc1/fc2_latent_proj), not supported yet.
+        config_allowed=(("mlp_hidden_act", ("relu2",)), ("moe_latent_size", (None,))),
     ),
 )

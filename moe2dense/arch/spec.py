@@ -40,12 +40,14 @@ class ExpertLayout:
 
     Default: gate_up_proj (E, 2I, H) with gate rows then up rows, down_proj (E, H, I), no biases.
     gpt_oss: gate_up_proj (E, H, 2I) with gate/up interleaved along 2I, down_proj (E, I, H), plus biases.
+    has_gate=False (nemotron_h): up_proj (E, I, H) and down_proj (E, H, I), f(x) = down(act(up(x))).
     """
 
     transposed: bool = False
     interleaved: bool = False
     has_bias: bool = False
-    act: Literal["swiglu", "gpt_oss_clamped"] = "swiglu"
+    has_gate: bool = True
+    act: Literal["swiglu", "gpt_oss_clamped", "relu2"] = "swiglu"
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class FamilySpec:
     # Per-expert layout that save_pretrained writes: "{prefix}.{e}.{proj}.weight" for (gate, up, down) projections;
     # None where the family is stored fused on disk too.
     disk_expert_prefix: str | None = "mlp.experts"
-    disk_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # (gate, up, down), or (up, down) for a layout without gate.
+    disk_proj_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     # Shared experts: the block attribute holding a SwiGLU MLP, and its sigmoid gate (None: ungated).
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
@@ -74,7 +77,21 @@ class FamilySpec:
     disk_block_attr: str | None = None
     # The dense student (docs/architecture.md, "Family spec"): "mlp" = a plain SwiGLU MLP
     # (gate_proj/up_proj/down_proj);
-    # "single_expert" = the same family with one always-on expert, for families without a dense twin.
-    dense_mlp: Literal["mlp", "single_expert"] = "mlp"
+    # "single_expert" = the same family with one always-on expert, for families without a dense twin;
+    # "up_mlp" = an ungated MLP (up_proj/down_proj) in the block's place (nemotron_h's "mlp" layers).
+    dense_mlp: Literal["mlp", "single_expert", "up_mlp"] = "mlp"
     # Config field giving the number of leading dense layers; the student sets it to num_hidden_layers (deepseek).
     first_dense_attr: str | None = None
+    # Layers with a dense MLP; None: every layer that is not MoE (hybrids also have layers with no MLP at all).
+    is_dense_layer: Callable[[PreTrainedConfig, int], bool] | None = None
+    # Per-layer block-type list in the config and the (MoE, dense MLP) values the student swaps (nemotron_h:
+    # layers_block_type, "moe" -> "mlp").
+    layer_types_attr: str | None = None
+    layer_type_swap: tuple[str, str] | None = None
+    # Name of the base model in the safetensors files where it differs from the in-memory "model" (nemotron_h
+    # checkpoints say "backbone."; transformers' conversion_mapping renames on load and back on save).
+    disk_prefix: str = "model"
+    # Config keys that fix the layer count, the first present one checked (registry.check_config_keys).
+    num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
+    # Config fields whose other values change the algebra: (field, allowed values); others are refused.
+    config_allowed: tuple[tuple[str, tuple[object, ...]], ...] = ()
