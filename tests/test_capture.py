@@ -48,8 +48,9 @@ def record_router(model, adapter: Adapter) -> tuple[dict[int, list], list]:
 
 
 def scores(adapter: Adapter, logits: torch.Tensor) -> torch.Tensor:
-    """p_t: sigmoid for deepseek_v3, softmax over all experts otherwise (README "Scoring methods" notation)."""
-    return logits.sigmoid() if adapter.model_type == "deepseek_v3" else logits.softmax(-1)
+    """p_t: sigmoid for sigmoid routers (deepseek_v3, nemotron_h), softmax over all experts otherwise (README
+    "Scoring methods" notation)."""
+    return logits.sigmoid() if adapter.spec.router.score == "sigmoid" else logits.softmax(-1)
 
 
 def by_expert_id(index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
