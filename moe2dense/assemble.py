@@ -77,7 +77,8 @@ def concat_blocks(blocks: list[Block], width: int, dtype: torch.dtype = torch.fl
 
 
 # ----------------------------------------------------------------------------------- the student's MLP, by family
-MlpWriter = Callable[[Adapter, int, ExpertWeights, set[str]], dict[str, torch.Tensor]]
+# (adapter, layer, block, the student's layout: name -> (shape, dtype)) -> the layer's MLP tensors by name
+MlpWriter = Callable[[Adapter, int, ExpertWeights, dict], dict[str, torch.Tensor]]
 MLP_WRITERS: dict[str, MlpWriter] = {}
 
 
@@ -89,7 +90,7 @@ def register_mlp_writer(kind: str) -> Callable[[MlpWriter], MlpWriter]:
 
 
 @register_mlp_writer("mlp")
-def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
+def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict) -> dict[str, torch.Tensor]:
     if block.down_bias is not None or block.act != "swiglu":
         raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
     prefix = f"model.layers.{layer}.mlp"
@@ -98,7 +99,7 @@ def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys:
 
 
 @register_mlp_writer("up_mlp")
-def _up_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
+def _up_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict) -> dict[str, torch.Tensor]:
     """An ungated MLP (up_proj, down_proj; biases where the student has them) in the MoE block's place."""
     if block.gate is not None or block.act != adapter.spec.layout.act:
         raise ValueError(f"a {adapter.dense_model_type} MLP is {adapter.spec.layout.act} without gate")
@@ -114,17 +115,23 @@ def _up_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: se
 
 
 @register_mlp_writer("single_expert")
-def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]
+def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict
                    ) -> dict[str, torch.Tensor]:
     """The same MoE family with one expert that every token uses with weight 1 (softmax over one logit), in the
     names `save_pretrained` writes: per-expert keys where the family stores them so, else fused."""
     spec, layout = adapter.spec, adapter.spec.layout
-    prefix = f"model.layers.{layer}.{spec.block_attr}"
+    prefix = adapter.block_path(layer)
     H = block.down.shape[0]
     router = f"{prefix}.{spec.router_attr}"
-    out = {f"{router}.weight": block.gate.new_zeros(1, H)}
-    if f"{router}.bias" in student_keys:
-        out[f"{router}.bias"] = block.gate.new_zeros(1)
+    linear = router + (f".{spec.router.proj_attr}" if spec.router.proj_attr else "")
+    out = {f"{linear}.weight": block.gate.new_zeros(1, H)}
+    if f"{linear}.bias" in student_keys:
+        out[f"{linear}.bias"] = block.gate.new_zeros(1)
+    # Any other router tensor is a multiplicative scale (gemma4_text's router.scale on the input, per_expert_scale
+    # on the weight): ones keep the one expert's weight at exactly 1.
+    for name in student_keys:
+        if name.startswith(f"{router}.") and name not in out:
+            out[name] = torch.ones(student_keys[name][0], dtype=block.gate.dtype, device=block.gate.device)
     if spec.disk_expert_prefix is not None:
         if block.down_bias is not None:
             raise ValueError(f"{adapter.model_type} experts have no biases")
@@ -156,10 +163,10 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
     known = set(AutoConfig.for_model(spec.dense_model_type).to_dict())
     skip = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"}
     kwargs = {k: v for k, v in teacher.to_dict().items() if k in known and k not in skip}
-    kwargs["intermediate_size"] = width
+    kwargs[spec.student_width_attr] = width
     if spec.dense_mlp == "single_expert":
         kwargs[spec.num_experts_attr] = 1
-        kwargs["num_experts_per_tok"] = 1
+        kwargs[spec.top_k_attr] = 1
     if spec.first_dense_attr:
         kwargs[spec.first_dense_attr] = teacher.num_hidden_layers
     if spec.layer_types_attr:  # hybrids: the MoE layers become the family's dense MLP layers, the rest stay
@@ -178,6 +185,13 @@ def student_layout(config: PreTrainedConfig) -> dict[str, tuple[tuple[int, ...],
     tied = getattr(config, "tie_word_embeddings", False)
     return {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()
             if not (tied and n == "lm_head.weight")}
+
+
+def student_buffers(config: PreTrainedConfig) -> set[str]:
+    """Names of the buffers in the student's state dict."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    return {n for n, _ in model.named_buffers()}
 
 
 # -------------------------------------------------------------------------------------------------------- assembly
@@ -239,13 +253,13 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
         config = student_config(tconfig, adapter, width, target)
         layout = student_layout(config)
         writer_fn = MLP_WRITERS[adapter.spec.dense_mlp]
-        mlp_prefix = lambda layer: f"model.layers.{layer}.{adapter.spec.block_attr}."  # noqa: E731
-        copied = [n for n in layout if not any(n.startswith(mlp_prefix(i)) for i in adapter.mlp_layers)]
+        replaced = tuple(p for i in adapter.mlp_layers for p in adapter.replaced_prefixes(i))
+        copied = [n for n in layout if not n.startswith(replaced)]
         if missing := [n for n in copied if adapter.disk_name(n) not in reader]:
             raise ValueError(f"the teacher checkpoint lacks tensors the {config.model_type} student needs: "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         # The MLP tensors' names and shapes come from running the writer on meta tensors of the final shape.
-        keys = set(layout)
+        keys = layout  # the writers look names (and the single expert's router scales, shapes) up here
         H = tconfig.hidden_size
         meta_mlp = {}
         for layer in adapter.mlp_layers:
@@ -254,7 +268,8 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
         shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
         read = lambda n: reader.read(adapter.disk_name(n)).to(_cast(reader.dtype(adapter.disk_name(n)), target))  # noqa: E731
         shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
-        params = sum(math.prod(shape) for _, shape, _ in shard_plan)
+        buffers = student_buffers(config)  # saved, but not parameters (gemma4_text's layer_scalar)
+        params = sum(math.prod(shape) for n, shape, _ in shard_plan if n not in buffers)
         with ShardedWriter(out, shard_plan, max_shard_bytes=max_shard_bytes) as writer:
             by_layer: dict[int | None, list[str]] = {}
             for n in copied:

@@ -19,8 +19,8 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 def _block_prefixes(adapter: Adapter, layer: int) -> list[str]:
     spec = adapter.spec
-    names = [spec.block_attr] + ([spec.disk_block_attr] if spec.disk_block_attr else [])
-    return [f"{adapter.disk_layer_prefix(layer)}.{n}" for n in names]
+    alias = [f"{adapter.disk_layer_prefix(layer)}.{spec.disk_block_attr}"] if spec.disk_block_attr else []
+    return [adapter.block_path(layer, disk=True), *alias]
 
 
 def _first_present(reader: CheckpointReader, candidates: Sequence[str], what: str) -> str:
@@ -32,12 +32,14 @@ def _first_present(reader: CheckpointReader, candidates: Sequence[str], what: st
 
 def read_router_weight(reader: CheckpointReader, adapter: Adapter, layer: int) -> torch.Tensor:
     """The router's rows (E, H)."""
-    candidates = [f"{p}.{adapter.spec.router_attr}.weight" for p in _block_prefixes(adapter, layer)]
+    proj = adapter.spec.router.proj_attr
+    router = adapter.spec.router_attr + (f".{proj}" if proj else "")
+    candidates = [f"{p}.{router}.weight" for p in _block_prefixes(adapter, layer)]
     return reader.read(_first_present(reader, candidates, f"router of layer {layer}"))
 
 
 def _check_not_quantized(reader: CheckpointReader, adapter: Adapter, layer: int) -> None:
-    prefix = f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}.experts."
+    prefix = f"{adapter.block_path(layer, disk=True)}.experts."
     packed = [n for n in reader.keys() if n.startswith(prefix) and n.endswith(("_blocks", "_scales"))]
     if packed:
         raise QuantizedModelError(
@@ -80,21 +82,21 @@ def read_shared_experts(reader: CheckpointReader, adapter: Adapter, layer: int) 
     """The layer's shared expert MLP (one module, however many shared experts it stands for), or []."""
     if adapter.spec.shared_attr is None:
         return []
-    prefix = f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}"
+    prefix = f"{adapter.block_path(layer, disk=True)}.{adapter.spec.shared_attr}"
     return [read_mlp(reader, prefix, adapter.spec.layout.act)]
 
 
 def read_dense_mlp(reader: CheckpointReader, adapter: Adapter, layer: int) -> ExpertWeights:
     """The MLP of an originally dense layer (deepseek's first_k_dense_replace, qwen's mlp_only_layers)."""
-    return read_mlp(reader, f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}", adapter.spec.layout.act)
+    return read_mlp(reader, adapter.block_path(layer, disk=True), adapter.spec.layout.act)
 
 
 def dense_mlp_width(reader: CheckpointReader, adapter: Adapter, layer: int) -> int:
-    return reader.shape(f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}.up_proj.weight")[0]
+    return reader.shape(f"{adapter.block_path(layer, disk=True)}.up_proj.weight")[0]
 
 
 def shared_width(reader: CheckpointReader, adapter: Adapter, layer: int) -> int:
     if adapter.spec.shared_attr is None:
         return 0
-    prefix = f"{adapter.disk_layer_prefix(layer)}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}"
+    prefix = f"{adapter.block_path(layer, disk=True)}.{adapter.spec.shared_attr}"
     return reader.shape(f"{prefix}.up_proj.weight")[0]

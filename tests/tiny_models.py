@@ -10,6 +10,7 @@ from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
+    Gemma4TextConfig,
     GptOssConfig,
     MixtralConfig,
     NemotronHConfig,
@@ -104,6 +105,28 @@ CONFIGS["nemotron_h"] = lambda: NemotronHConfig(
     norm_topk_prob=True,
 )
 
+# Gemma-4-26B-A4B's text model: MoE in every layer beside a dense MLP (enable_moe_block), GeGLU-tanh, sliding layers
+# with one full-attention layer last whose keys double as values (attention_k_eq_v) with their own head dim and KV
+# heads, tied embeddings, final logit softcapping, no per-layer input embeddings.
+CONFIGS["gemma4_text"] = lambda: Gemma4TextConfig(
+    **{k: v for k, v in _COMMON.items() if k not in ("num_hidden_layers", "tie_word_embeddings")},
+    num_hidden_layers=3,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    sliding_window=8,
+    head_dim=8,
+    global_head_dim=16,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    intermediate_size=24,
+    enable_moe_block=True,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=16,
+    hidden_size_per_layer_input=0,
+    final_logit_softcapping=30.0,
+    tie_word_embeddings=True,
+)
+
 
 # Every supported family, in registry order (deepseek_v2_greedy is a variant, not a family): the per-family tests
 # parametrize over this list, and test_arch checks it covers the registry.
@@ -125,6 +148,8 @@ def tiny_model(name: str, seed: int = 0):
             p.normal_(0.0, 0.1)  # gpt_oss inits expert biases to zero
         if name_.endswith("experts.gate_up_proj") and model.config.model_type == "gpt_oss":
             p.mul_(100.0)  # push pre-activations past swiglu_limit so the clamp is exercised
+        if name_.endswith(("router.per_expert_scale", "router.scale")):
+            p.uniform_(0.5, 1.5)  # gemma4_text inits both to ones
     for name_, b in model.named_buffers():
         if name_.endswith("e_score_correction_bias"):
             b.normal_(0.0, 0.3)  # bias changes selection but not the applied weights

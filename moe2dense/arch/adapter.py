@@ -21,6 +21,13 @@ from .routing import RouterParams, Routing, route_logits
 from .spec import FamilySpec
 
 
+# RouterSpec.input_transform: what a router does to its input before its Linear, by the router module itself.
+ROUTER_INPUTS = {
+    # gemma4_text: unweighted RMSNorm, then a learnt per-channel scale and hidden_size**-0.5, in the model dtype
+    "rms_scaled": lambda router, h: router.norm(h) * router.scale * router.scalar_root_size,
+}
+
+
 @dataclass(frozen=True)
 class Adapter:
     spec: FamilySpec
@@ -54,14 +61,14 @@ class Adapter:
         return cls(
             spec=spec,
             num_experts=getattr(config, spec.num_experts_attr),
-            top_k=config.num_experts_per_tok,
+            top_k=getattr(config, spec.top_k_attr),
             num_layers=n_layers,
             intermediate_size=getattr(config, spec.intermediate_attr),
             moe_layers=moe,
             dense_layers=[i for i in range(n_layers) if i not in moe
                           and (spec.is_dense_layer is None or spec.is_dense_layer(config, i))],
             router_params=RouterParams(
-                top_k=config.num_experts_per_tok,
+                top_k=getattr(config, spec.top_k_attr),
                 renorm=spec.renorm if isinstance(spec.renorm, bool) else bool(getattr(config, spec.renorm)),
                 scale=float(getattr(config, spec.scaling_attr)) if spec.scaling_attr else 1.0,
                 n_group=config.n_group if grouped else None,
@@ -84,7 +91,8 @@ class Adapter:
 
     @property
     def renormalizes(self) -> bool:
-        return self.router_params.renorm
+        """The applied top-k weights sum to exactly routed_scaling_factor (a per-expert scale breaks that)."""
+        return self.router_params.renorm and self.spec.router.expert_scale_attr is None
 
     @property
     def routed_scaling_factor(self) -> float:
@@ -97,7 +105,25 @@ class Adapter:
 
     # -- modules ----------------------------------------------------------------------------------------------------
     def _block(self, model: nn.Module, layer: int) -> nn.Module:
-        return getattr(model.base_model.layers[layer], self.spec.block_attr)
+        decoder_layer = model.base_model.layers[layer]
+        return decoder_layer if self.spec.block_attr is None else getattr(decoder_layer, self.spec.block_attr)
+
+    def block_path(self, layer: int, disk: bool = False) -> str:
+        """Key prefix of the MoE block (or dense MLP) of `layer`, in memory or in the safetensors files."""
+        base = self.disk_layer_prefix(layer) if disk else f"model.layers.{layer}"
+        return base if self.spec.block_attr is None else f"{base}.{self.spec.block_attr}"
+
+    def replaced_prefixes(self, layer: int) -> list[str]:
+        """In-memory key prefixes of `layer` that the student's MLP writer replaces (the rest is copied)."""
+        if self.spec.block_attr is None:  # router and experts beside the layer's own dense MLP, which is kept
+            return [f"model.layers.{layer}.{self.spec.router_attr}.", f"model.layers.{layer}.experts."]
+        return [f"{self.block_path(layer)}."]
+
+    def moe_output_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """The module whose output is the routed experts' weighted sum (plus shared experts): the MoE block, or the
+        experts module where the decoder layer holds the MoE parts itself."""
+        block = self.mlp(model, layer)
+        return block.experts if self.spec.block_attr is None else block
 
     def mlp(self, model: nn.Module, layer: int) -> nn.Module:
         if layer not in self.moe_layers:
@@ -109,24 +135,42 @@ class Adapter:
         return getattr(self.mlp(model, layer), self.spec.router_attr)
 
     def block_forward(self, model: nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The MoE block's output for x [T, H] (gpt_oss's extra router-scores output dropped)."""
-        out = self.mlp(model, layer)(x[None])
+        """The MoE output (that of `moe_output_module`) for router input x [T, H] (gpt_oss's extra router-scores
+        output dropped), run by the model's own modules."""
+        block = self.mlp(model, layer)
+        if self.spec.block_attr is None:  # no block module: the layer's own router, then its experts
+            _, weights, index = self.router_module(model, layer)(x)
+            return block.experts(self.expert_input(model, layer, x), index, weights)
+        out = block(x[None])
         return (out[0] if self.spec.block_returns_tuple else out)[0]
 
+    def expert_input(self, model: nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts' input for router input x (the same tensor unless the spec names a norm between)."""
+        norm = self.spec.expert_input_norm
+        return x if norm is None else getattr(model.base_model.layers[layer], norm)(x)
+
     # -- routing ----------------------------------------------------------------------------------------------------
+    def router_linear(self, model: nn.Module, layer: int) -> nn.Module:
+        """The module holding the router's logits weight [E, H] (and gpt_oss's bias)."""
+        router = self.router_module(model, layer)
+        return router if self.spec.router.proj_attr is None else getattr(router, self.spec.router.proj_attr)
+
     def router_logits(self, model: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Raw logits [T, E] in fp32, computed in the dtype the model's router uses (so selection matches it)."""
-        router = self.router_module(model, layer)
-        weight, bias = router.weight, getattr(router, "bias", None)  # only gpt_oss's router has a bias
+        linear = self.router_linear(model, layer)
+        weight, bias = linear.weight, getattr(linear, "bias", None)  # only gpt_oss's router has a bias
         hidden = hidden.reshape(-1, weight.shape[1])
+        if self.spec.router.input_transform is not None:
+            hidden = ROUTER_INPUTS[self.spec.router.input_transform](self.router_module(model, layer), hidden)
         if self.spec.router.fp32_logits:
             return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
         return F.linear(hidden.to(weight.dtype), weight, bias).float()
 
     def route(self, model: nn.Module, layer: int, logits: torch.Tensor) -> Routing:
-        attr = self.spec.router.bias_attr
-        bias = getattr(self.router_module(model, layer), attr) if attr else None
-        return route_logits(logits, self.spec.router, self.router_params, bias)
+        router, spec = self.router_module(model, layer), self.spec.router
+        bias = getattr(router, spec.bias_attr) if spec.bias_attr else None
+        scale = getattr(router, spec.expert_scale_attr).detach() if spec.expert_scale_attr else None
+        return route_logits(logits, spec, self.router_params, bias, scale)
 
     # -- routed experts ---------------------------------------------------------------------------------------------
     def expert_weights(self, model: nn.Module, layer: int, e: int) -> ExpertWeights:
@@ -208,7 +252,7 @@ class Adapter:
         return {n: getattr(experts, n) for n in self._fused}
 
     def _fused_names(self, layer: int) -> list[str]:
-        return [f"model.layers.{layer}.{self.spec.block_attr}.experts.{n}" for n in self._fused]
+        return [f"{self.block_path(layer)}.experts.{n}" for n in self._fused]
 
     def per_expert_names(self, layer: int, e: int) -> list[str]:
         if self.spec.disk_expert_prefix is None:

@@ -28,7 +28,7 @@ class ExpertWeights:
     gate_bias: torch.Tensor | None = None
     up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
-    act: str = "swiglu"  # "swiglu": silu(gate) * up; "relu2": relu(up)^2 (no gate); "gpt_oss_clamped": `activate`
+    act: str = "swiglu"  # "swiglu": silu(gate) * up; "geglu_tanh", "relu2" (no gate), "gpt_oss_clamped": `activate`
     # gpt_oss_clamped parameters (config.swiglu_alpha / swiglu_limit), carried so f_e is self-contained.
     swiglu_alpha: float = GPT_OSS_ALPHA
     swiglu_limit: float = GPT_OSS_LIMIT
@@ -45,6 +45,8 @@ def activate(act: str, gate: torch.Tensor | None, up: torch.Tensor, alpha: float
         return torch.square(F.relu(up))
     if act == "swiglu":
         return F.silu(gate) * up
+    if act == "geglu_tanh":  # gemma's gelu_pytorch_tanh MLP
+        return F.gelu(gate, approximate="tanh") * up
     if act == "gpt_oss_clamped":
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)

@@ -25,6 +25,10 @@ def _all_layers(config: PreTrainedConfig, layer: int) -> bool:
     return True
 
 
+def _moe_enabled(config: PreTrainedConfig, layer: int) -> bool:
+    return bool(config.enable_moe_block)
+
+
 def _block_type_is(kind: str):
     # Hybrids that list a block type per layer (nemotron_h's layers_block_type; its hybrid_override_pattern is
     # converted to that list by the config).
@@ -138,5 +142,29 @@ FAMILIES: tuple[FamilySpec, ...] = (
         num_layers_keys=("layers_block_type", "hybrid_override_pattern"),
         # moe_latent_size: experts run in a projected latent space (fc1/fc2_latent_proj), not supported yet.
         config_allowed=(("mlp_hidden_act", ("relu2",)), ("moe_latent_size", (None,))),
+    ),
+    FamilySpec(
+        # Every layer runs its dense MLP and the MoE in parallel, each between its own norms:
+        #   out = post_ff(post_ff_1(mlp(pre_ff(h))) + post_ff_2(experts(pre_ff_2(h), router(h))))
+        # The norms after each branch are nonlinear, so no single MLP reproduces the sum: the student keeps the
+        # dense MLP and replaces only the MoE, by one always-on expert (gemma4_text with num_experts=1).
+        model_type="gemma4_text",
+        dense_model_type="gemma4_text",
+        num_experts_attr="num_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_moe_enabled,
+        renorm=True,
+        router=RouterSpec(
+            proj_attr="proj", input_transform="rms_scaled", expert_scale_attr="per_expert_scale", returns_probs=True
+        ),
+        layout=ExpertLayout(act="geglu_tanh"),
+        block_attr=None,
+        router_attr="router",
+        disk_expert_prefix=None,  # saved fused, exactly as in memory
+        dense_mlp="single_expert",
+        top_k_attr="top_k_experts",
+        student_width_attr="moe_intermediate_size",
+        expert_input_norm="pre_feedforward_layernorm_2",
+        config_allowed=(("enable_moe_block", (True,)), ("hidden_activation", ("gelu_pytorch_tanh",))),
     ),
 )

@@ -64,7 +64,7 @@ def check_config_keys(raw: dict, source: object) -> None:
     aliases = CONFIG_MAPPING[model_type].attribute_map  # e.g. qwen3_moe saves num_experts as num_local_experts
     # The layer count: num_hidden_layers, or the first present of a hybrid's per-layer type list / pattern string.
     layers_key = next((k for k in spec.num_layers_keys if k in raw), spec.num_layers_keys[0])
-    for attr in (layers_key, "num_experts_per_tok", spec.num_experts_attr, spec.intermediate_attr):
+    for attr in (layers_key, spec.top_k_attr, spec.num_experts_attr, spec.intermediate_attr):
         canonical = aliases.get(attr, attr)
         names = [attr, canonical, *(k for k, v in aliases.items() if v == canonical)]
         value = next((raw[n] for n in names if n in raw), None)

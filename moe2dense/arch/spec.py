@@ -32,6 +32,16 @@ class RouterSpec:
     bias_attr: str | None = None
     # deepseek routers cast hidden states and weight to fp32 before the matmul; the others run in the model dtype.
     fp32_logits: bool = False
+    # Router submodule holding the logits Linear (gemma4_text: "proj"); None: the router module is that Linear.
+    proj_attr: str | None = None
+    # What the router does to its input before the Linear (adapter.ROUTER_INPUTS): "rms_scaled" = gemma4_text's
+    # unweighted RMSNorm * router.scale * hidden_size**-0.5.
+    input_transform: Literal["rms_scaled"] | None = None
+    # Router parameter [E] multiplying each selected expert's applied weight after renormalisation (gemma4_text's
+    # per_expert_scale); it is folded into the blocks' c like any routing weight.
+    expert_scale_attr: str | None = None
+    # The router returns (probs, weights, index), not (logits, ...) (gemma4_text).
+    returns_probs: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,7 @@ class ExpertLayout:
     interleaved: bool = False
     has_bias: bool = False
     has_gate: bool = True
-    act: Literal["swiglu", "gpt_oss_clamped", "relu2"] = "swiglu"
+    act: Literal["swiglu", "gpt_oss_clamped", "relu2", "geglu_tanh"] = "swiglu"
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,9 @@ class FamilySpec:
     scaling_attr: str | None = None  # config field multiplying the applied weights (routed_scaling_factor)
     router: RouterSpec = RouterSpec()
     layout: ExpertLayout = ExpertLayout()
-    block_attr: str = "mlp"  # decoder-layer attribute holding the MoE block
+    # Decoder-layer attribute holding the MoE block; None: the decoder layer holds the router and `experts` itself
+    # (gemma4_text, where the MoE runs beside the layer's dense MLP, each with its own norms).
+    block_attr: str | None = "mlp"
     router_attr: str = "gate"  # MoE-block attribute holding the router
     block_returns_tuple: bool = False  # gpt_oss's block returns (hidden, router_scores)
     # Per-expert layout that save_pretrained writes: "{prefix}.{e}.{proj}.weight" for (gate, up, down) projections;
@@ -95,3 +107,10 @@ class FamilySpec:
     num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     # Config fields whose other values change the algebra: (field, allowed values); others are refused.
     config_allowed: tuple[tuple[str, tuple[object, ...]], ...] = ()
+    top_k_attr: str = "num_experts_per_tok"  # config field holding k
+    # Config field the student's MLP width goes to ("moe_intermediate_size" where a single-expert student keeps
+    # the layer's own dense MLP beside its one expert: gemma4_text).
+    student_width_attr: str = "intermediate_size"
+    # Decoder-layer norm mapping the router's input to the experts' input (gemma4_text routes the pre-norm
+    # residual, its experts see pre_feedforward_layernorm_2 of it); None: both see the same tensor.
+    expert_input_norm: str | None = None
