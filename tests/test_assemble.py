@@ -163,11 +163,10 @@ def test_pure_pruning_copies_selected_experts_bit_for_bit(family, tmp_path):
 
 
 def _student_mlp(student, adapter, layer):
-    mlp = getattr(student.model.layers[layer], adapter.spec.block_attr)
     if adapter.spec.dense_mlp == "single_expert":
         return adapter.expert_weights(student, layer, 0)
     from moe2dense.arch.experts import mlp_weights
-    return mlp_weights(mlp, adapter.spec.layout.act)
+    return mlp_weights(getattr(student.model.layers[layer], adapter.spec.block_attr), adapter.spec.layout.act)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
