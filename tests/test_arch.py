@@ -292,3 +292,12 @@ def test_nemotron_h_hybrid_layers_and_refusals():
         setattr(config, field, value)
         with pytest.raises(UnsupportedModelError, match=field):
             get_adapter(config)
+
+
+def test_gemma4_text_refusals():
+    """A dense gemma4_text (no MoE block) or another MLP activation is refused, naming the field."""
+    for field, value in (("enable_moe_block", False), ("hidden_activation", "silu")):
+        config = tiny_config("gemma4_text")
+        setattr(config, field, value)
+        with pytest.raises(UnsupportedModelError, match=field):
+            get_adapter(config)

@@ -104,6 +104,24 @@ def test_equal_router_all_experts_reproduces_teacher_logits(family, tmp_path):
     _assert_no_routed_experts(student, teacher)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_adapter(tiny_config(f)).spec.router.expert_scale_attr])
+def test_per_expert_scale_is_folded_into_c(family, tmp_path):
+    """gemma4_text: uniform router, every expert kept, a random per_expert_scale: score scaling (c_g = the expert's
+    mean applied weight) puts the scale into c, and the student reproduces the teacher's logits."""
+    teacher = _uniform_router_teacher(family)
+    adapter = get_adapter(teacher)
+    with torch.no_grad():
+        for layer in adapter.moe_layers:
+            getattr(adapter.router_module(teacher, layer), adapter.spec.router.expert_scale_attr).uniform_(0.5, 1.5)
+    plan, _, _, out = _convert(teacher, tmp_path, K=adapter.num_experts, scaling="score")
+    scales = [g.scale for g in plan.layers[adapter.moe_layers[0]].groups]
+    assert max(scales) - min(scales) > 0.01  # the scale is not uniform, so c must carry it
+    student = _load(out)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-4, rtol=0)
+
+
 def _assert_no_routed_experts(student, teacher):
     """Dense twins have no experts at all; single-expert students have exactly one, always on: every expert or
     router tensor with one row per expert in the teacher is absent from the student or has one row."""
