@@ -301,3 +301,22 @@ def test_gemma4_text_refusals():
         setattr(config, field, value)
         with pytest.raises(UnsupportedModelError, match=field):
             get_adapter(config)
+
+
+@pytest.mark.parametrize("name, layers_key", [("nemotron_h", "layers_block_type"), ("gemma4_text", "num_hidden_layers")])
+def test_config_keys_of_hybrid_and_renamed_families(name, layers_key, tmp_path):
+    """config.json as save_pretrained writes it passes; without the layer list (nemotron_h has no num_hidden_layers
+    on disk) or the family's top-k field it is refused, naming the key."""
+    import json
+
+    from moe2dense.arch.registry import check_config_keys
+
+    tiny_config(name).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    check_config_keys(raw, "config.json")
+    for key in (layers_key, get_adapter(tiny_config(name)).spec.top_k_attr):
+        with pytest.raises(ValueError, match=f"no '{key}'"):
+            check_config_keys({k: v for k, v in raw.items() if k != key}, "config.json")
+    if name == "nemotron_h":  # older checkpoints give the pattern string instead
+        check_config_keys({**{k: v for k, v in raw.items() if k != layers_key}, "hybrid_override_pattern": "ME*E"},
+                          "config.json")
