@@ -2,9 +2,8 @@
 
 One forward hook per MoE layer on the router module sees the hidden states entering the router and the routing the
 router returned, `(logits, top-k weights, top-k index)` (each FamilySpec's router, moe2dense/arch; gemma4_text returns
-probabilities first). The experts' input is the router's, or a norm of it where the spec says so
-(`Adapter.expert_input`). For each batch
-it adds the `LayerStats` sums in float64 (p_t = the family's softmax or sigmoid of the logits) and streams one
+probabilities first); the experts' input is the router's, or a norm of it where the spec says so
+(`Adapter.expert_input`). For each batch it adds the `LayerStats` sums in float64 (p_t = the family's softmax or sigmoid of the logits) and streams one
 Parquet row per token to `routing/layer=<L>/` (layout in `store`). The expert-output passes run only when a
 scoring method needs them (`scoring.required_capture`):
 
