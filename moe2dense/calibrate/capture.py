@@ -3,9 +3,9 @@
 One forward hook per MoE layer on the router module sees the hidden states entering the router and the routing the
 router returned, `(logits, top-k weights, top-k index)` (each FamilySpec's router, moe2dense/arch; gemma4_text returns
 probabilities first); the experts' input is the router's, or a norm of it where the spec says so
-(`Adapter.expert_input`). For each batch it adds the `LayerStats` sums in float64 (p_t = the family's softmax or sigmoid of the logits) and streams one
-Parquet row per token to `routing/layer=<L>/` (layout in `store`). The expert-output passes run only when a
-scoring method needs them (`scoring.required_capture`):
+(`Adapter.expert_input`). For each batch it adds the `LayerStats` sums in float64 (p_t = the family's softmax or
+sigmoid of the logits) and streams one Parquet row per token to `routing/layer=<L>/` (layout in `store`). The
+expert-output passes run only when a scoring method needs them (`scoring.required_capture`):
 
 - "routed_outputs": ||f_e(x_t)|| for each routed pair (t, e), each expert run on its own tokens only;
 - "all_outputs":    every expert on every token in blocks of `token_chunk` tokens (bounded [E, chunk, H] buffer),
