@@ -266,7 +266,9 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
             meta = concat_blocks([(_meta_block(widths[layer], H, adapter), 1.0)], width, target)
             meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
         shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
-        read = lambda n: reader.read(adapter.disk_name(n)).to(_cast(reader.dtype(adapter.disk_name(n)), target))  # noqa: E731
+        def read(name: str) -> torch.Tensor:  # a copied tensor, by its in-memory name (nemotron_h: "backbone." on disk)
+            key = adapter.disk_name(name)
+            return reader.read(key).to(_cast(reader.dtype(key), target))
         shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
         buffers = student_buffers(config)  # saved, but not parameters (gemma4_text's layer_scalar)
         params = sum(math.prod(shape) for n, shape, _ in shard_plan if n not in buffers)

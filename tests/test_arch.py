@@ -303,7 +303,8 @@ def test_gemma4_text_refusals():
             get_adapter(config)
 
 
-@pytest.mark.parametrize("name, layers_key", [("nemotron_h", "layers_block_type"), ("gemma4_text", "num_hidden_layers")])
+@pytest.mark.parametrize("name, layers_key",
+                         [("nemotron_h", "layers_block_type"), ("gemma4_text", "num_hidden_layers")])
 def test_config_keys_of_hybrid_and_renamed_families(name, layers_key, tmp_path):
     """config.json as save_pretrained writes it passes; without the layer list (nemotron_h has no num_hidden_layers
     on disk) or the family's top-k field it is refused, naming the key."""
