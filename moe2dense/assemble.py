@@ -48,26 +48,29 @@ def concat_blocks(blocks: list[Block], width: int, dtype: torch.dtype = torch.fl
     if any(w.act != first.act for w, _ in blocks):
         raise ValueError("blocks with different activations cannot be concatenated")
     H = first.down.shape[0]
-    used = sum(w.gate.shape[0] for w, _ in blocks)
+    used = sum(w.up.shape[0] for w, _ in blocks)
     if used > width:
         raise ValueError(f"blocks have {used} neurons, more than the dense width {width}")
-    device = first.gate.device
-    gate = torch.zeros(width, H, dtype=dtype, device=device)
+    device = first.up.device
+    gated = first.gate is not None  # up-only (relu2) experts have no gate; `act` is the same for every block
+    gate = torch.zeros(width, H, dtype=dtype, device=device) if gated else None
     up = torch.zeros(width, H, dtype=dtype, device=device)
     down = torch.zeros(H, width, dtype=dtype, device=device)
-    has_bias = any(w.down_bias is not None or w.gate_bias is not None for w, _ in blocks)
-    gate_b = torch.zeros(width, dtype=dtype, device=device) if has_bias else None
+    has_bias = any(w.down_bias is not None or w.up_bias is not None for w, _ in blocks)
+    gate_b = torch.zeros(width, dtype=dtype, device=device) if has_bias and gated else None
     up_b = torch.zeros(width, dtype=dtype, device=device) if has_bias else None
     down_b = torch.zeros(H, dtype=torch.float32, device=device) if has_bias else None
     start = 0
     for w, c in blocks:
-        rows = slice(start, start + w.gate.shape[0])
-        gate[rows].copy_(w.gate)
+        rows = slice(start, start + w.up.shape[0])
+        if gated:
+            gate[rows].copy_(w.gate)
         up[rows].copy_(w.up)
         down[:, rows].copy_(w.down.to(torch.float32) * c)
         if has_bias:
             if w.gate_bias is not None:
                 gate_b[rows].copy_(w.gate_bias)
+            if w.up_bias is not None:
                 up_b[rows].copy_(w.up_bias)
             if w.down_bias is not None:
                 down_b += w.down_bias.to(torch.float32) * c
@@ -84,7 +87,8 @@ def scale_input(w: ExpertWeights, c: float) -> ExpertWeights:
 
 
 # ----------------------------------------------------------------------------------- the student's MLP, by family
-MlpWriter = Callable[[Adapter, int, ExpertWeights, set[str]], dict[str, torch.Tensor]]
+# (adapter, layer, block, the student's layout: name -> (shape, dtype)) -> the layer's MLP tensors by name
+MlpWriter = Callable[[Adapter, int, ExpertWeights, dict], dict[str, torch.Tensor]]
 MLP_WRITERS: dict[str, MlpWriter] = {}
 
 
@@ -96,7 +100,7 @@ def register_mlp_writer(kind: str) -> Callable[[MlpWriter], MlpWriter]:
 
 
 @register_mlp_writer("mlp")
-def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
+def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict) -> dict[str, torch.Tensor]:
     if block.down_bias is not None or block.act != "swiglu":
         raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
     prefix = f"model.layers.{layer}.{adapter.spec.dense_mlp_attr}"
@@ -104,22 +108,46 @@ def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys:
             f"{prefix}.down_proj.weight": block.down}
 
 
+@register_mlp_writer("up_mlp")
+def _up_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict) -> dict[str, torch.Tensor]:
+    """An ungated MLP (up_proj, down_proj; biases where the student has them) in the MoE block's place."""
+    if block.gate is not None or block.act != adapter.spec.layout.act:
+        raise ValueError(f"a {adapter.dense_model_type} MLP is {adapter.spec.layout.act} without gate")
+    prefix = f"model.layers.{layer}.{adapter.spec.dense_mlp_attr}"
+    out = {f"{prefix}.up_proj.weight": block.up, f"{prefix}.down_proj.weight": block.down}
+    for proj, bias, size in (("up_proj", block.up_bias, block.up.shape[0]),
+                             ("down_proj", block.down_bias, block.down.shape[0])):
+        if f"{prefix}.{proj}.bias" in student_keys:  # mlp_bias=True: zeros where no block has a bias
+            out[f"{prefix}.{proj}.bias"] = bias if bias is not None else block.up.new_zeros(size)
+        elif bias is not None:
+            raise ValueError(f"the {adapter.dense_model_type} student has no {proj} bias (mlp_bias=False)")
+    return out
+
+
 @register_mlp_writer("single_expert")
-def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]
+def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict
                    ) -> dict[str, torch.Tensor]:
     """The same MoE family with one expert that every token uses with weight 1 (softmax over one logit), in the
     names `save_pretrained` writes: per-expert keys where the family stores them so, else fused."""
     spec, layout = adapter.spec, adapter.spec.layout
-    prefix = f"model.layers.{layer}.{spec.block_attr}"
-    disk = f"model.layers.{layer}.{spec.disk_block_attr or spec.block_attr}"  # minimax_m2: block_sparse_moe
+    prefix = adapter.block_path(layer)
+    disk = prefix if spec.disk_block_attr is None else f"model.layers.{layer}.{spec.disk_block_attr}"  # minimax_m2
     H = block.down.shape[0]
-    router = spec.router_attr
-    out = {f"{disk}.{router}.weight": block.gate.new_zeros(1, H)}
-    if f"{prefix}.{router}.bias" in student_keys:
-        out[f"{disk}.{router}.bias"] = block.gate.new_zeros(1)
+    router = f"{disk}.{spec.router_attr}"
+    proj = f".{spec.router.proj_attr}" if spec.router.proj_attr else ""
+    out = {f"{router}{proj}.weight": block.gate.new_zeros(1, H)}
+    if f"{prefix}.{spec.router_attr}{proj}.bias" in student_keys:
+        out[f"{router}{proj}.bias"] = block.gate.new_zeros(1)
     if spec.router.bias_attr:  # the selection bias of one expert changes nothing
-        owner = disk if spec.router.bias_on_block else f"{disk}.{router}"
+        owner = disk if spec.router.bias_on_block else router
         out[f"{owner}.{spec.router.bias_attr}"] = block.gate.new_zeros(1)
+    # Any other router tensor is a multiplicative scale (gemma4_text's router.scale on the input, per_expert_scale
+    # on the weight): ones keep the one expert's weight at exactly 1.
+    for name in student_keys:
+        if name.startswith(f"{prefix}.{spec.router_attr}."):
+            key = disk + name[len(prefix):]
+            if key not in out:
+                out[key] = torch.ones(student_keys[name][0], dtype=block.gate.dtype, device=block.gate.device)
     if spec.disk_expert_prefix is not None:
         if block.down_bias is not None:
             raise ValueError(f"{adapter.model_type} experts have no biases")
@@ -169,7 +197,7 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
         kwargs.update(spec.dense_config(teacher))
     if spec.dense_mlp in ("single_expert", "in_class"):
         kwargs[spec.num_experts_attr] = 1
-        kwargs["num_experts_per_tok"] = 1
+        kwargs[spec.top_k_attr] = 1
         kwargs[spec.intermediate_attr] = width  # the one expert's width (a no-op where it is intermediate_size)
     if spec.first_dense_attr:
         kwargs[spec.first_dense_attr] = teacher.num_hidden_layers
@@ -177,6 +205,9 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
         kwargs[spec.mlp_types_attr] = ["dense"] * teacher.num_hidden_layers
     if spec.mlp_only_attr:
         kwargs[spec.mlp_only_attr] = list(range(teacher.num_hidden_layers))
+    if spec.layer_types_attr:  # hybrids: the MoE layers become the family's dense MLP layers, the rest stay
+        moe, dense = spec.layer_type_swap
+        kwargs[spec.layer_types_attr] = [dense if t == moe else t for t in getattr(teacher, spec.layer_types_attr)]
     config = AutoConfig.for_model(spec.dense_model_type, **kwargs)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.dense_model_type]]
     config.dtype = str(dtype).removeprefix("torch.")
@@ -203,7 +234,7 @@ def student_num_parameters(config: PreTrainedConfig) -> int:
 def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: LayerPlan | None,
                  align: bool) -> list[Block]:
     """The (expert, c) blocks of one layer: merged groups and shared experts, or an originally dense MLP."""
-    if layer not in adapter.moe_layers:
+    if layer in adapter.dense_layers:
         return [(read_dense_mlp(reader, adapter, layer), 1.0)]
     groups = layer_plan.groups
     experts = read_experts(reader, adapter, layer, [e for g in groups for e in g.experts])
@@ -219,7 +250,7 @@ def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_p
 
 
 def layer_width(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: LayerPlan | None) -> int:
-    if layer not in adapter.moe_layers:
+    if layer in adapter.dense_layers:
         return dense_mlp_width(reader, adapter, layer)
     return len(layer_plan.groups) * adapter.intermediate_size + shared_width(reader, adapter, layer)
 
@@ -233,9 +264,10 @@ def check_plan(plan: ConversionPlan, adapter: Adapter) -> None:
                          f"on {adapter.moe_layers}: rerun grouping for this teacher")
 
 
-def _teacher_dtype(reader: CheckpointReader) -> torch.dtype:
-    name = "model.embed_tokens.weight"
-    return reader.dtype(name) if name in reader else torch.float32
+def _teacher_dtype(reader: CheckpointReader, adapter: Adapter) -> torch.dtype:
+    names = [adapter.disk_name(n) for n in ("model.embed_tokens.weight", "model.embeddings.weight")]
+    name = next((n for n in names if n in reader), None)  # nemotron_h calls its embedding `embeddings`
+    return reader.dtype(name) if name else torch.float32
 
 
 def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, dtype: str = "auto",
@@ -252,29 +284,33 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
     check_plan(plan, adapter)
     reader = CheckpointReader(teacher_dir)
     try:
-        target = _teacher_dtype(reader) if dtype == "auto" else DTYPES[dtype]
+        target = _teacher_dtype(reader, adapter) if dtype == "auto" else DTYPES[dtype]
         plans = plan.layers
-        widths = {layer: layer_width(reader, adapter, layer, plans.get(layer)) for layer in range(adapter.num_layers)}
+        widths = {layer: layer_width(reader, adapter, layer, plans.get(layer)) for layer in adapter.mlp_layers}
         width = max(widths.values())
         config = student_config(tconfig, adapter, width, target)
         layout = student_layout(config)
         writer_fn = MLP_WRITERS[adapter.spec.dense_mlp]
         # The MLP tensors' names and shapes come from running the writer on meta tensors of the final shape.
-        keys = set(layout)
+        keys = layout  # the writers look names (and the single expert's router scales, shapes) up here
         H = tconfig.hidden_size
         meta_mlp = {}
-        for layer in range(adapter.num_layers):
+        for layer in adapter.mlp_layers:
             meta = concat_blocks([(_meta_block(widths[layer], H, adapter), 1.0)], width, target)
             meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
-        # Everything outside the student's MLP modules is copied; they are the writer's (granite's student has
-        # `mlp` where the teacher has `block_sparse_moe`) and the teacher's block.
-        mlp_prefixes = tuple({".".join(n.split(".")[:4]) + "." for n in meta_mlp}
-                             | {f"model.layers.{i}.{adapter.spec.block_attr}." for i in range(adapter.num_layers)})
-        copied = [n for n in layout if not n.startswith(mlp_prefixes)]
-        if missing := [n for n in copied if n not in reader]:
+        # Everything outside the student's MLP modules is copied: not the writer's (granite's student has `mlp`
+        # where the teacher has `block_sparse_moe`) nor what the MLP replaces in the teacher (its block, or
+        # gemma4_text's router and experts beside the layer's own dense MLP, which is kept).
+        replaced = tuple({".".join(n.split(".")[:4]) + "." for n in meta_mlp}
+                         | {p for i in adapter.mlp_layers for p in adapter.replaced_prefixes(i)})
+        copied = [n for n in layout if not n.startswith(replaced)]
+        if missing := [n for n in copied if adapter.disk_name(n) not in reader]:
             raise ValueError(f"the teacher checkpoint lacks tensors the {config.model_type} student needs: "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
+        def read(name: str) -> torch.Tensor:  # a copied tensor, by its in-memory name (nemotron_h: "backbone." on disk)
+            key = adapter.disk_name(name)
+            return reader.read(key).to(_cast(reader.dtype(key), target))
         shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
         params = student_num_parameters(config)
         with ShardedWriter(out, shard_plan, max_shard_bytes=max_shard_bytes) as writer:
@@ -282,10 +318,12 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
             for n in copied:
                 by_layer.setdefault(_layer_of(n), []).append(n)
             for n in by_layer.pop(None, []):
-                writer.write(n, reader.read(n).to(_cast(reader.dtype(n), target)))
+                writer.write(n, read(n))
             for layer in tqdm(range(adapter.num_layers), desc="assemble", unit="layer", disable=not progress):
                 for n in by_layer.get(layer, []):
-                    writer.write(n, reader.read(n).to(_cast(reader.dtype(n), target)))
+                    writer.write(n, read(n))
+                if layer not in widths:  # no MLP in this layer (a hybrid's Mamba or attention layer)
+                    continue
                 blocks = layer_blocks(reader, adapter, layer, plans.get(layer), plan.align)
                 for n, t in writer_fn(adapter, layer, concat_blocks(blocks, width, target), keys).items():
                     writer.write(n, t.to(target).contiguous())
@@ -315,10 +353,10 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
 
 def _meta_block(neurons: int, hidden: int, adapter: Adapter) -> ExpertWeights:
     z = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
-    bias = adapter.spec.layout.has_bias
-    return ExpertWeights(z(neurons, hidden), z(neurons, hidden), z(hidden, neurons),
-                         z(neurons) if bias else None, z(neurons) if bias else None, z(hidden) if bias else None,
-                         act=adapter.spec.layout.act)
+    bias, gated = adapter.spec.layout.has_bias, adapter.spec.layout.has_gate
+    return ExpertWeights(z(neurons, hidden) if gated else None, z(neurons, hidden), z(hidden, neurons),
+                         z(neurons) if bias and gated else None, z(neurons) if bias else None,
+                         z(hidden) if bias else None, act=adapter.spec.layout.act)
 
 
 def _layer_of(name: str) -> int | None:

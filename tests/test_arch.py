@@ -68,8 +68,10 @@ def cap(request, tmp_path_factory) -> Captured:
         return hook
 
     handles = [adapter.router_module(model, i).register_forward_hook(on_router(i)) for i in adapter.moe_layers]
-    handles += [m.register_forward_hook(on_block(i)) for i in range(adapter.num_layers)
-                for m in adapter.mlp_modules(model, i)]
+    for i in adapter.moe_layers:  # the MoE output, plus a shared MLP beside the block (granitemoeshared)
+        _, *beside = adapter.mlp_modules(model, i)
+        handles += [m.register_forward_hook(on_block(i)) for m in (adapter.moe_output_module(model, i), *beside)]
+    handles += [m.register_forward_hook(on_block(i)) for i in adapter.dense_layers for m in adapter.mlp_modules(model, i)]
     torch.manual_seed(1)
     with torch.no_grad():
         out = model(torch.randint(0, model.config.vocab_size, (2, 16)), output_router_logits=True)
@@ -99,9 +101,10 @@ def test_routing_matches_model(cap: Captured):
     assert ad.moe_layers and set(ad.moe_layers) == set(cap.router_in)
     for layer in ad.moe_layers:
         logits = ad.router_logits(model, layer, cap.router_in[layer])
-        torch.testing.assert_close(logits, cap.router_out[layer][0].float(), **TOL)
-        torch.testing.assert_close(logits, cap.router_logits[layer].float(), **TOL)
         r = ad.route(model, layer, logits)
+        first = r.probs if ad.spec.router.returns_probs else logits  # what the router returns first
+        torch.testing.assert_close(first, cap.router_out[layer][0].float(), **TOL)
+        torch.testing.assert_close(first, cap.router_logits[layer].float(), **TOL)
         assert r.probs.shape == (logits.shape[0], ad.num_experts) and r.index.shape == r.weights.shape
         expected = torch.sigmoid(logits) if ad.spec.router.score == "sigmoid" else logits.softmax(-1)
         torch.testing.assert_close(r.probs, expected, **TOL)
@@ -120,8 +123,9 @@ def test_routing_matches_model(cap: Captured):
 def test_block_output_is_weighted_sum_of_experts(cap: Captured):
     ad, model = cap.adapter, cap.model
     for layer in ad.moe_layers:
-        x, y = cap.block_in[layer], cap.block_out[layer]
-        r = ad.route(model, layer, ad.router_logits(model, layer, x))
+        xr, x, y = cap.router_in[layer], cap.block_in[layer], cap.block_out[layer]
+        torch.testing.assert_close(ad.expert_input(model, layer, xr), x, atol=0, rtol=0)  # router vs experts input
+        r = ad.route(model, layer, ad.router_logits(model, layer, xr))
         f = torch.stack([expert_forward(ad.expert_weights(model, layer, e), x) for e in range(ad.num_experts)])
         recon = sum(ad.routed_output(ad.expert_weights(model, layer, e), x, (r.weights * (r.index == e)).sum(1))
                     for e in range(ad.num_experts))  # g = 0 off the top-k: adds exactly 0 (no expert biases here)
@@ -133,7 +137,7 @@ def test_block_output_is_weighted_sum_of_experts(cap: Captured):
             recon = recon + ad.shared_gate(shared, x)[:, None] * ad.expert_forward(shared.weights, x)
         torch.testing.assert_close(recon, y, **TOL)
         with torch.no_grad():
-            torch.testing.assert_close(ad.block_forward(model, layer, x), y, **TOL)
+            torch.testing.assert_close(ad.block_forward(model, layer, xr), y, **TOL)
         assert ad.dense_mlp_weights(model, layer) is None
     for layer in ad.dense_layers:
         dense = ad.dense_mlp_weights(model, layer)
@@ -153,6 +157,7 @@ SHARED_KIND = {  # families with shared experts: gated (a sigmoid gate per token
     "granitemoeshared": "ungated",
     "ernie4_5_moe": "ungated",
     "llama4_text": "ungated",
+    "nemotron_h": "ungated",
 }
 
 
@@ -174,7 +179,9 @@ def test_expert_weights_from_disk_and_state_dict(cap: Captured):
         assert ad.expert_tensor_names(layer, state.keys()) == [n for n in ad.expert_tensor_names(layer) if n in state]
         for e in range(ad.num_experts):
             mem = ad.expert_weights(model, layer, e)
-            assert mem.gate.shape == mem.up.shape == (ad.intermediate_size, model.config.hidden_size)
+            assert mem.up.shape == (ad.intermediate_size, model.config.hidden_size)
+            assert (mem.gate is not None) == ad.spec.layout.has_gate
+            assert mem.gate is None or mem.gate.shape == mem.up.shape
             assert mem.down.shape == (model.config.hidden_size, ad.intermediate_size)
             _same_weights(ad.expert_weights_from_tensors(cap.disk, layer, e), mem)
             _same_weights(ad.expert_weights_from_tensors(state, layer, e), mem)
@@ -198,13 +205,15 @@ def test_layout_matches_transformers_flags(cap: Captured):
     experts = ad.mlp(cap.model, ad.moe_layers[0]).experts
     layout = ad.spec.layout
     E, H, I = ad.num_experts, cap.model.config.hidden_size, ad.intermediate_size
-    assert tuple(experts.gate_up_proj.shape) == ((E, H, 2 * I) if layout.transposed else (E, 2 * I, H))
+    fused, width = ("gate_up_proj", 2 * I) if layout.has_gate else ("up_proj", I)  # nemotron_h: up-only
+    assert tuple(getattr(experts, fused).shape) == ((E, H, width) if layout.transposed else (E, width, H))
     if not hasattr(experts, "is_transposed"):  # not decorated (llama4_text): the shapes above are the check
         return
-    assert (experts.is_transposed, experts.is_concatenated, experts.has_bias) == (
+    assert (experts.is_transposed, experts.is_concatenated, experts.has_bias, experts.has_gate) == (
         layout.transposed,
         not layout.interleaved,
         layout.has_bias,
+        layout.has_gate,
     )
 
 
@@ -237,10 +246,16 @@ EXPECTED = {  # name: (model_type, dense_model_type, E, k, I, renormalizes, scal
     "granitemoeshared": ("granitemoeshared", "granite", 8, 2, 16, True, 1.0, [0, 1]),
     "ernie4_5_moe": ("ernie4_5_moe", "ernie4_5", 8, 2, 16, True, 1.0, [1, 2]),
     "llama4_text": ("llama4_text", "llama4_text", 8, 2, 16, False, 1.0, [1, 3]),
+    "nemotron_h": ("nemotron_h", "nemotron_h", 8, 2, 16, True, 2.5, [1, 3]),
+    # renormalised, but per_expert_scale makes the applied weights' sum vary: routed mass measured, not 1
+    "gemma4_text": ("gemma4_text", "gemma4_text", 8, 2, 16, False, 1.0, [0, 1, 2]),
 }
 # Families whose router runs group-limited top-k (always on in the DeepSeek-V3 router, a single group in the
 # published GLM and dots1 checkpoints).
-GROUPED = {"deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1"}
+GROUPED = {"deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "nemotron_h"}
+
+
+NO_MLP_LAYERS = {"nemotron_h": [0, 2]}  # hybrid layers that are neither MoE nor dense MLP (Mamba, attention)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -257,7 +272,8 @@ def test_adapter_facts(name):
         ad.moe_layers,
     )
     assert got == EXPECTED[name]
-    assert ad.dense_layers == [i for i in range(ad.num_layers) if i not in ad.moe_layers]
+    no_mlp = NO_MLP_LAYERS.get(name, [])
+    assert ad.dense_layers == [i for i in range(ad.num_layers) if i not in ad.moe_layers + no_mlp]
     assert (ad.router_params.n_group is not None) == (name in GROUPED)
 
 
@@ -434,3 +450,45 @@ def test_ernie_use_bias_is_refused():
     config.use_bias = True
     with pytest.raises(UnsupportedModelError, match=r"use_bias=True.*supported: \(False, None\)"):
         get_adapter(config)
+
+
+def test_nemotron_h_hybrid_layers_and_refusals():
+    """Mamba and attention layers have no MLP; a latent MoE or a non-relu^2 MLP is refused before any load."""
+    config = tiny_config("nemotron_h")
+    config.layers_block_type = ["linear_attention", "moe", "mlp", "full_attention", "moe"]
+    ad = get_adapter(config)
+    assert (ad.moe_layers, ad.dense_layers, ad.mlp_layers) == ([1, 4], [2], [1, 2, 4])
+    for field, value in (("moe_latent_size", 16), ("mlp_hidden_act", "silu")):
+        config = tiny_config("nemotron_h")
+        setattr(config, field, value)
+        with pytest.raises(UnsupportedModelError, match=field):
+            get_adapter(config)
+
+
+def test_gemma4_text_refusals():
+    """A dense gemma4_text (no MoE block) or another MLP activation is refused, naming the field."""
+    for field, value in (("enable_moe_block", False), ("hidden_activation", "silu")):
+        config = tiny_config("gemma4_text")
+        setattr(config, field, value)
+        with pytest.raises(UnsupportedModelError, match=field):
+            get_adapter(config)
+
+
+@pytest.mark.parametrize("name, layers_key",
+                         [("nemotron_h", "layers_block_type"), ("gemma4_text", "num_hidden_layers")])
+def test_config_keys_of_hybrid_and_renamed_families(name, layers_key, tmp_path):
+    """config.json as save_pretrained writes it passes; without the layer list (nemotron_h has no num_hidden_layers
+    on disk) or the family's top-k field it is refused, naming the key."""
+    import json
+
+    from moe2dense.arch.registry import check_config_keys
+
+    tiny_config(name).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    check_config_keys(raw, "config.json")
+    for key in (layers_key, get_adapter(tiny_config(name)).spec.top_k_attr):
+        with pytest.raises(ValueError, match=f"no '{key}'"):
+            check_config_keys({k: v for k, v in raw.items() if k != key}, "config.json")
+    if name == "nemotron_h":  # older checkpoints give the pattern string instead
+        check_config_keys({**{k: v for k, v in raw.items() if k != layers_key}, "hybrid_override_pattern": "ME*E"},
+                          "config.json")

@@ -48,7 +48,10 @@ def record_router(model, adapter: Adapter) -> tuple[dict[int, list], list]:
 
 
 def scores(adapter: Adapter, logits: torch.Tensor) -> torch.Tensor:
-    """p_t: sigmoid or softmax over all experts, as the family's RouterSpec says (README "Scoring methods")."""
+    """p_t: sigmoid or softmax over all experts, as the family's RouterSpec says (README "Scoring methods");
+    gemma4_text's router outputs p_t itself."""
+    if adapter.spec.router.returns_probs:
+        return logits
     return logits.sigmoid() if adapter.spec.router.score == "sigmoid" else logits.softmax(-1)
 
 
@@ -143,7 +146,8 @@ def test_output_stats_equal_brute_force(family, tmp_path):
     model, adapter, batches, root, stats, seen, _ = family
     routed_only = capture(model, batches, tmp_path, needs={"routed_outputs"}, progress=False)  # per-expert path
     for layer, s in read_stats(root).items():
-        x = torch.cat([call[0] for call in seen[layer]])
+        with torch.no_grad():  # the experts' input (test_arch checks it is what the model's experts see)
+            x = adapter.expert_input(model, layer, torch.cat([call[0] for call in seen[layer]]))
         index = torch.cat([call[3] for call in seen[layer]]).long()
         weights = torch.cat([call[2] for call in seen[layer]]).double()
         want = brute_force(model, adapter, layer, x, index, weights)

@@ -13,6 +13,7 @@ from transformers import (
     Dots1Config,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
+    Gemma4TextConfig,
     GptOssConfig,
     MiniMaxM2Config,
     GraniteMoeConfig,
@@ -21,6 +22,7 @@ from transformers import (
     Ernie4_5_MoeConfig,
     Llama4TextConfig,
     MixtralConfig,
+    NemotronHConfig,
     OlmoeConfig,
     PreTrainedConfig,
     Qwen2MoeConfig,
@@ -202,6 +204,52 @@ CONFIGS = {
     ),
 }
 
+# Nemotron-3-Nano-30B-A3B's structure (hybrid_override_pattern "MEMEM*EMEMEM*E..."): Mamba-2 layers ("M") alternate with
+# MoE layers ("E"), full attention ("*") now and then, no dense MLP layers; one ungated relu^2 shared expert,
+# routed_scaling_factor 2.5. n_group=2/topk_group=1 (the checkpoint has 1/1) so the group path is exercised.
+# Mamba runs its slow torch path on CPU: keep its heads, state and chunks tiny.
+CONFIGS["nemotron_h"] = lambda: NemotronHConfig(
+    **{k: v for k, v in _COMMON.items() if k != "num_hidden_layers"},
+    hybrid_override_pattern="ME*E",
+    head_dim=8,
+    intermediate_size=48,
+    mamba_num_heads=4,
+    mamba_head_dim=8,
+    ssm_state_size=8,
+    n_groups=2,
+    chunk_size=8,
+    expand=1,
+    n_routed_experts=8,
+    moe_intermediate_size=16,
+    moe_shared_expert_intermediate_size=24,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+)
+
+# Gemma-4-26B-A4B's text model: MoE in every layer beside a dense MLP (enable_moe_block), GeGLU-tanh, sliding layers
+# with one full-attention layer last whose keys double as values (attention_k_eq_v) with their own head dim and KV
+# heads, tied embeddings, final logit softcapping, no per-layer input embeddings.
+CONFIGS["gemma4_text"] = lambda: Gemma4TextConfig(
+    **{k: v for k, v in _COMMON.items() if k not in ("num_hidden_layers", "tie_word_embeddings")},
+    num_hidden_layers=3,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    sliding_window=8,
+    head_dim=8,
+    global_head_dim=16,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    intermediate_size=24,
+    enable_moe_block=True,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=16,
+    hidden_size_per_layer_input=0,
+    final_logit_softcapping=30.0,
+    tie_word_embeddings=True,
+)
+
 
 # Every supported family, in registry order (deepseek_v2_greedy is a variant, not a family): the per-family tests
 # parametrize over this list, and test_arch checks it covers the registry.
@@ -227,6 +275,8 @@ def tiny_model(name: str, seed: int = 0):
             p.normal_(0.0, 0.1)  # zero-initialised: a student that dropped attention_bias would go unnoticed
         if name_.endswith("norm.weight") and not p.any():
             p.normal_(0.0, 0.1)  # zero-centred RMSNorms (weight 0 means scale 1, qwen3_next / qwen3_5)
+        if name_.endswith(("router.per_expert_scale", "router.scale")):
+            p.uniform_(0.5, 1.5)  # gemma4_text inits both to ones
     for name_, b in [*model.named_buffers(), *model.named_parameters()]:
         if name_.endswith("e_score_correction_bias"):  # a parameter in ernie4_5_moe's moe_statics
             b.normal_(0.0, 0.3)  # bias changes selection but not the applied weights

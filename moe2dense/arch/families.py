@@ -67,6 +67,19 @@ def _no_moe_layers(config: PreTrainedConfig) -> dict:
     return {"moe_layers": []}  # an explicit empty list: None would be re-derived from interleave_moe_layer_step
 
 
+def _moe_enabled(config: PreTrainedConfig, layer: int) -> bool:
+    return bool(config.enable_moe_block)
+
+
+def _block_type_is(kind: str):
+    # Hybrids that list a block type per layer (nemotron_h's layers_block_type; its hybrid_override_pattern is
+    # converted to that list by the config).
+    def check(config: PreTrainedConfig, layer: int) -> bool:
+        return config.layers_block_type[layer] == kind
+
+    return check
+
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         model_type="qwen3_moe",
@@ -225,7 +238,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         intermediate_attr="intermediate_size",  # experts and shared MLP both use it
         is_moe_layer=_all_layers,
         renorm=True,
-        router_weight="wg.weight",  # kept in fp32 by the model; router_logits computes in the weight's dtype
+        # the router's Linear is gate.wg, kept in fp32 by the model: router_logits computes in the weight's dtype
+        router=RouterSpec(proj_attr="wg"),
         shared_attr="shared_mlp",  # ungated
     ),
     FamilySpec(
@@ -293,5 +307,53 @@ FAMILIES: tuple[FamilySpec, ...] = (
         dense_width_attr="intermediate_size_mlp",
         dense_mlp_attr="feed_forward",
         dense_config=_no_moe_layers,
+    ),
+    FamilySpec(
+        model_type="nemotron_h",
+        dense_model_type="nemotron_h",
+        num_experts_attr="n_routed_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_block_type_is("moe"),
+        is_dense_layer=_block_type_is("mlp"),  # Mamba ("linear_attention") and attention layers have no MLP
+        renorm="norm_topk_prob",
+        scaling_attr="routed_scaling_factor",
+        router=_DEEPSEEK_V3_ROUTER,
+        layout=ExpertLayout(has_gate=False, act="relu2"),
+        block_attr="mixer",
+        disk_expert_prefix="mixer.experts",
+        disk_proj_names=("up_proj", "down_proj"),
+        shared_attr="shared_experts",  # ungated, relu^2 like the experts
+        dense_mlp="up_mlp",
+        dense_mlp_attr="mixer",
+        layer_types_attr="layers_block_type",
+        layer_type_swap=("moe", "mlp"),
+        disk_prefix="backbone",
+        num_layers_keys=("layers_block_type", "hybrid_override_pattern"),
+        # moe_latent_size: experts run in a projected latent space (fc1/fc2_latent_proj), not supported yet.
+        config_allowed=(("mlp_hidden_act", ("relu2",)), ("moe_latent_size", (None,))),
+    ),
+    FamilySpec(
+        # Every layer runs its dense MLP and the MoE in parallel, each between its own norms:
+        #   out = post_ff(post_ff_1(mlp(pre_ff(h))) + post_ff_2(experts(pre_ff_2(h), router(h))))
+        # The norms after each branch are nonlinear, so no single MLP reproduces the sum: the student keeps the
+        # dense MLP and replaces only the MoE, by one always-on expert (gemma4_text with num_experts=1).
+        model_type="gemma4_text",
+        dense_model_type="gemma4_text",
+        num_experts_attr="num_experts",
+        intermediate_attr="moe_intermediate_size",
+        is_moe_layer=_moe_enabled,
+        renorm=True,
+        router=RouterSpec(
+            proj_attr="proj", input_transform="rms_scaled", expert_scale_attr="per_expert_scale", returns_probs=True
+        ),
+        layout=ExpertLayout(act="geglu_tanh"),
+        block_attr=None,
+        router_attr="router",
+        disk_expert_prefix=None,  # saved fused, exactly as in memory
+        dense_mlp="single_expert",
+        top_k_attr="top_k_experts",
+        dense_width_attr="moe_intermediate_size",
+        expert_input_norm="pre_feedforward_layernorm_2",
+        config_allowed=(("enable_moe_block", (True,)), ("hidden_activation", ("gelu_pytorch_tanh",))),
     ),
 )

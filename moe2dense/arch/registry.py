@@ -72,13 +72,19 @@ def check_config_keys(raw: dict, source: object) -> None:
     from transformers import CONFIG_MAPPING
 
     aliases = CONFIG_MAPPING[model_type].attribute_map  # e.g. qwen3_moe saves num_experts as num_local_experts
-    for attr in ("num_hidden_layers", "num_experts_per_tok", spec.num_experts_attr, spec.intermediate_attr):
+    # The layer count: num_hidden_layers, or the first present of a hybrid's per-layer type list / pattern string.
+    layers_key = next((k for k in spec.num_layers_keys if k in raw), spec.num_layers_keys[0])
+    for attr in (layers_key, spec.top_k_attr, spec.num_experts_attr, spec.intermediate_attr):
         canonical = aliases.get(attr, attr)
         names = [attr, canonical, *(k for k, v in aliases.items() if v == canonical)]
         value = next((raw[n] for n in names if n in raw), None)
         if value is None:
             raise ValueError(f"{source}: {model_type} config has no {attr!r}; moe2dense does not guess it "
                              "(transformers would silently use its library default)")
+        if attr != "num_hidden_layers" and attr == layers_key:  # a list of layer types or a pattern string
+            if not value or not isinstance(value, (list, str)):
+                raise ValueError(f"{source}: {attr}={value!r} must be a non-empty list of layer types")
+            continue
         items = value if isinstance(value, list) and value else [value]  # hunyuan's moe_topk may be per layer
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
             raise ValueError(f"{source}: {attr}={value!r} must be a positive integer (or a per-layer list of them)")

@@ -33,7 +33,11 @@ class RouterParams:
 
 
 def route_logits(
-    logits: torch.Tensor, spec: RouterSpec, params: RouterParams, bias: torch.Tensor | None = None
+    logits: torch.Tensor,
+    spec: RouterSpec,
+    params: RouterParams,
+    bias: torch.Tensor | None = None,
+    expert_scale: torch.Tensor | None = None,
 ) -> Routing:
     """Route [T, E] logits. gpt_oss (top-k on logits, softmax over the k) is the softmax path with renorm: the
     softmax is monotonic and softmax over the k equals the renormalised top-k of the full softmax."""
@@ -50,6 +54,8 @@ def route_logits(
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=params.renorm_min)
     elif params.renorm:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # deepseek_v3's epsilon; a no-op elsewhere
+    if expert_scale is not None:  # gemma4_text's per_expert_scale, after renormalisation
+        weights = weights * expert_scale.float()[index]
     return Routing(probs=probs, index=index, weights=weights * params.scale)
 
 

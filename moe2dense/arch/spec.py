@@ -43,6 +43,16 @@ class RouterSpec:
     topk_on: Literal["scores", "logits"] = "scores"
     scales_input: bool = False
     output: Literal["logits_weights_index", "scores_logits"] = "logits_weights_index"
+    # Router submodule holding the logits Linear (gemma4_text: "proj"); None: the router module is that Linear.
+    proj_attr: str | None = None
+    # What the router does to its input before the Linear (adapter.ROUTER_INPUTS): "rms_scaled" = gemma4_text's
+    # unweighted RMSNorm * router.scale * hidden_size**-0.5.
+    input_transform: Literal["rms_scaled"] | None = None
+    # Router parameter [E] multiplying each selected expert's applied weight after renormalisation (gemma4_text's
+    # per_expert_scale); it is folded into the blocks' c like any routing weight.
+    expert_scale_attr: str | None = None
+    # The router returns (probs, weights, index), not (logits, ...) (gemma4_text).
+    returns_probs: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,12 +61,14 @@ class ExpertLayout:
 
     Default: gate_up_proj (E, 2I, H) with gate rows then up rows, down_proj (E, H, I), no biases.
     gpt_oss: gate_up_proj (E, H, 2I) with gate/up interleaved along 2I, down_proj (E, I, H), plus biases.
+    has_gate=False (nemotron_h): up_proj (E, I, H) and down_proj (E, H, I), f(x) = down(act(up(x))).
     """
 
     transposed: bool = False
     interleaved: bool = False
     has_bias: bool = False
-    act: Literal["swiglu", "gpt_oss_clamped"] = "swiglu"
+    has_gate: bool = True
+    act: Literal["swiglu", "gpt_oss_clamped", "relu2", "geglu_tanh"] = "swiglu"
 
 
 @dataclass(frozen=True)
@@ -71,14 +83,16 @@ class FamilySpec:
     scaling_attr: str | None = None  # config field multiplying the applied weights (routed_scaling_factor)
     router: RouterSpec = RouterSpec()
     layout: ExpertLayout = ExpertLayout()
-    block_attr: str = "mlp"  # decoder-layer attribute holding the MoE block
+    # Decoder-layer attribute holding the MoE block; None: the decoder layer holds the router and `experts` itself
+    # (gemma4_text, where the MoE runs beside the layer's dense MLP, each with its own norms).
+    block_attr: str | None = "mlp"
     router_attr: str = "gate"  # MoE-block attribute holding the router
-    router_weight: str = "weight"  # the router's (E, H) rows under it (hunyuan_v1_moe: its Linear "wg.weight")
     block_returns_tuple: bool = False  # gpt_oss's block returns (hidden, router_scores)
     # Per-expert layout that save_pretrained writes: "{prefix}.{e}.{proj}.weight" for (gate, up, down) projections;
     # None where the family is stored fused on disk too.
     disk_expert_prefix: str | None = "mlp.experts"
-    disk_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # (gate, up, down), or (up, down) for a layout without gate.
+    disk_proj_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     # Shared experts: the block attribute holding a SwiGLU MLP, and its sigmoid gate (None: ungated).
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
@@ -99,9 +113,10 @@ class FamilySpec:
     shared_size_attr: str | None = None
     # The dense student (docs/architecture.md, "Family spec"): "mlp" = a plain SwiGLU MLP
     # (gate_proj/up_proj/down_proj);
-    # "single_expert" = the same family with one always-on expert, for families without a dense twin.
-    # "in_class" = the same family with one expert, in each layer whatever the class then builds (arch.generic).
-    dense_mlp: Literal["mlp", "single_expert", "in_class"] = "mlp"
+    # "single_expert" = the same family with one always-on expert, for families without a dense twin;
+    # "in_class" = the same family with one expert, in each layer whatever the class then builds (arch.generic);
+    # "up_mlp" = an ungated MLP (up_proj/down_proj) in the block's place (nemotron_h's "mlp" layers).
+    dense_mlp: Literal["mlp", "single_expert", "in_class", "up_mlp"] = "mlp"
     # Config field giving the number of leading dense layers; the student sets it to num_hidden_layers (deepseek).
     first_dense_attr: str | None = None
     # Config field listing "dense"/"sparse" per layer (glm4_moe_lite's mlp_layer_types); the student sets all "dense".
@@ -111,7 +126,8 @@ class FamilySpec:
     mlp_only_attr: str | None = None
     # Config field of a lower bound on the renormalising denominator: weights / clamp(sum, min) (ernie4_5_moe).
     renorm_min_attr: str | None = None
-    # The student config's field for its MLP width (llama4_text's dense layers use intermediate_size_mlp).
+    # The student config's field for its MLP width (llama4_text's dense layers use intermediate_size_mlp;
+    # gemma4_text's one expert, beside the layer's own dense MLP, moe_intermediate_size).
     dense_width_attr: str = "intermediate_size"
     # The decoder-layer attribute of the student's plain MLP (granite: "mlp" where the teacher has
     # "block_sparse_moe"; llama4_text: "feed_forward").
@@ -119,4 +135,19 @@ class FamilySpec:
     # Further student-config fields, from the teacher config (e.g. llama4_text: moe_layers=[] makes every layer dense).
     dense_config: Callable[[PreTrainedConfig], dict] | None = None
     # (config field, allowed values): a teacher with any other value is refused (a variant moe2dense does not convert).
-    config_allowed: tuple[tuple[str, tuple], ...] = ()
+    config_allowed: tuple[tuple[str, tuple[object, ...]], ...] = ()
+    # Layers with a dense MLP; None: every layer that is not MoE (hybrids also have layers with no MLP at all).
+    is_dense_layer: Callable[[PreTrainedConfig, int], bool] | None = None
+    # Per-layer block-type list in the config and the (MoE, dense MLP) values the student swaps (nemotron_h:
+    # layers_block_type, "moe" -> "mlp").
+    layer_types_attr: str | None = None
+    layer_type_swap: tuple[str, str] | None = None
+    # Name of the base model in the safetensors files where it differs from the in-memory "model" (nemotron_h
+    # checkpoints say "backbone."; transformers' conversion_mapping renames on load and back on save).
+    disk_prefix: str = "model"
+    # Config keys that fix the layer count, the first present one checked (registry.check_config_keys).
+    num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
+    top_k_attr: str = "num_experts_per_tok"  # config field holding k
+    # Decoder-layer norm mapping the router's input to the experts' input (gemma4_text routes the pre-norm
+    # residual, its experts see pre_feedforward_layernorm_2 of it); None: both see the same tensor.
+    expert_input_norm: str | None = None
