@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moe2dense.arch import Adapter, ExpertWeights, get_adapter
+from moe2dense.arch.generic import verify_student
+from moe2dense.arch.registry import is_generic
 from moe2dense.checkpoint import DTYPES, TOKENIZER_FILES, CheckpointReader, ShardedWriter
 from moe2dense.grouping import merge_experts
 from moe2dense.markdown import table
@@ -45,26 +48,29 @@ def concat_blocks(blocks: list[Block], width: int, dtype: torch.dtype = torch.fl
     if any(w.act != first.act for w, _ in blocks):
         raise ValueError("blocks with different activations cannot be concatenated")
     H = first.down.shape[0]
-    used = sum(w.gate.shape[0] for w, _ in blocks)
+    used = sum(w.up.shape[0] for w, _ in blocks)
     if used > width:
         raise ValueError(f"blocks have {used} neurons, more than the dense width {width}")
-    device = first.gate.device
-    gate = torch.zeros(width, H, dtype=dtype, device=device)
+    device = first.up.device
+    gated = first.gate is not None  # up-only (relu2) experts have no gate; `act` is the same for every block
+    gate = torch.zeros(width, H, dtype=dtype, device=device) if gated else None
     up = torch.zeros(width, H, dtype=dtype, device=device)
     down = torch.zeros(H, width, dtype=dtype, device=device)
-    has_bias = any(w.down_bias is not None or w.gate_bias is not None for w, _ in blocks)
-    gate_b = torch.zeros(width, dtype=dtype, device=device) if has_bias else None
+    has_bias = any(w.down_bias is not None or w.up_bias is not None for w, _ in blocks)
+    gate_b = torch.zeros(width, dtype=dtype, device=device) if has_bias and gated else None
     up_b = torch.zeros(width, dtype=dtype, device=device) if has_bias else None
     down_b = torch.zeros(H, dtype=torch.float32, device=device) if has_bias else None
     start = 0
     for w, c in blocks:
-        rows = slice(start, start + w.gate.shape[0])
-        gate[rows].copy_(w.gate)
+        rows = slice(start, start + w.up.shape[0])
+        if gated:
+            gate[rows].copy_(w.gate)
         up[rows].copy_(w.up)
         down[:, rows].copy_(w.down.to(torch.float32) * c)
         if has_bias:
             if w.gate_bias is not None:
                 gate_b[rows].copy_(w.gate_bias)
+            if w.up_bias is not None:
                 up_b[rows].copy_(w.up_bias)
             if w.down_bias is not None:
                 down_b += w.down_bias.to(torch.float32) * c
@@ -73,8 +79,16 @@ def concat_blocks(blocks: list[Block], width: int, dtype: torch.dtype = torch.fl
                          act=first.act, swiglu_alpha=first.swiglu_alpha, swiglu_limit=first.swiglu_limit)
 
 
+def scale_input(w: ExpertWeights, c: float) -> ExpertWeights:
+    """f(c x) as an MLP of x: gate and up rows times c (float32, cast once by concat_blocks, as c on down is), biases
+    and down unchanged. For a family whose routing weight scales the expert's input (llama4_text), block g's constant
+    c_g goes here, not on down: SwiGLU is not homogeneous, silu(c G x) * (c U x) != c silu(G x) * (U x)."""
+    return replace(w, gate=w.gate.float() * c, up=w.up.float() * c)
+
+
 # ----------------------------------------------------------------------------------- the student's MLP, by family
-MlpWriter = Callable[[Adapter, int, ExpertWeights, set[str]], dict[str, torch.Tensor]]
+# (adapter, layer, block, the student's layout: name -> (shape, dtype)) -> the layer's MLP tensors by name
+MlpWriter = Callable[[Adapter, int, ExpertWeights, dict], dict[str, torch.Tensor]]
 MLP_WRITERS: dict[str, MlpWriter] = {}
 
 
@@ -86,26 +100,54 @@ def register_mlp_writer(kind: str) -> Callable[[MlpWriter], MlpWriter]:
 
 
 @register_mlp_writer("mlp")
-def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
+def _plain_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict) -> dict[str, torch.Tensor]:
     if block.down_bias is not None or block.act != "swiglu":
         raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
-    prefix = f"model.layers.{layer}.mlp"
+    prefix = f"model.layers.{layer}.{adapter.spec.dense_mlp_attr}"
     return {f"{prefix}.gate_proj.weight": block.gate, f"{prefix}.up_proj.weight": block.up,
             f"{prefix}.down_proj.weight": block.down}
 
 
+@register_mlp_writer("up_mlp")
+def _up_mlp(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict) -> dict[str, torch.Tensor]:
+    """An ungated MLP (up_proj, down_proj; biases where the student has them) in the MoE block's place."""
+    if block.gate is not None or block.act != adapter.spec.layout.act:
+        raise ValueError(f"a {adapter.dense_model_type} MLP is {adapter.spec.layout.act} without gate")
+    prefix = f"model.layers.{layer}.{adapter.spec.dense_mlp_attr}"
+    out = {f"{prefix}.up_proj.weight": block.up, f"{prefix}.down_proj.weight": block.down}
+    for proj, bias, size in (("up_proj", block.up_bias, block.up.shape[0]),
+                             ("down_proj", block.down_bias, block.down.shape[0])):
+        if f"{prefix}.{proj}.bias" in student_keys:  # mlp_bias=True: zeros where no block has a bias
+            out[f"{prefix}.{proj}.bias"] = bias if bias is not None else block.up.new_zeros(size)
+        elif bias is not None:
+            raise ValueError(f"the {adapter.dense_model_type} student has no {proj} bias (mlp_bias=False)")
+    return out
+
+
 @register_mlp_writer("single_expert")
-def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]
+def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: dict
                    ) -> dict[str, torch.Tensor]:
     """The same MoE family with one expert that every token uses with weight 1 (softmax over one logit), in the
     names `save_pretrained` writes: per-expert keys where the family stores them so, else fused."""
     spec, layout = adapter.spec, adapter.spec.layout
-    prefix = f"model.layers.{layer}.{spec.block_attr}"
+    prefix = adapter.block_path(layer)
+    disk = prefix if spec.disk_block_attr is None else f"model.layers.{layer}.{spec.disk_block_attr}"  # minimax_m2
     H = block.down.shape[0]
-    router = f"{prefix}.{spec.router_attr}"
-    out = {f"{router}.weight": block.gate.new_zeros(1, H)}
-    if f"{router}.bias" in student_keys:
-        out[f"{router}.bias"] = block.gate.new_zeros(1)
+    router = f"{disk}.{spec.router_attr}"
+    proj = f".{spec.router.proj_attr}" if spec.router.proj_attr else ""
+    out = {f"{router}{proj}.weight": block.gate.new_zeros(1, H)}
+    if f"{prefix}.{spec.router_attr}{proj}.bias" in student_keys:
+        out[f"{router}{proj}.bias"] = block.gate.new_zeros(1)
+    if spec.router.bias_attr:  # the selection bias of one expert changes nothing
+        owner = disk if spec.router.bias_on_block else router
+        out[f"{owner}.{spec.router.bias_attr}"] = block.gate.new_zeros(1)
+    # Any other router tensor is a multiplicative scale (gemma4_text's router.scale on the input, per_expert_scale
+    # on the weight): ones keep the one expert's weight at exactly 1.
+    for name in student_keys:
+        if name.startswith(f"{prefix}.{spec.router_attr}."):
+            key = disk + name[len(prefix):]
+            if key not in out:
+                out[key] = torch.ones(student_keys[name][0], dtype=block.gate.dtype, device=block.gate.device)
     if spec.disk_expert_prefix is not None:
         if block.down_bias is not None:
             raise ValueError(f"{adapter.model_type} experts have no biases")
@@ -129,6 +171,19 @@ def _single_expert(adapter: Adapter, layer: int, block: ExpertWeights, student_k
     return out
 
 
+@register_mlp_writer("in_class")
+def _in_class(adapter: Adapter, layer: int, block: ExpertWeights, student_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The teacher's own class with one expert (families found by arch.generic): in each layer whatever that class
+    builds there, a plain SwiGLU MLP under the block's name or the one-expert block."""
+    prefix = f"model.layers.{layer}.{adapter.spec.block_attr}"
+    if f"{prefix}.gate_proj.weight" not in student_keys:
+        return _single_expert(adapter, layer, block, student_keys)
+    if block.down_bias is not None or block.act != "swiglu":
+        raise ValueError(f"a {adapter.dense_model_type} MLP has no biases and a plain SwiGLU")
+    return {f"{prefix}.gate_proj.weight": block.gate, f"{prefix}.up_proj.weight": block.up,
+            f"{prefix}.down_proj.weight": block.down}
+
+
 # ----------------------------------------------------------------------------------------------- the student config
 def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtype: torch.dtype) -> PreTrainedConfig:
     """The dense twin's config: every field the dense class knows is copied from the teacher (attention, rope,
@@ -137,12 +192,22 @@ def student_config(teacher: PreTrainedConfig, adapter: Adapter, width: int, dtyp
     known = set(AutoConfig.for_model(spec.dense_model_type).to_dict())
     skip = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"}
     kwargs = {k: v for k, v in teacher.to_dict().items() if k in known and k not in skip}
-    kwargs["intermediate_size"] = width
-    if spec.dense_mlp == "single_expert":
+    kwargs[spec.dense_width_attr] = width
+    if spec.dense_config:
+        kwargs.update(spec.dense_config(teacher))
+    if spec.dense_mlp in ("single_expert", "in_class"):
         kwargs[spec.num_experts_attr] = 1
-        kwargs["num_experts_per_tok"] = 1
+        kwargs[spec.top_k_attr] = 1
+        kwargs[spec.intermediate_attr] = width  # the one expert's width (a no-op where it is intermediate_size)
     if spec.first_dense_attr:
         kwargs[spec.first_dense_attr] = teacher.num_hidden_layers
+    if spec.mlp_types_attr:
+        kwargs[spec.mlp_types_attr] = ["dense"] * teacher.num_hidden_layers
+    if spec.mlp_only_attr:
+        kwargs[spec.mlp_only_attr] = list(range(teacher.num_hidden_layers))
+    if spec.layer_types_attr:  # hybrids: the MoE layers become the family's dense MLP layers, the rest stay
+        moe, dense = spec.layer_type_swap
+        kwargs[spec.layer_types_attr] = [dense if t == moe else t for t in getattr(teacher, spec.layer_types_attr)]
     config = AutoConfig.for_model(spec.dense_model_type, **kwargs)
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.dense_model_type]]
     config.dtype = str(dtype).removeprefix("torch.")
@@ -158,16 +223,25 @@ def student_layout(config: PreTrainedConfig) -> dict[str, tuple[tuple[int, ...],
             if not (tied and n == "lm_head.weight")}
 
 
+def student_num_parameters(config: PreTrainedConfig) -> int:
+    """Parameters only: the saved tensors also hold persistent buffers (minimax_m2's e_score_correction_bias)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    return sum(p.numel() for p in model.parameters())
+
+
 # -------------------------------------------------------------------------------------------------------- assembly
 def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: LayerPlan | None,
                  align: bool) -> list[Block]:
     """The (expert, c) blocks of one layer: merged groups and shared experts, or an originally dense MLP."""
-    if layer not in adapter.moe_layers:
+    if layer in adapter.dense_layers:
         return [(read_dense_mlp(reader, adapter, layer), 1.0)]
     groups = layer_plan.groups
     experts = read_experts(reader, adapter, layer, [e for g in groups for e in g.experts])
     blocks = [(merge_experts([experts[e] for e in g.experts], list(g.weights), align=align), g.scale)
               for g in groups]
+    if adapter.spec.router.scales_input:
+        blocks = [(scale_input(w, c), 1.0) for w, c in blocks]
     shared = read_shared_experts(reader, adapter, layer)
     if len(shared) != len(layer_plan.shared):
         raise ValueError(f"layer {layer}: the plan has {len(layer_plan.shared)} shared experts, the teacher "
@@ -176,7 +250,7 @@ def layer_blocks(reader: CheckpointReader, adapter: Adapter, layer: int, layer_p
 
 
 def layer_width(reader: CheckpointReader, adapter: Adapter, layer: int, layer_plan: LayerPlan | None) -> int:
-    if layer not in adapter.moe_layers:
+    if layer in adapter.dense_layers:
         return dense_mlp_width(reader, adapter, layer)
     return len(layer_plan.groups) * adapter.intermediate_size + shared_width(reader, adapter, layer)
 
@@ -190,9 +264,10 @@ def check_plan(plan: ConversionPlan, adapter: Adapter) -> None:
                          f"on {adapter.moe_layers}: rerun grouping for this teacher")
 
 
-def _teacher_dtype(reader: CheckpointReader) -> torch.dtype:
-    name = "model.embed_tokens.weight"
-    return reader.dtype(name) if name in reader else torch.float32
+def _teacher_dtype(reader: CheckpointReader, adapter: Adapter) -> torch.dtype:
+    names = [adapter.disk_name(n) for n in ("model.embed_tokens.weight", "model.embeddings.weight")]
+    name = next((n for n in names if n in reader), None)  # nemotron_h calls its embedding `embeddings`
+    return reader.dtype(name) if name else torch.float32
 
 
 def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, dtype: str = "auto",
@@ -209,41 +284,54 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
     check_plan(plan, adapter)
     reader = CheckpointReader(teacher_dir)
     try:
-        target = _teacher_dtype(reader) if dtype == "auto" else DTYPES[dtype]
+        target = _teacher_dtype(reader, adapter) if dtype == "auto" else DTYPES[dtype]
         plans = plan.layers
-        widths = {layer: layer_width(reader, adapter, layer, plans.get(layer)) for layer in range(adapter.num_layers)}
+        widths = {layer: layer_width(reader, adapter, layer, plans.get(layer)) for layer in adapter.mlp_layers}
         width = max(widths.values())
         config = student_config(tconfig, adapter, width, target)
         layout = student_layout(config)
         writer_fn = MLP_WRITERS[adapter.spec.dense_mlp]
-        mlp_prefix = lambda layer: f"model.layers.{layer}.{adapter.spec.block_attr}."  # noqa: E731
-        copied = [n for n in layout if not any(n.startswith(mlp_prefix(i)) for i in range(adapter.num_layers))]
-        if missing := [n for n in copied if n not in reader]:
-            raise ValueError(f"the teacher checkpoint lacks tensors the {config.model_type} student needs: "
-                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         # The MLP tensors' names and shapes come from running the writer on meta tensors of the final shape.
-        keys = set(layout)
+        keys = layout  # the writers look names (and the single expert's router scales, shapes) up here
         H = tconfig.hidden_size
         meta_mlp = {}
-        for layer in range(adapter.num_layers):
+        for layer in adapter.mlp_layers:
             meta = concat_blocks([(_meta_block(widths[layer], H, adapter), 1.0)], width, target)
             meta_mlp.update({n: tuple(t.shape) for n, t in writer_fn(adapter, layer, meta, keys).items()})
+        # Everything outside the student's MLP modules is copied: not the writer's (granite's student has `mlp`
+        # where the teacher has `block_sparse_moe`) nor what the MLP replaces in the teacher (its block, or
+        # gemma4_text's router and experts beside the layer's own dense MLP, which is kept).
+        replaced = tuple({".".join(n.split(".")[:4]) + "." for n in meta_mlp}
+                         | {p for i in adapter.mlp_layers for p in adapter.replaced_prefixes(i)})
+        copied = [n for n in layout if not n.startswith(replaced)]
+        if missing := [n for n in copied if adapter.disk_name(n) not in reader]:
+            raise ValueError(f"the teacher checkpoint lacks tensors the {config.model_type} student needs: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         shard_plan = [(n, layout[n][0], target if layout[n][1].is_floating_point else layout[n][1]) for n in copied]
+        def read(name: str) -> torch.Tensor:  # a copied tensor, by its in-memory name (nemotron_h: "backbone." on disk)
+            key = adapter.disk_name(name)
+            return reader.read(key).to(_cast(reader.dtype(key), target))
         shard_plan += [(n, shape, target) for n, shape in meta_mlp.items()]
-        params = sum(math.prod(shape) for _, shape, _ in shard_plan)
+        params = student_num_parameters(config)
         with ShardedWriter(out, shard_plan, max_shard_bytes=max_shard_bytes) as writer:
             by_layer: dict[int | None, list[str]] = {}
             for n in copied:
                 by_layer.setdefault(_layer_of(n), []).append(n)
             for n in by_layer.pop(None, []):
-                writer.write(n, reader.read(n).to(_cast(reader.dtype(n), target)))
+                writer.write(n, read(n))
             for layer in tqdm(range(adapter.num_layers), desc="assemble", unit="layer", disable=not progress):
                 for n in by_layer.get(layer, []):
-                    writer.write(n, reader.read(n).to(_cast(reader.dtype(n), target)))
+                    writer.write(n, read(n))
+                if layer not in widths:  # no MLP in this layer (a hybrid's Mamba or attention layer)
+                    continue
                 blocks = layer_blocks(reader, adapter, layer, plans.get(layer), plan.align)
                 for n, t in writer_fn(adapter, layer, concat_blocks(blocks, width, target), keys).items():
                     writer.write(n, t.to(target).contiguous())
                 del blocks
+            if is_generic(adapter):  # the student of a discovered family is checked, not assumed
+                check = [adapter.moe_layers[0], *adapter.dense_layers[:1]]
+                references = {i: concat_blocks(layer_blocks(reader, adapter, i, plans.get(i), plan.align), width,
+                                               target) for i in check}
     finally:
         reader.close()
     config.save_pretrained(out)
@@ -254,16 +342,21 @@ def assemble(teacher_dir: str | Path, plan: ConversionPlan, out: str | Path, *, 
                "num_parameters": params, "dtype": str(target).removeprefix("torch."),
                "bytes": sum(math.prod(s) * d.itemsize for _, s, d in shard_plan)}
     single = adapter.spec.dense_mlp == "single_expert"
-    (out / "README.md").write_text(card or model_card(plan.to_json(), summary, teacher_dir, single))
+    text = card or model_card(plan.to_json(), summary, teacher_dir, single)
+    if not card and adapter.spec.router.scales_input:
+        text += INPUT_SCALED.format(family=adapter.model_type)
+    (out / "README.md").write_text(text)
+    if is_generic(adapter):
+        verify_student(out, adapter, references)
     return summary
 
 
 def _meta_block(neurons: int, hidden: int, adapter: Adapter) -> ExpertWeights:
     z = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
-    bias = adapter.spec.layout.has_bias
-    return ExpertWeights(z(neurons, hidden), z(neurons, hidden), z(hidden, neurons),
-                         z(neurons) if bias else None, z(neurons) if bias else None, z(hidden) if bias else None,
-                         act=adapter.spec.layout.act)
+    bias, gated = adapter.spec.layout.has_bias, adapter.spec.layout.has_gate
+    return ExpertWeights(z(neurons, hidden) if gated else None, z(neurons, hidden), z(hidden, neurons),
+                         z(neurons) if bias and gated else None, z(neurons) if bias else None,
+                         z(hidden) if bias else None, act=adapter.spec.layout.act)
 
 
 def _layer_of(name: str) -> int | None:
@@ -295,6 +388,13 @@ WHY_SINGLE_EXPERT = (
     "{family} has no dense counterpart in transformers, so the student is a {family} model with a single expert "
     "that every token uses with weight 1 (a softmax over one logit). It computes exactly a dense SwiGLU MLP of "
     "width {width} and loads with `AutoModelForCausalLM.from_pretrained` like any {family} checkpoint."
+)
+
+
+INPUT_SCALED = (
+    "\n{family} multiplies each expert's input, not its output, by the routing score, so here each block's constant "
+    "c_g is folded into its gate and up rows (the MLP computes sum_g E_g(c_g x)) and the down projection is the "
+    "merged expert's own.\n"
 )
 
 

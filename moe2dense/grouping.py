@@ -220,7 +220,8 @@ def _check_same_layout(reference: ExpertWeights, other: ExpertWeights) -> None:
 
 def _neuron_features(w: ExpertWeights) -> Tensor:
     """[I, F] unit rows: each intermediate neuron's gate row, up row, down column (and gate/up biases)."""
-    parts = [w.gate, w.up, w.down.T] + [b[:, None] for b in (w.gate_bias, w.up_bias) if b is not None]
+    parts = [t for t in (w.gate, w.up, w.down.T) if t is not None]  # up-only experts have no gate
+    parts += [b[:, None] for b in (w.gate_bias, w.up_bias) if b is not None]
     feat = torch.cat([p.to(torch.float64) for p in parts], dim=1)
     return feat / feat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
 
@@ -236,10 +237,10 @@ def align_to(reference: ExpertWeights, other: ExpertWeights) -> ExpertWeights:
     _check_same_layout(reference, other)
     cost = -(_neuron_features(reference) @ _neuron_features(other).T)
     _, perm = linear_sum_assignment(cost.cpu().numpy())
-    perm = torch.as_tensor(perm, device=other.gate.device)
+    perm = torch.as_tensor(perm, device=other.up.device)
     return replace(
         other,
-        gate=other.gate[perm],
+        gate=None if other.gate is None else other.gate[perm],
         up=other.up[perm],
         down=other.down[:, perm],
         gate_bias=None if other.gate_bias is None else other.gate_bias[perm],

@@ -35,10 +35,17 @@ def transform(config) -> Callable[[Tensor], Tensor] | None:
     return apply
 
 
+def decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack (the module holding `.layers`): base_model (`model` for most families, `backbone` for
+    nemotron_h), or its `.model` where base_model_prefix names no attribute (Llama4ForCausalLM's
+    "language_model")."""
+    base = model.base_model
+    return base if hasattr(base, "layers") else base.model
+
+
 def hidden_states(model: nn.Module, ids: Tensor) -> Tensor:
-    """The base model's final hidden states [B, S, H] (base_model: `model` for most families, `backbone` for
-    nemotron_h)."""
-    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    """The decoder's final hidden states [B, S, H]."""
+    return decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
 
 
 def logits(model: nn.Module, hidden: Tensor) -> Tensor:

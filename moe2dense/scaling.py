@@ -5,6 +5,11 @@ In the teacher, a token's FFN output is sum_{e in S_t} g_{t,e} f_e(x_t); the den
 sum_g c_g E_g(x_t) for every token. Both rules keep the total weight per token at m, the mean total routed weight
 per token over calibration: 1 when the router renormalises its top-k, times routed_scaling_factor where the family
 has one; measured from calibration otherwise (e.g. qwen3_moe with norm_topk_prob false, deepseek_v2).
+
+Where the routing weight multiplies the expert's input instead (llama4_text: sum_{e in S_t} f_e(g_{t,e} x_t)), the
+student computes sum_g E_g(c_g x_t) (assemble.scale_input), and c_g keeps its meaning, the weight block g stands for:
+exact when every selected score is the constant c_g (the uniform-router probe), otherwise the same rules'
+estimate; with SwiGLU not homogeneous, f(c x) != c f(x), so the two placements are not interchangeable.
 """
 from __future__ import annotations
 

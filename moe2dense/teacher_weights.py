@@ -11,16 +11,14 @@ from collections.abc import Sequence
 import torch
 
 from moe2dense.arch import Adapter, ExpertWeights, QuantizedModelError
-from moe2dense.arch.experts import FUSED
+from moe2dense.arch.experts import MLP_PROJ, UP_ONLY_ACTS, mlp_from_tensors
 from moe2dense.checkpoint import CheckpointReader
-
-_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 def _block_prefixes(adapter: Adapter, layer: int) -> list[str]:
     spec = adapter.spec
-    names = [spec.block_attr] + ([spec.disk_block_attr] if spec.disk_block_attr else [])
-    return [f"model.layers.{layer}.{n}" for n in names]
+    alias = [f"{adapter.disk_layer_prefix(layer)}.{spec.disk_block_attr}"] if spec.disk_block_attr else []
+    return [adapter.block_path(layer, disk=True), *alias]
 
 
 def _first_present(reader: CheckpointReader, candidates: Sequence[str], what: str) -> str:
@@ -32,12 +30,17 @@ def _first_present(reader: CheckpointReader, candidates: Sequence[str], what: st
 
 def read_router_weight(reader: CheckpointReader, adapter: Adapter, layer: int) -> torch.Tensor:
     """The router's rows (E, H)."""
-    candidates = [f"{p}.{adapter.spec.router_attr}.weight" for p in _block_prefixes(adapter, layer)]
+    spec = adapter.spec
+    proj = spec.router.proj_attr
+    router = spec.router_attr + (f".{proj}" if proj else "")
+    candidates = [f"{p}.{router}.weight" for p in _block_prefixes(adapter, layer)]
+    if spec.disk_router_weight:
+        candidates.append(f"{adapter.block_path(layer, disk=True)}.{spec.disk_router_weight}")
     return reader.read(_first_present(reader, candidates, f"router of layer {layer}"))
 
 
 def _check_not_quantized(reader: CheckpointReader, adapter: Adapter, layer: int) -> None:
-    prefix = f"model.layers.{layer}.{adapter.spec.block_attr}.experts."
+    prefix = f"{adapter.block_path(layer, disk=True)}.experts."
     packed = [n for n in reader.keys() if n.startswith(prefix) and n.endswith(("_blocks", "_scales"))]
     if packed:
         raise QuantizedModelError(
@@ -53,7 +56,7 @@ def read_experts(reader: CheckpointReader, adapter: Adapter, layer: int, experts
     _check_not_quantized(reader, adapter, layer)
     ids = sorted(set(int(e) for e in experts))
     names = adapter.expert_tensor_names(layer, reader.keys())
-    if names[0].endswith(FUSED[0]):  # fused: read the selected rows and renumber them 0..len(ids)-1
+    if names in adapter.fused_name_sets(layer):  # fused: read the selected rows and renumber them 0..len(ids)-1
         subset = {name: reader.read_rows(name, ids) for name in names}
         return {e: adapter.expert_weights_from_tensors(subset, layer, j) for j, e in enumerate(ids)}
     out = {}
@@ -63,35 +66,44 @@ def read_experts(reader: CheckpointReader, adapter: Adapter, layer: int, experts
     return out
 
 
-def read_mlp(reader: CheckpointReader, prefix: str) -> ExpertWeights:
-    """A SwiGLU MLP stored as `{prefix}.gate_proj/up_proj/down_proj.weight` (+ optional biases)."""
-    tensors = {}
-    for proj in _PROJ:
-        tensors[proj] = reader.read(_first_present(reader, [f"{prefix}.{proj}.weight"], f"MLP {prefix}"))
+def read_mlp(reader: CheckpointReader, prefix: str, proj_names: Sequence[str] = MLP_PROJ,
+             act: str = "swiglu") -> ExpertWeights:
+    """An MLP stored as `{prefix}.gate_proj/up_proj/down_proj.weight` (+ optional biases), or under `proj_names`
+    (experts.mlp_from_tensors); up-only activations (relu2) have no gate_proj."""
+    if act in UP_ONLY_ACTS:
+        proj_names = [n for n in proj_names if n != "gate_proj"]
+    weights, biases = [], []
+    for proj in proj_names:
+        weights.append(reader.read(_first_present(reader, [f"{prefix}.{proj}.weight"], f"MLP {prefix}")))
         bias = f"{prefix}.{proj}.bias"
-        tensors[proj + "_bias"] = reader.read(bias) if bias in reader else None
-    return ExpertWeights(gate=tensors["gate_proj"], up=tensors["up_proj"], down=tensors["down_proj"],
-                         gate_bias=tensors["gate_proj_bias"], up_bias=tensors["up_proj_bias"],
-                         down_bias=tensors["down_proj_bias"])
+        biases.append(reader.read(bias) if bias in reader else None)
+    return mlp_from_tensors(weights, biases, act)
+
+
+def _shared_prefix(adapter: Adapter, layer: int) -> str:
+    spec = adapter.spec
+    parent = adapter.disk_layer_prefix(layer) if spec.shared_in_layer else adapter.block_path(layer, disk=True)
+    return f"{parent}.{spec.shared_attr}"
 
 
 def read_shared_experts(reader: CheckpointReader, adapter: Adapter, layer: int) -> list[ExpertWeights]:
     """The layer's shared expert MLP (one module, however many shared experts it stands for), or []."""
     if adapter.spec.shared_attr is None:
         return []
-    return [read_mlp(reader, f"model.layers.{layer}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}")]
+    return [read_mlp(reader, _shared_prefix(adapter, layer), adapter.spec.shared_proj_names, adapter.spec.layout.act)]
 
 
 def read_dense_mlp(reader: CheckpointReader, adapter: Adapter, layer: int) -> ExpertWeights:
     """The MLP of an originally dense layer (deepseek's first_k_dense_replace, qwen's mlp_only_layers)."""
-    return read_mlp(reader, f"model.layers.{layer}.{adapter.spec.block_attr}")
+    return read_mlp(reader, adapter.block_path(layer, disk=True), act=adapter.spec.layout.act)
 
 
 def dense_mlp_width(reader: CheckpointReader, adapter: Adapter, layer: int) -> int:
-    return reader.shape(f"model.layers.{layer}.{adapter.spec.block_attr}.up_proj.weight")[0]
+    return reader.shape(f"{adapter.block_path(layer, disk=True)}.up_proj.weight")[0]
 
 
 def shared_width(reader: CheckpointReader, adapter: Adapter, layer: int) -> int:
     if adapter.spec.shared_attr is None:
         return 0
-    return reader.shape(f"model.layers.{layer}.{adapter.spec.block_attr}.{adapter.spec.shared_attr}.up_proj.weight")[0]
+    down = adapter.spec.shared_proj_names[-1]  # (H, width) in every shared layout
+    return reader.shape(f"{_shared_prefix(adapter, layer)}.{down}.weight")[1]

@@ -40,7 +40,7 @@ def record_router(model, adapter: Adapter) -> tuple[dict[int, list], list]:
     def hook(layer):
         def fn(module, args, out):
             x = args[0].reshape(-1, args[0].shape[-1]).detach().clone()
-            seen[layer].append((x, *(t.detach().clone() for t in out)))
+            seen[layer].append((x, *(t.detach().clone() for t in adapter.router_output(out))))
         return fn
 
     handles = [adapter.router_module(model, layer).register_forward_hook(hook(layer)) for layer in adapter.moe_layers]
@@ -48,8 +48,11 @@ def record_router(model, adapter: Adapter) -> tuple[dict[int, list], list]:
 
 
 def scores(adapter: Adapter, logits: torch.Tensor) -> torch.Tensor:
-    """p_t: sigmoid for deepseek_v3, softmax over all experts otherwise (README "Scoring methods" notation)."""
-    return logits.sigmoid() if adapter.model_type == "deepseek_v3" else logits.softmax(-1)
+    """p_t: sigmoid or softmax over all experts, as the family's RouterSpec says (README "Scoring methods");
+    gemma4_text's router outputs p_t itself."""
+    if adapter.spec.router.returns_probs:
+        return logits
+    return logits.sigmoid() if adapter.spec.router.score == "sigmoid" else logits.softmax(-1)
 
 
 def by_expert_id(index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +146,8 @@ def test_output_stats_equal_brute_force(family, tmp_path):
     model, adapter, batches, root, stats, seen, _ = family
     routed_only = capture(model, batches, tmp_path, needs={"routed_outputs"}, progress=False)  # per-expert path
     for layer, s in read_stats(root).items():
-        x = torch.cat([call[0] for call in seen[layer]])
+        with torch.no_grad():  # the experts' input (test_arch checks it is what the model's experts see)
+            x = adapter.expert_input(model, layer, torch.cat([call[0] for call in seen[layer]]))
         index = torch.cat([call[3] for call in seen[layer]]).long()
         weights = torch.cat([call[2] for call in seen[layer]]).double()
         want = brute_force(model, adapter, layer, x, index, weights)

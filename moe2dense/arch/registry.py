@@ -6,7 +6,8 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from .adapter import Adapter
 from .errors import QuantizedModelError, UnsupportedModelError
-from .families import FAMILIES
+from .families import FAMILIES, TEXT_MODEL_OF, UNWRAP_RECIPE
+from .generic import discover_spec, spec_for_raw
 
 _REGISTRY = {spec.model_type: spec for spec in FAMILIES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
@@ -29,11 +30,21 @@ def get_adapter(config: PreTrainedConfig | PreTrainedModel) -> Adapter:
     model_type = getattr(config, "model_type", None)
     spec = _REGISTRY.get(model_type)
     if spec is None:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        if model_type in TEXT_MODEL_OF:
+            raise UnsupportedModelError(_wrapper(model_type))
+        spec = discover_spec(config)  # the generic path (arch.generic), verified once weights load
     _reject_quantized(config)
     return Adapter.from_config(spec, config)
+
+
+def is_generic(adapter: Adapter) -> bool:
+    """True for a family without a written spec: its adapter holds only once `generic.verify_teacher` passed."""
+    return adapter.model_type not in _REGISTRY
+
+
+def _wrapper(model_type: str) -> str:
+    return (f"model_type {model_type!r} is a multimodal wrapper; moe2dense converts its text model "
+            f"({TEXT_MODEL_OF[model_type]}): {UNWRAP_RECIPE}")
 
 
 def _reject_quantized(config: PreTrainedConfig) -> None:
@@ -55,19 +66,25 @@ def check_config_keys(raw: dict, source: object) -> None:
     in silently with its library default (num_experts_per_tok=8, a default expert width), and the conversion would
     run on the wrong routing or crash later with a traceback. `source` names the file in the error."""
     model_type = raw.get("model_type")
-    spec = _REGISTRY.get(model_type)
-    if spec is None:
-        raise UnsupportedModelError(f"{source}: model_type {model_type!r} is not a supported MoE family; supported: "
-                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type in TEXT_MODEL_OF:
+        raise UnsupportedModelError(f"{source}: {_wrapper(model_type)}")
+    spec = _REGISTRY.get(model_type) or spec_for_raw(raw, source)
     from transformers import CONFIG_MAPPING
 
     aliases = CONFIG_MAPPING[model_type].attribute_map  # e.g. qwen3_moe saves num_experts as num_local_experts
-    for attr in ("num_hidden_layers", "num_experts_per_tok", spec.num_experts_attr, spec.intermediate_attr):
+    # The layer count: num_hidden_layers, or the first present of a hybrid's per-layer type list / pattern string.
+    layers_key = next((k for k in spec.num_layers_keys if k in raw), spec.num_layers_keys[0])
+    for attr in (layers_key, spec.top_k_attr, spec.num_experts_attr, spec.intermediate_attr):
         canonical = aliases.get(attr, attr)
         names = [attr, canonical, *(k for k, v in aliases.items() if v == canonical)]
         value = next((raw[n] for n in names if n in raw), None)
         if value is None:
             raise ValueError(f"{source}: {model_type} config has no {attr!r}; moe2dense does not guess it "
                              "(transformers would silently use its library default)")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{source}: {attr}={value!r} must be a positive integer")
+        if attr != "num_hidden_layers" and attr == layers_key:  # a list of layer types or a pattern string
+            if not value or not isinstance(value, (list, str)):
+                raise ValueError(f"{source}: {attr}={value!r} must be a non-empty list of layer types")
+            continue
+        items = value if isinstance(value, list) and value else [value]  # hunyuan's moe_topk may be per layer
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
+            raise ValueError(f"{source}: {attr}={value!r} must be a positive integer (or a per-layer list of them)")

@@ -12,7 +12,8 @@ from .spec import RouterSpec
 @dataclass(frozen=True)
 class Routing:
     """probs: p_t over all E experts [T, E]; index: S_t [T, k]; weights: g_{t,e} applied to each selected expert's
-    output [T, k], routed_scaling_factor included. Rows of index/weights are ordered by selection score."""
+    output (input where the RouterSpec says scales_input) [T, k], routed_scaling_factor included. Rows of
+    index/weights are ordered by selection score."""
 
     probs: torch.Tensor
     index: torch.Tensor
@@ -28,22 +29,33 @@ class RouterParams:
     scale: float = 1.0
     n_group: int | None = None
     topk_group: int | None = None
+    renorm_min: float | None = None  # renormalise by clamp(sum, min=renorm_min) instead of sum + 1e-20 (ernie4_5_moe)
 
 
 def route_logits(
-    logits: torch.Tensor, spec: RouterSpec, params: RouterParams, bias: torch.Tensor | None = None
+    logits: torch.Tensor,
+    spec: RouterSpec,
+    params: RouterParams,
+    bias: torch.Tensor | None = None,
+    expert_scale: torch.Tensor | None = None,
 ) -> Routing:
     """Route [T, E] logits. gpt_oss (top-k on logits, softmax over the k) is the softmax path with renorm: the
     softmax is monotonic and softmax over the k equals the renormalised top-k of the full softmax."""
     logits = logits.float()
     probs = logits.softmax(-1) if spec.score == "softmax" else logits.sigmoid()
-    choice = probs if bias is None else probs + bias.float()
+    choice = logits if spec.topk_on == "logits" else probs
+    if bias is not None:
+        choice = choice + bias.float()
     if params.n_group:
         choice = _limit_to_groups(choice, spec.group_score, params.n_group, params.topk_group)
     index = choice.topk(params.top_k, dim=-1).indices
     weights = probs.gather(1, index)
-    if params.renorm:
+    if params.renorm and params.renorm_min is not None:
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=params.renorm_min)
+    elif params.renorm:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # deepseek_v3's epsilon; a no-op elsewhere
+    if expert_scale is not None:  # gemma4_text's per_expert_scale, after renormalisation
+        weights = weights * expert_scale.float()[index]
     return Routing(probs=probs, index=index, weights=weights * params.scale)
 
 

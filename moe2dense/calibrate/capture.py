@@ -1,10 +1,11 @@
 """Capture routing and expert-output statistics of a frozen MoE teacher over calibration tokens.
 
 One forward hook per MoE layer on the router module sees the hidden states entering the router and the routing the
-router returned, `(logits, top-k weights, top-k index)` (each FamilySpec's router, moe2dense/arch). For each batch
-it adds the `LayerStats` sums in float64 (p_t = the family's softmax or sigmoid of the logits) and streams one
-Parquet row per token to `routing/layer=<L>/` (layout in `store`). The expert-output passes run only when a
-scoring method needs them (`scoring.required_capture`):
+router returned, `(logits, top-k weights, top-k index)` (each FamilySpec's router, moe2dense/arch; gemma4_text returns
+probabilities first); the experts' input is the router's, or a norm of it where the spec says so
+(`Adapter.expert_input`). For each batch it adds the `LayerStats` sums in float64 (p_t = the family's softmax or
+sigmoid of the logits) and streams one Parquet row per token to `routing/layer=<L>/` (layout in `store`). The
+expert-output passes run only when a scoring method needs them (`scoring.required_capture`):
 
 - "routed_outputs": ||f_e(x_t)|| for each routed pair (t, e), each expert run on its own tokens only;
 - "all_outputs":    every expert on every token in blocks of `token_chunk` tokens (bounded [E, chunk, H] buffer),
@@ -36,6 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe2dense.arch import Adapter, get_adapter
+from moe2dense.arch.generic import with_verified_teacher
+from moe2dense.arch.registry import is_generic
 from moe2dense.calibrate.store import RoutingWriter, write_meta, write_stats
 from moe2dense.data.packing import iter_packed_batches
 from moe2dense.scoring import CAPTURES, LayerStats
@@ -104,6 +107,7 @@ class _LayerCapture:
         self._experts = [adapter.expert_weights(model, layer, e) for e in range(E)] if self.routed and not self.all \
             else None
         self._softmax = adapter.spec.router.score == "softmax"
+        self._returns_probs = adapter.spec.router.returns_probs
         self.batch: _Batch | None = None
         self.shared_gate_sum = zeros(()) if adapter.spec.shared_gate_attr else None
 
@@ -119,15 +123,17 @@ class _LayerCapture:
             raise RuntimeError(f"layer {self.layer}: router saw {x.shape[0]} tokens, the batch has {batch.n_tokens}")
         # The router's own (logits, top-k weights, top-k index): the model's choice itself, at no extra cost;
         # p_t is the family's score of the logits (test_capture checks both against the model for every family).
-        logits, weights, index = (t.detach() for t in output[:3])
+        logits, weights, index = (t.detach() for t in self.adapter.router_output(output))
         logits = logits.reshape(-1, E).float()
-        probs = logits.softmax(-1) if self._softmax else logits.sigmoid()
+        probs = logits if self._returns_probs else logits.softmax(-1) if self._softmax else logits.sigmoid()
         index, weights = index.reshape(-1, k).long(), weights.reshape(-1, k).float()
         flat = index.reshape(-1)
         self.count += torch.bincount(flat, minlength=E)
         self.prob_sum += probs.sum(0, dtype=F64)
         self.prob_sum_selected.index_add_(0, flat, probs.gather(1, index).reshape(-1).to(F64))
         self.weight_sum.index_add_(0, flat, weights.reshape(-1).to(F64))
+        if self.all or self.routed:  # the experts' own input (gemma4_text: a norm of the router's)
+            x = self.adapter.expert_input(self.model, self.layer, x)
         if self.all:
             self._all_experts(x, index, weights)
         elif self.routed:
@@ -256,7 +262,7 @@ def _run_batches(model: nn.Module, layers: dict[int, _LayerCapture], batches: It
             batch = _Batch(seen.n_sequences, B, S, list(domains))
             for cap in layers.values():
                 cap.batch = batch
-            model.base_model(input_ids=ids.to(device), use_cache=False)
+            Adapter.decoder(model)(input_ids=ids.to(device), use_cache=False)
             seen.add(B, S, domains)
             bar.update(B * S)
     if seen.n_tokens == 0:
@@ -327,6 +333,8 @@ def capture(
     if writer_threads is not None and writer_threads < 0:
         raise ValueError(f"writer_threads must be >= 0 or None, got {writer_threads}")
     adapter = get_adapter(model)
+    if is_generic(adapter):  # a discovered family is used only once its blocks are reproduced (arch.generic)
+        batches = with_verified_teacher(model, adapter, batches)
     out_root = Path(out_root)
     device = next(model.parameters()).device
     n_moe = len(adapter.moe_layers)
