@@ -11,7 +11,8 @@ clean and reclaimable, so they are what a memory map is for rather than a copy p
 Each measurement runs in its own subprocess, as a Ray worker would: it opens the data the way `distill.loop` does
 (the training rows memory-mapped from `distill.data.decode_rows`' file, the logits through `CachedTeacher`) and runs
 `--steps` steps of the real batch order (`worker_micro_rows`), materialising every batch (and every target); RssAnon
-is sampled after every batch (its peak, and the peak minus the value after imports, are printed). The packed split (real widths: seq_len 2048 by default) and
+is sampled after every batch (its peak, and the peak minus the value after imports, are printed). The packed split
+(real widths: seq_len 2048 by default) and
 the logits cache (top-N int32 ids + fp32 log-probs per token) are synthetic, written by this script into a temp dir
 (~1.5 GB of disk at the defaults, ~2 minutes).
 
@@ -163,8 +164,8 @@ def main() -> None:
             (rows_peak, rows_added, rows_file), (cached_peak, cached_added, _) = results[scale]
             print(f"{scale}x: {tokens / 1e6:.1f}M training tokens, logits cache {cache_gb:.2f} GB: worker peak "
                   f"RssAnon {rows_peak:.0f} MB (+{rows_added:.0f} after imports; file-backed resident "
-                  f"{rows_file:.0f} MB: libraries and mapped rows, shared) with the rows, {cached_peak:.0f} MB (+{cached_added:.0f}) "
-                  f"with rows and cached logits; reading both whole as before: {whole[0]:.0f} MB (+{whole[1]:.0f})")
+                  f"{rows_file:.0f} MB: libraries and mapped rows, shared) with the rows, {cached_peak:.0f} MB "
+                  f"(+{cached_added:.0f}) with rows and cached logits; reading both whole as before: {whole[0]:.0f} MB (+{whole[1]:.0f})")
         rows_ratio = results[8][0][0] / results[1][0][0]
         cache_ratio = results[8][1][0] / results[1][1][0]
         print(f"worker peak RssAnon 8x / 1x: rows {rows_ratio:.3f} (budget {BUDGET}), rows + cached logits "

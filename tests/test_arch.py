@@ -71,7 +71,8 @@ def cap(request, tmp_path_factory) -> Captured:
     for i in adapter.moe_layers:  # the MoE output, plus a shared MLP beside the block (granitemoeshared)
         _, *beside = adapter.mlp_modules(model, i)
         handles += [m.register_forward_hook(on_block(i)) for m in (adapter.moe_output_module(model, i), *beside)]
-    handles += [m.register_forward_hook(on_block(i)) for i in adapter.dense_layers for m in adapter.mlp_modules(model, i)]
+    handles += [m.register_forward_hook(on_block(i))
+                for i in adapter.dense_layers for m in adapter.mlp_modules(model, i)]
     torch.manual_seed(1)
     with torch.no_grad():
         out = model(torch.randint(0, model.config.vocab_size, (2, 16)), output_router_logits=True)

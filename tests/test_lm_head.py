@@ -24,7 +24,8 @@ def test_post_head_rules_by_hand():
     z = torch.tensor([[-3.0, 0.0, 6.0]])
     assert lm_head.transform(PretrainedConfig()) is None
     assert lm_head.transform(PretrainedConfig(final_logit_softcapping=None)) is None
-    torch.testing.assert_close(lm_head.transform(PretrainedConfig(logits_scaling=4.0))(z), torch.tensor([[-0.75, 0.0, 1.5]]))
+    scaled = lm_head.transform(PretrainedConfig(logits_scaling=4.0))(z)
+    torch.testing.assert_close(scaled, torch.tensor([[-0.75, 0.0, 1.5]]))
     capped = lm_head.transform(PretrainedConfig(final_logit_softcapping=3.0))(z)
     torch.testing.assert_close(capped, 3.0 * torch.tanh(torch.tensor([[-1.0, 0.0, 2.0]])))
 
