@@ -165,7 +165,8 @@ def main() -> None:
             print(f"{scale}x: {tokens / 1e6:.1f}M training tokens, logits cache {cache_gb:.2f} GB: worker peak "
                   f"RssAnon {rows_peak:.0f} MB (+{rows_added:.0f} after imports; file-backed resident "
                   f"{rows_file:.0f} MB: libraries and mapped rows, shared) with the rows, {cached_peak:.0f} MB "
-                  f"(+{cached_added:.0f}) with rows and cached logits; reading both whole as before: {whole[0]:.0f} MB (+{whole[1]:.0f})")
+                  f"(+{cached_added:.0f}) with rows and cached logits; reading both whole as before: "
+                  f"{whole[0]:.0f} MB (+{whole[1]:.0f})")
         rows_ratio = results[8][0][0] / results[1][0][0]
         cache_ratio = results[8][1][0] / results[1][1][0]
         print(f"worker peak RssAnon 8x / 1x: rows {rows_ratio:.3f} (budget {BUDGET}), rows + cached logits "
