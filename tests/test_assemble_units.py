@@ -1,0 +1,263 @@
+"""Assembly's pieces pinned by hand (moe2dense/assemble.py), without a teacher model where none is needed:
+`concat_blocks` on 2-wide blocks with known numbers, the model card's exact text, the small helpers (layer of a
+tensor name, dtype cast, plan check, tokenizer and generation-config copies) and the per-family MLP writers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe2dense import assemble as A
+from moe2dense.arch import ExpertWeights, get_adapter
+from tiny_models import tiny_config
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ concat_blocks
+# H = 2 hidden, block a: 1 neuron, c = 2; block b: 2 neurons, c = 0.5; width 4 (one zero-padded neuron).
+BA = ExpertWeights(t([[1, 2]]), t([[3, 4]]), t([[1], [2]]))
+BB = ExpertWeights(t([[5, 6], [7, 8]]), t([[9, 10], [11, 12]]), t([[1, 2], [3, 4]]))
+
+
+def test_concat_stacks_rows_scales_down_columns_and_zero_pads():
+    w = A.concat_blocks([(BA, 2.0), (BB, 0.5)], 4)
+    assert torch.equal(w.gate, t([[1, 2], [5, 6], [7, 8], [0, 0]]))
+    assert torch.equal(w.up, t([[3, 4], [9, 10], [11, 12], [0, 0]]))
+    # down columns: block a's column times 2, block b's columns times 0.5, then the zero column
+    assert torch.equal(w.down, t([[2, 0.5, 1, 0], [4, 1.5, 2, 0]]))
+    assert w.gate_bias is None and w.up_bias is None and w.down_bias is None
+    assert w.act == "swiglu" and w.gate.dtype == w.down.dtype == torch.float32
+    # exactly full: no padding
+    assert A.concat_blocks([(BB, 1.0), (BA, 1.0)], 3).gate.shape == (3, 2)
+
+
+def test_concat_biases_stack_and_the_down_bias_is_the_scaled_sum():
+    a = ExpertWeights(BA.gate, BA.up, BA.down, t([1]), t([2]), t([1, -1]))
+    b = ExpertWeights(BB.gate, BB.up, BB.down, None, None, t([0.5, 0.5]))  # a down bias only
+    w = A.concat_blocks([(a, 2.0), (b, 0.5)], 4)
+    assert torch.equal(w.gate_bias, t([1, 0, 0, 0]))
+    assert torch.equal(w.up_bias, t([2, 0, 0, 0]))
+    assert torch.equal(w.down_bias, t([2 * 1 + 0.5 * 0.5, 2 * -1 + 0.5 * 0.5]))
+    # down biases only: the gate/up biases are zero vectors, not None (any bias makes all three exist)
+    only_down = A.concat_blocks([(b, 2.0)], 3)
+    assert torch.equal(only_down.gate_bias, t([0, 0, 0])) and torch.equal(only_down.up_bias, t([0, 0, 0]))
+    assert torch.equal(only_down.down_bias, t([1, 1]))
+    # gate/up biases only: the down bias is a zero vector
+    only_gate = ExpertWeights(BA.gate, BA.up, BA.down, t([3]), t([4]), None)
+    w = A.concat_blocks([(only_gate, 2.0), (BB, 1.0)], 3)
+    assert torch.equal(w.gate_bias, t([3, 0, 0])) and torch.equal(w.up_bias, t([4, 0, 0]))
+    assert torch.equal(w.down_bias, t([0, 0]))
+
+
+def test_concat_keeps_the_first_blocks_activation_parameters_and_casts_at_the_end():
+    a = ExpertWeights(BA.gate, BA.up, BA.down, t([1]), t([2]), t([1.0, 0]), act="gpt_oss_clamped",
+                      swiglu_alpha=1.5, swiglu_limit=3.0)
+    # 1 + 3 * 2^-9 accumulates in float32 and only then rounds to bfloat16 (1 + 2^-7); summed in bfloat16 every
+    # 2^-9 would be rounded away
+    tiny = ExpertWeights(BA.gate, BA.up, BA.down, t([0]), t([0]), t([2.0 ** -9, 0]), act="gpt_oss_clamped")
+    w = A.concat_blocks([(a, 1.0), (tiny, 1.0), (tiny, 1.0), (tiny, 1.0)], 4, torch.bfloat16)
+    assert (w.act, w.swiglu_alpha, w.swiglu_limit) == ("gpt_oss_clamped", 1.5, 3.0)
+    assert {x.dtype for x in (w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)} == {torch.bfloat16}
+    assert w.down_bias.tolist() == [1 + 2.0 ** -7, 0.0]
+    # c applied in float32 before the cast: 3 * (1/3) is 1.0 exactly in float32 rounding, then bfloat16
+    third = ExpertWeights(BA.gate, BA.up, t([[3], [6]]))
+    assert A.concat_blocks([(third, 1 / 3)], 1, torch.bfloat16).down.tolist() == [[1.0], [2.0]]
+
+
+def test_concat_errors_name_the_problem():
+    clamped = ExpertWeights(BA.gate, BA.up, BA.down, act="gpt_oss_clamped")
+    with pytest.raises(ValueError, match="^blocks with different activations cannot be concatenated$"):
+        A.concat_blocks([(BA, 1.0), (clamped, 1.0)], 4)
+    with pytest.raises(ValueError, match="^blocks have 3 neurons, more than the dense width 2$"):
+        A.concat_blocks([(BA, 1.0), (BB, 1.0)], 2)
+
+
+# -------------------------------------------------------------------------------------------------- small helpers
+def test_layer_of_a_tensor_name():
+    assert A._layer_of("model.layers.12.mlp.up_proj.weight") == 12
+    assert A._layer_of("model.layers.0.input_layernorm.weight") == 0
+    assert A._layer_of("model.embed_tokens.weight") is None
+    assert A._layer_of("model.norm.weight") is None
+    assert A._layer_of("lm_head.weight") is None
+    assert A._layer_of("model.layers.x.mlp") is None  # not a number
+    assert A._layer_of("other.layers.3.mlp") is None  # not under model.layers
+
+
+def test_cast_changes_floats_only():
+    assert A._cast(torch.float32, torch.bfloat16) == torch.bfloat16
+    assert A._cast(torch.int64, torch.bfloat16) == torch.int64
+    assert A._cast(torch.bool, torch.float16) == torch.bool
+
+
+def _plan_json(**teacher):
+    t = {"model_type": "qwen2_moe", "num_experts": 8, "top_k": 2, "num_layers": 2, "moe_layers": [0, 1],
+         "dense_layers": []} | teacher
+    groups = [{"experts": [0, 1], "weights": [0.5, 0.5], "scale": 0.5}, {"experts": [2], "weights": [1.0],
+                                                                            "scale": 0.5}]
+    return {"teacher": t, "score_method": "sf", "merge_scores": "sf", "experts_per_layer": 3, "blocks_per_layer": 2,
+            "pure_pruning": False, "group_method": "output", "align": False, "scaling": "uniform",
+            "layers": {"0": {"routed_mass": 1.0, "groups": groups}, "1": {"routed_mass": 1.0, "groups": groups}}}
+
+
+def test_check_plan_refuses_another_teacher_naming_both():
+    from moe2dense.plan import ConversionPlan
+
+    adapter = get_adapter(tiny_config("qwen2_moe"))
+    A.check_plan(ConversionPlan.model_validate(_plan_json()), adapter)  # the same teacher: no error
+    for other in ({"model_type": "olmoe"}, {"num_experts": 16}, {"moe_layers": [0, 2], "num_layers": 3}):
+        data = _plan_json(**other)
+        data["layers"] = {str(i): data["layers"]["0"] for i in data["teacher"]["moe_layers"]}
+        plan = ConversionPlan.model_validate(data)
+        t = data["teacher"]
+        with pytest.raises(ValueError) as err:
+            A.check_plan(plan, adapter)
+        assert str(err.value) == (
+            f"the plan was made for a {t['model_type']} with {t['num_experts']} experts on layers "
+            f"{t['moe_layers']}; this teacher is a qwen2_moe with 8 on [0, 1]: rerun grouping for this teacher")
+
+
+def test_copy_tokenizer_copies_the_files_present_and_fails_naming_the_dir(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    (src / "tokenizer.json").write_text("{}")
+    (src / "merges.txt").write_text("a b")
+    (src / "model.safetensors").write_text("not a tokenizer file")
+    A.copy_tokenizer(src, out)
+    assert sorted(p.name for p in out.iterdir()) == ["merges.txt", "tokenizer.json"]
+    assert (out / "merges.txt").read_text() == "a b"
+    with pytest.raises(FileNotFoundError) as err:
+        A.copy_tokenizer(out / "none", out)
+    assert str(err.value) == f"{out / 'none'}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...)"
+
+
+def test_generation_config_is_the_teachers_file_or_made_from_the_config(tmp_path):
+    teacher, out = tmp_path / "teacher", tmp_path / "out"
+    teacher.mkdir(), out.mkdir()
+    config = tiny_config("qwen3_moe")
+    A._generation_config(teacher, config, out)  # none in the teacher: from the config's token ids
+    made = json.loads((out / "generation_config.json").read_text())
+    assert (made["bos_token_id"], made["eos_token_id"], made["pad_token_id"]) == (1, 2, 0)
+    (teacher / "generation_config.json").write_text('{"temperature": 0.25}')
+    A._generation_config(teacher, config, out)
+    assert (out / "generation_config.json").read_text() == '{"temperature": 0.25}'  # copied byte for byte
+
+
+# ----------------------------------------------------------------------------------------------------- the card
+PLAN = {
+    "teacher": {"model_type": "qwen2_moe", "num_experts": 8, "top_k": 2, "num_layers": 2, "moe_layers": [0, 1]},
+    "score_method": "do_acp", "merge_scores": "acp", "experts_per_layer": 3, "blocks_per_layer": 2,
+    "pure_pruning": False, "group_method": "output", "align": True, "scaling": "score",
+    "layers": {"0": {"groups": [{"experts": [3, 1], "scale": 0.123456}, {"experts": [5], "scale": 0.5}]}},
+}
+SUMMARY = {"model_type": "qwen2", "num_parameters": 1234567, "dtype": "bfloat16", "intermediate_size": 56}
+
+
+def test_model_card_text():
+    card = A.model_card(PLAN, SUMMARY, Path("/t/teacher"), False)
+    assert card == f"""---
+library_name: transformers
+tags: [moe2dense, dense, pruned, moe-to-dense]
+---
+
+# Dense qwen2 converted from a qwen2_moe MoE
+
+Made by moe2dense {A.VERSION} from the teacher at `/t/teacher` (qwen2_moe, 8 experts per layer, top-2, 2 MoE layers).
+
+| | |
+|---|---|
+| parameters | 1,234,567 |
+| dtype | bfloat16 |
+| MLP width | 56 |
+| expert scoring | do_acp (merge weights by acp) |
+| experts kept per layer (K) | 3 |
+| dense blocks per layer (k) | 2 |
+| grouping | output + neuron alignment |
+| magnitude scaling | score |
+
+## How it was made
+
+Routing statistics of the teacher over calibration text scored every expert; K experts per layer were kept, \
+grouped into k blocks and merged (score-weighted average), and the blocks concatenated into one SwiGLU MLP per layer \
+whose down projection carries each block's constant c_g in place of the routing weight, so the MLP computes \
+sum_g c_g E_g(x). Attention, embeddings and norms are the teacher's, unchanged. This checkpoint is the assembled \
+model before distillation.
+
+## Per-layer plan
+
+```json
+{{
+ "0": [
+  [
+   [
+    3,
+    1
+   ],
+   0.1235
+  ],
+  [
+   [
+    5
+   ],
+   0.5
+  ]
+ ]
+}}
+```
+"""
+
+
+def test_model_card_of_a_pruned_single_expert_student():
+    plan = PLAN | {"pure_pruning": True, "align": False, "group_method": None}
+    card = A.model_card(plan, SUMMARY | {"model_type": "gpt_oss"}, Path("t"), True)
+    lines = card.split("\n")
+    assert "| grouping | none (pure pruning, K == k) |" in lines
+    i = lines.index("## Per-layer plan")
+    assert lines[i - 3: i] == [
+        "",
+        "gpt_oss has no dense counterpart in transformers, so the student is a gpt_oss model with a single expert "
+        "that every token uses with weight 1 (a softmax over one logit). It computes exactly a dense SwiGLU MLP of "
+        "width 56 and loads with `AutoModelForCausalLM.from_pretrained` like any gpt_oss checkpoint.",
+        ""]
+    assert "no dense counterpart" not in A.model_card(plan, SUMMARY, Path("t"), False)
+    assert "| grouping | output |" in A.model_card(PLAN | {"align": False}, SUMMARY, Path("t"), False).split("\n")
+
+
+# ---------------------------------------------------------------------------------------------- the MLP writers
+def test_plain_mlp_writer_names_and_refusals():
+    adapter = get_adapter(tiny_config("qwen3_moe"))
+    out = A.MLP_WRITERS["mlp"](adapter, 3, BB, set())
+    assert list(out) == ["model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight",
+                         "model.layers.3.mlp.down_proj.weight"]
+    assert out["model.layers.3.mlp.gate_proj.weight"] is BB.gate and out["model.layers.3.mlp.up_proj.weight"] is BB.up
+    assert out["model.layers.3.mlp.down_proj.weight"] is BB.down
+    msg = "^a qwen3 MLP has no biases and a plain SwiGLU$"
+    with pytest.raises(ValueError, match=msg):
+        A.MLP_WRITERS["mlp"](adapter, 0, ExpertWeights(BB.gate, BB.up, BB.down, None, None, t([0, 0])), set())
+    with pytest.raises(ValueError, match=msg):
+        A.MLP_WRITERS["mlp"](adapter, 0, ExpertWeights(BB.gate, BB.up, BB.down, act="gpt_oss_clamped"), set())
+
+
+def test_single_expert_writer_gpt_oss_interleaves_transposes_and_keeps_biases():
+    adapter = get_adapter(tiny_config("gpt_oss"))
+    spec = adapter.spec
+    block = ExpertWeights(BB.gate, BB.up, BB.down, t([1, 2]), t([3, 4]), t([5, 6]), act="gpt_oss_clamped")
+    p = f"model.layers.1.{spec.block_attr}"
+    out = A.MLP_WRITERS["single_expert"](adapter, 1, block, {f"{p}.{spec.router_attr}.bias"})
+    assert sorted(out) == sorted([f"{p}.{spec.router_attr}.weight", f"{p}.{spec.router_attr}.bias",
+                                  f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj",
+                                  f"{p}.experts.gate_up_proj_bias", f"{p}.experts.down_proj_bias"])
+    assert torch.equal(out[f"{p}.{spec.router_attr}.weight"], torch.zeros(1, 2))
+    assert torch.equal(out[f"{p}.{spec.router_attr}.bias"], torch.zeros(1))
+    # gate/up alternate along the 2W axis, stored [1, H, 2W]: columns gate0, up0, gate1, up1
+    assert torch.equal(out[f"{p}.experts.gate_up_proj"], t([[[5, 9, 7, 11], [6, 10, 8, 12]]]))
+    assert torch.equal(out[f"{p}.experts.down_proj"], t([[[1, 3], [2, 4]]]))  # down.T: [1, W, H]
+    assert torch.equal(out[f"{p}.experts.gate_up_proj_bias"], t([[1, 3, 2, 4]]))
+    assert torch.equal(out[f"{p}.experts.down_proj_bias"], t([[5, 6]]))
+    # no router bias in the student: none written
+    assert f"{p}.{spec.router_attr}.bias" not in A.MLP_WRITERS["single_expert"](adapter, 1, block, set())
