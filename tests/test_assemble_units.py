@@ -261,3 +261,180 @@ def test_single_expert_writer_gpt_oss_interleaves_transposes_and_keeps_biases():
     assert torch.equal(out[f"{p}.experts.down_proj_bias"], t([[5, 6]]))
     # no router bias in the student: none written
     assert f"{p}.{spec.router_attr}.bias" not in A.MLP_WRITERS["single_expert"](adapter, 1, block, set())
+
+
+# ------------------------------------------------------------------------------------- assembly on a tiny teacher
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("teachers")
+    for family in ("qwen3_moe", "qwen2_moe"):
+        tiny_model(family).save_pretrained(root / family)
+    return root
+
+
+def _pruning_plan(family: str, experts=(3, 5)):
+    """K = k = 2 on both MoE layers, c = (0.25, 0.75), no shared blocks unless the family has one."""
+    from moe2dense.plan import ConversionPlan
+
+    adapter = get_adapter(tiny_config(family))
+    shared = [{"scale": 0.5, "gate": "mean sigmoid over calibration"}] if adapter.spec.shared_attr else []
+    layer = {"routed_mass": 1.0, "shared": shared,
+             "groups": [{"experts": [experts[0]], "weights": [1.0], "scale": 0.25},
+                        {"experts": [experts[1]], "weights": [1.0], "scale": 0.75}]}
+    return ConversionPlan.model_validate({
+        "teacher": {"model_type": family, "num_experts": 8, "top_k": 2, "num_layers": 2, "moe_layers": [0, 1],
+                    "dense_layers": []},
+        "score_method": "sf", "merge_scores": "sf", "experts_per_layer": 2, "blocks_per_layer": 2,
+        "pure_pruning": True, "group_method": None, "align": False, "scaling": "uniform",
+        "layers": {"0": layer, "1": layer}})
+
+
+def test_assemble_writes_the_student_and_its_summary(teachers, tmp_path, capfd):
+    from safetensors import safe_open
+
+    from moe2dense.checkpoint import CheckpointReader
+    from moe2dense.teacher_weights import read_experts
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = A.assemble(teachers / "qwen3_moe", _pruning_plan("qwen3_moe"), out, dtype="bfloat16",
+                         tokenizer_dir=tok, card="my card", progress=True)
+    err = capfd.readouterr().err
+    assert "assemble: 100%" in err and "2/2" in err and "layer/s" in err  # the progress bar, per layer
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["intermediate_size"], config["dtype"]) == ("qwen3", 32, "bfloat16")
+    assert config["architectures"] == ["Qwen3ForCausalLM"]
+    tensors = {}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for name in f.keys():
+            tensors[name] = f.get_tensor(name)
+    n = sum(t.numel() for t in tensors.values())
+    assert summary == {"model_type": "qwen3", "teacher_model_type": "qwen3_moe", "intermediate_size": 32,
+                       "num_parameters": n, "dtype": "bfloat16", "bytes": 2 * n}
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    # the MLP of layer 1: experts 3 and 5 stacked, down columns times 0.25 and 0.75
+    with CheckpointReader(teachers / "qwen3_moe") as reader:
+        e = read_experts(reader, get_adapter(tiny_config("qwen3_moe")), 1, [3, 5])
+        emb = reader.read("model.embed_tokens.weight")
+    assert torch.equal(tensors["model.layers.1.mlp.gate_proj.weight"], torch.cat([e[3].gate, e[5].gate]).bfloat16())
+    want = torch.cat([e[3].down * 0.25, e[5].down * 0.75], 1).bfloat16()
+    assert torch.equal(tensors["model.layers.1.mlp.down_proj.weight"], want)
+    assert torch.equal(tensors["model.embed_tokens.weight"], emb.bfloat16())
+    assert (out / "README.md").read_text() == "my card" and (out / "tokenizer.json").read_text() == "{}"
+    assert (out / "generation_config.json").is_file()
+    # quiet, the teacher's own dtype (auto), the generated card, no tokenizer
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    s2 = A.assemble(teachers / "qwen3_moe", _pruning_plan("qwen3_moe"), out2, progress=False)
+    assert capfd.readouterr().err == ""
+    assert (s2["dtype"], s2["bytes"], s2["num_parameters"]) == ("float32", 4 * n, n)
+    assert (out2 / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
+    assert not (out2 / "tokenizer.json").exists()
+
+
+def test_assemble_defaults():
+    import inspect
+
+    p = inspect.signature(A.assemble).parameters
+    assert (p["dtype"].default, p["max_shard_bytes"].default, p["tokenizer_dir"].default, p["card"].default,
+            p["progress"].default) == ("auto", 5 * 2 ** 30, None, "", True)
+
+
+def test_assemble_refusals_are_one_line(teachers, tmp_path):
+    with pytest.raises(TypeError, match="^assemble takes a ConversionPlan \\(moe2dense.plan.build_plan or "
+                                        "read_plan\\), got dict$"):
+        A.assemble(teachers / "qwen3_moe", _pruning_plan("qwen3_moe").to_json(), tmp_path)
+    with pytest.raises(ValueError, match="^the plan was made for a qwen3_moe"):
+        A.assemble(teachers / "qwen2_moe", _pruning_plan("qwen3_moe"), tmp_path)
+
+
+def _teacher_without(src: Path, dst: Path, drop) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    shutil.copyfile(src / "config.json", dst / "config.json")
+    tensors = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not drop(k)}, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_assemble_names_the_tensors_the_teacher_lacks(teachers, tmp_path):
+    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t1", lambda k: k in ("model.norm.weight", "lm_head.weight"))
+    with pytest.raises(ValueError) as err:
+        A.assemble(t, _pruning_plan("qwen3_moe"), tmp_path, progress=False)
+    assert str(err.value) == ("the teacher checkpoint lacks tensors the qwen3 student needs: "
+                              "['model.norm.weight', 'lm_head.weight']")
+    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t2", lambda k: "layernorm" in k or k in ("model.norm.weight", "lm_head.weight"))
+    with pytest.raises(ValueError) as err:
+        A.assemble(t, _pruning_plan("qwen3_moe"), tmp_path, progress=False)
+    assert str(err.value) == (
+        "the teacher checkpoint lacks tensors the qwen3 student needs: ['model.layers.0.input_layernorm.weight', "
+        "'model.layers.0.post_attention_layernorm.weight', 'model.layers.1.input_layernorm.weight', "
+        "'model.layers.1.post_attention_layernorm.weight', 'model.norm.weight'] ...")
+
+
+def test_layer_blocks_and_width_with_a_shared_expert(teachers):
+    from moe2dense.checkpoint import CheckpointReader
+    from moe2dense.plan import LayerPlan
+
+    adapter = get_adapter(tiny_config("qwen2_moe"))
+    plan = _pruning_plan("qwen2_moe")
+    with CheckpointReader(teachers / "qwen2_moe") as reader:
+        blocks = A.layer_blocks(reader, adapter, 1, plan.layers[1], False)
+        assert [c for _, c in blocks] == [0.25, 0.75, 0.5] and [w.gate.shape[0] for w, _ in blocks] == [16, 16, 24]
+        assert A.layer_width(reader, adapter, 1, plan.layers[1]) == 2 * 16 + 24
+        unshared = LayerPlan.model_validate(plan.layers[1].model_dump() | {"shared": []})
+        with pytest.raises(ValueError, match="^layer 1: the plan has 0 shared experts, the teacher 1$"):
+            A.layer_blocks(reader, adapter, 1, unshared, False)
+        assert A._teacher_dtype(reader) == torch.float32
+
+
+def test_layer_blocks_of_a_dense_layer_and_the_teacher_dtype(tmp_path):
+    from moe2dense.checkpoint import CheckpointReader
+    from tiny_models import tiny_model
+
+    model = tiny_model("deepseek_v3").to(torch.bfloat16)  # layer 0 is dense (first_k_dense_replace = 1)
+    model.save_pretrained(tmp_path)
+    adapter = get_adapter(model.config)
+    with CheckpointReader(tmp_path) as reader:
+        (w, c), = A.layer_blocks(reader, adapter, 0, None, False)
+        assert c == 1.0 and torch.equal(w.gate, model.model.layers[0].mlp.gate_proj.weight)
+        assert A.layer_width(reader, adapter, 0, None) == 48
+        assert A._teacher_dtype(reader) == torch.bfloat16
+
+
+def test_student_config_per_family():
+    qwen = A.student_config(tiny_config("qwen3_moe"), get_adapter(tiny_config("qwen3_moe")), 40, torch.bfloat16)
+    assert (qwen.model_type, qwen.intermediate_size, qwen.dtype, qwen.architectures) == (
+        "qwen3", 40, "bfloat16", ["Qwen3ForCausalLM"])
+    assert (qwen.hidden_size, qwen.num_attention_heads, qwen.head_dim, qwen.vocab_size) == (32, 4, 8, 64)
+    gpt = A.student_config(tiny_config("gpt_oss"), get_adapter(tiny_config("gpt_oss")), 24, torch.float32)
+    assert (gpt.model_type, gpt.num_local_experts, gpt.num_experts_per_tok, gpt.intermediate_size, gpt.dtype) == (
+        "gpt_oss", 1, 1, 24, "float32")
+    ds = A.student_config(tiny_config("deepseek_v3"), get_adapter(tiny_config("deepseek_v3")), 56, torch.float32)
+    assert (ds.model_type, ds.first_k_dense_replace, ds.intermediate_size) == ("deepseek_v3", 3, 56)
+
+
+def test_student_layout_leaves_out_a_tied_head():
+    config = A.student_config(tiny_config("qwen3_moe"), get_adapter(tiny_config("qwen3_moe")), 40, torch.bfloat16)
+    layout = A.student_layout(config)
+    assert layout["model.layers.1.mlp.down_proj.weight"] == ((32, 40), torch.bfloat16)
+    assert layout["lm_head.weight"] == ((64, 32), torch.bfloat16)
+    config.tie_word_embeddings = True
+    assert "lm_head.weight" not in A.student_layout(config)
+
+
+def test_meta_block_shapes():
+    gpt = A._meta_block(6, 4, get_adapter(tiny_config("gpt_oss")))
+    assert (gpt.gate.shape, gpt.up.shape, gpt.down.shape) == ((6, 4), (6, 4), (4, 6))
+    assert (gpt.gate_bias.shape, gpt.up_bias.shape, gpt.down_bias.shape) == ((6,), (6,), (4,))
+    assert gpt.act == "gpt_oss_clamped" and gpt.gate.device.type == "meta"
+    qwen = A._meta_block(6, 4, get_adapter(tiny_config("qwen3_moe")))
+    assert (qwen.gate_bias, qwen.up_bias, qwen.down_bias, qwen.act) == (None, None, None, "swiglu")
