@@ -521,3 +521,42 @@ def test_route_logits_by_hand():
     # renormalising all-zero weights (a -inf row): the epsilon keeps them 0, not NaN
     r = route_logits(torch.full((1, 2), -math.inf), sig, RouterParams(top_k=1, renorm=True))
     assert r.weights.tolist() == [[0.0]]
+
+
+def test_bins_of_two_tokens_with_two_support_tokens():
+    # V = 4, q = 1/4 each; teacher rows (0.5, 0.25 | rest 0.25) and (0.1, 0.3 | rest 0.6)
+    tgt = L.SparseTarget(torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0.5, 0.25], [0.1, 0.3]]).log())
+    log_p, log_q = L.bins(torch.zeros(2, 4), tgt, 1.0)
+    close(log_p.exp(), [[0.5, 0.25, 0.25], [0.1, 0.3, 0.6]])
+    close(log_q.exp(), [[0.25, 0.25, 0.5], [0.25, 0.25, 0.5]])
+    # the student's rest is the mass outside each row's own support
+    log_p, log_q = L.bins(torch.tensor([[0.0, 0.0, math.log(2), math.log(4)], [0.0] * 4]), tgt, 1.0)
+    close(log_q.exp(), [[1 / 8, 1 / 8, 6 / 8], [0.25, 0.25, 0.5]])
+
+
+def test_chunked_total_accumulates_in_float64(monkeypatch):
+    # per-token losses 1 and eight times 2^-26, one token a chunk: in float64 the sum is 1 + 2^-23 (a float32 value),
+    # summed in float32 every 2^-26 would be rounded away
+    values = torch.tensor([1.0] + [2.0 ** -26] * 8)
+
+    def fixed(log_p, log_q):
+        return values[fixed.calls.pop(0)][None]
+
+    fixed.calls = list(range(9))
+    monkeypatch.setitem(L.LOSSES, "tv", L.Loss("tv", fixed, L.M.Options))
+    got = L.chunked_kd_loss(torch.zeros(9, 2), torch.zeros(3, 2), lambda s, e: torch.zeros(e - s, 3), loss="tv",
+                            chunk_tokens=1)
+    assert got.dtype == torch.float32 and got.item() == torch.tensor((1 + 2 ** -23) / 9, dtype=torch.float32).item()
+    assert got.item() != torch.tensor(1 / 9, dtype=torch.float32).item()
+
+
+def test_loss_entry_points_defaults():
+    import inspect
+
+    for fn in (L.full_kd_loss, L.chunked_kd_loss):
+        p = inspect.signature(fn).parameters
+        assert (p["loss"].default, p["temperature"].default, p["options"].default, p["labels"].default,
+                p["ce_weight"].default, p["chunk_tokens"].default, p["ignore_index"].default,
+                p["head_bias"].default) == ("forward_kl", 1.0, None, None, 0.0, 1024, -100, None)
+    p = inspect.signature(L.kd_loss).parameters
+    assert (p["loss"].default, p["temperature"].default, p["options"].default) == ("forward_kl", 1.0, None)

@@ -183,8 +183,18 @@ def _plan_data():
     (lambda d: d.update(align="x", scaling=1),
      "align: Input should be a valid boolean, unable to interpret input (got 'x'); scaling: Input should be a valid "
      "string (got 1)"),
-    (lambda d: d["layers"]["1"]["groups"][1].update(experts=[0, 9]),
-     "<root>: Value error, layer 1: experts [2, 3, 0, 9] must be distinct ids in [0, 8)"),
+    (lambda d: d["layers"]["1"]["groups"][1].update(experts=[0, 8]),
+     "<root>: Value error, layer 1: experts [2, 3, 0, 8] must be distinct ids in [0, 8)"),
+    (lambda d: d["layers"]["1"]["groups"][1].update(experts=[2, 0]),
+     "<root>: Value error, layer 1: experts [2, 3, 2, 0] must be distinct ids in [0, 8)"),
+    (lambda d: d["layers"]["0"]["groups"][1].update(experts=[-1, 0]),
+     "<root>: Value error, layer 0: experts [2, 3, -1, 0] must be distinct ids in [0, 8)"),
+    (lambda d: d["layers"].pop("1"), "<root>: Value error, layers [0] are not the teacher's MoE layers [0, 1]"),
+    (lambda d: d.update(pure_pruning=True), "<root>: Value error, pure_pruning is True with K = 4, k = 2"),
+    (lambda d: d["layers"]["0"]["groups"].pop(),
+     "<root>: Value error, layer 0 has 2 experts in 1 groups; the plan says K = 4 in k = 2"),
+    (lambda d: d["layers"]["0"]["groups"][0].update(experts=[2, 3, 6], weights=[0.5, 0.25, 0.25]),
+     "<root>: Value error, layer 0 has 5 experts in 2 groups; the plan says K = 4 in k = 2"),
 ])
 def test_read_plan_errors_are_one_exact_line(tmp_path, edit, problems):
     data = _plan_data()
@@ -206,3 +216,17 @@ def test_read_plan_of_broken_json_and_a_valid_file(tmp_path):
     assert PLAN_ERROR_HINT == "rerun the group stage (`dvc repro group`) with this version"
     path.write_text(json.dumps(_plan_data()))
     assert read_plan(str(path)) == ConversionPlan.model_validate(_plan_data())
+
+
+def test_build_plan_by_coactivation_reads_the_routing_capture(tmp_path):
+    # layer 0 and 1: tokens pick {2, 3} or {0, 1} together, so coactivation pairs them
+    for layer in (0, 1):
+        path = routing_path(tmp_path, layer)
+        path.parent.mkdir(parents=True)
+        pq.write_table(pa.table({"experts": pa.array([[2, 3], [0, 1], [3, 2], [1, 0]], type=pa.list_(pa.int16(), 2))}),
+                       path)
+    adapter = get_adapter(tiny_config("qwen3_moe"))
+    plan = build_plan(adapter, {0: S, 1: S}, ORDER, scores=SCORES, score_method="sf", group_method="coactivation",
+                      blocks=2, align=False, scaling="uniform", calibration=str(tmp_path))
+    assert [g.experts for g in plan.layers[1].groups] == [(2, 3), (0, 1)] and plan.group_method == "coactivation"
+    assert [g.scale for g in plan.layers[0].groups] == [0.5, 0.5]
