@@ -333,7 +333,8 @@ def test_assemble_writes_the_student_and_its_summary(teachers, tmp_path, capfd):
     s2 = A.assemble(teachers / "qwen3_moe", _pruning_plan("qwen3_moe"), out2, progress=False)
     assert capfd.readouterr().err == ""
     assert (s2["dtype"], s2["bytes"], s2["num_parameters"]) == ("float32", 4 * n, n)
-    assert (out2 / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")
+    plan = _pruning_plan("qwen3_moe")
+    assert (out2 / "README.md").read_text() == A.model_card(plan.to_json(), s2, teachers / "qwen3_moe", False)
     assert not (out2 / "tokenizer.json").exists()
 
 
@@ -371,6 +372,13 @@ def test_assemble_names_the_tensors_the_teacher_lacks(teachers, tmp_path):
         A.assemble(t, _pruning_plan("qwen3_moe"), tmp_path, progress=False)
     assert str(err.value) == ("the teacher checkpoint lacks tensors the qwen3 student needs: "
                               "['model.norm.weight', 'lm_head.weight']")
+    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t5", lambda k: "layernorm" in k or k == "model.norm.weight")
+    with pytest.raises(ValueError) as err:
+        A.assemble(t, _pruning_plan("qwen3_moe"), tmp_path, progress=False)
+    assert str(err.value) == (  # exactly five: all shown, no " ..."
+        "the teacher checkpoint lacks tensors the qwen3 student needs: ['model.layers.0.input_layernorm.weight', "
+        "'model.layers.0.post_attention_layernorm.weight', 'model.layers.1.input_layernorm.weight', "
+        "'model.layers.1.post_attention_layernorm.weight', 'model.norm.weight']")
     t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t2", lambda k: "layernorm" in k or k in ("model.norm.weight", "lm_head.weight"))
     with pytest.raises(ValueError) as err:
         A.assemble(t, _pruning_plan("qwen3_moe"), tmp_path, progress=False)
