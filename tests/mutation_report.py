@@ -5,7 +5,10 @@ nothing a caller can observe); every other survivor is printed as unexplained. "
 test reaches, counted as survivors. Statuses are mutmut's own (`mutmut.stats.status_by_exit_code`), read from
 mutants/*.meta.
 
-    python tests/mutation_report.py [--mutants mutants] [--equivalent FILE] [--survivors] [--goal 90]
+    python tests/mutation_report.py [--mutants mutants] [--equivalent FILE] [--screen FILE ...] [--survivors]
+                                    [--goal 90]
+
+--screen: name -> status JSON files of tests/mutation_screen.py, which take precedence over mutmut's own statuses.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mutants", type=Path, default=Path("mutants"))
     parser.add_argument("--equivalent", type=Path, default=EQUIVALENT, help="the explained survivors")
+    parser.add_argument("--screen", type=Path, nargs="*", default=[], help="mutation_screen.py results")
     parser.add_argument("--survivors", action="store_true", help="list every unexplained survivor by name")
     parser.add_argument("--goal", type=float, default=None, help="exit 1 if a module scores below this percentage")
     args = parser.parse_args(argv)
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     equivalent = read_equivalent(args.equivalent) if args.equivalent.is_file() else {}
     by_module = statuses(args.mutants)
+    screened = {k: v for f in args.screen for k, v in json.loads(f.read_text()).items()}
+    for st in by_module.values():
+        st.update({k: screened[k] for k in st if k in screened})
     print("| module | mutants | killed | survived | equivalent | score |")
     print("|---|---:|---:|---:|---:|---:|")
     below, unexplained, stale = [], [], []

@@ -49,16 +49,17 @@ def test_group_inputs_loads_only_what_the_method_reads(teacher, tmp_path):
     assert (g.router_weight, g.coselect, g.expert_weights) == (None, None, None)
     r = _group_inputs("router_weight", [2, 0], 1, S, adapter, teacher, None)
     assert torch.equal(r.router_weight, read_router_weight(teacher, adapter, 1)) and r.router_weight.shape == (E, 32)
+    assert r.experts == [2, 0]
     assert (r.gram, r.coselect, r.expert_weights) == (None, None, None)
     w = _group_inputs("expert_weights", [2, 0], 1, S, adapter, teacher, None)
-    assert sorted(w.expert_weights) == [0, 2] and w.expert_weights[2].gate.shape == (16, 32)
+    assert sorted(w.expert_weights) == [0, 2] and w.expert_weights[2].gate.shape == (16, 32) and w.experts == [2, 0]
     assert (w.gram, w.coselect, w.router_weight) == (None, None, None)
     # coselect: a routing capture of 3 tokens on layer 1 (ids [0, 1], [1, 2], [0, 1])
     path = routing_path(tmp_path, 1)
     path.parent.mkdir(parents=True)
     pq.write_table(pa.table({"experts": pa.array([[0, 1], [1, 2], [0, 1]], type=pa.list_(pa.int16(), 2))}), path)
     c = _group_inputs("coselect", [1, 0], 1, S, adapter, None, tmp_path)
-    assert c.coselect.shape == (E, E)
+    assert c.coselect.shape == (E, E) and c.experts == [1, 0]
     assert c.coselect[:3, :3].tolist() == [[2, 2, 0], [2, 3, 1], [0, 1, 1]] and c.coselect.sum() == 12
     assert (c.gram, c.router_weight, c.expert_weights) == (None, None, None)
 
@@ -230,3 +231,15 @@ def test_build_plan_by_coactivation_reads_the_routing_capture(tmp_path):
                       blocks=2, align=False, scaling="uniform", calibration=str(tmp_path))
     assert [g.experts for g in plan.layers[1].groups] == [(2, 3), (0, 1)] and plan.group_method == "coactivation"
     assert [g.scale for g in plan.layers[0].groups] == [0.5, 0.5]
+
+
+def test_build_plan_reads_router_rows_from_the_given_checkpoint(teacher):
+    from moe2dense.grouping import GroupInputs, group_experts
+
+    adapter = get_adapter(tiny_config("qwen2_moe"))
+    plan = build_plan(adapter, {0: S, 1: S}, ORDER, scores=SCORES, score_method="sf", group_method="router",
+                      blocks=2, align=False, scaling="uniform", reader=teacher, shared_gate_mean={"0": 0.5, "1": 0.5})
+    for layer in (0, 1):
+        want = group_experts("router", GroupInputs(ORDER[layer], router_weight=read_router_weight(teacher, adapter,
+                                                                                                  layer)), 2)
+        assert [list(g.experts) for g in plan.layers[layer].groups] == want and len(want) == 2

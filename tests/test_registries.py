@@ -116,3 +116,17 @@ def test_get_loss_binds_defaults_and_given_options(monkeypatch):
     assert seen == [("p", "q", 0.5), ("p2", "q2", 0.25)]
     with pytest.raises(ValueError, match="^'nope' is not a known loss method"):
         losses.get_loss("nope")
+
+
+# ------------------------------------------------------------------------------------------------- MLP writers
+def test_register_mlp_writer_stores_the_writer(monkeypatch):
+    from moe2dense import assemble
+
+    monkeypatch.setattr(assemble, "MLP_WRITERS", {})
+    assert assemble.register_mlp_writer("mlp")(_fn) is _fn and assemble.MLP_WRITERS == {"mlp": _fn}
+
+
+def test_the_real_mlp_writers():
+    from moe2dense import assemble
+
+    assert assemble.MLP_WRITERS == {"mlp": assemble._plain_mlp, "single_expert": assemble._single_expert}
