@@ -9,7 +9,7 @@ failure. A failure counts as a kill only if the same test then passes with no mu
 rebuilt and the mutant tried again). It can only miss kills mutmut finds (a mutant that shows only while a fixture is
 built), so its survivors are the ones to explain; confirm them with `mutmut run NAME ...`.
 
-    env MUTFAST_NAMES=names.txt MUTFAST_OUT=screen.json [MUTFAST_CAP=2] [MUTFAST_TIMEOUT=30]
+    env MUTFAST_NAMES=names.txt MUTFAST_OUT=screen.json [MUTFAST_CAP=2] [MUTFAST_TIMEOUT=30] [MUTFAST_ALSO=a.py,b.py]
     (cd mutants && PYTHONPATH=../tests python -m pytest -p mutation_screen --rootdir=. -q -p no:randomly \
         -p no:cacheprovider <[tool.mutmut] test selection> -m "not slow" --deselect ...)
 
@@ -27,6 +27,7 @@ NAMES = os.environ["MUTFAST_NAMES"]
 OUT = os.environ["MUTFAST_OUT"]
 CAP = float(os.environ.get("MUTFAST_CAP", "1e9"))
 TIMEOUT = int(os.environ.get("MUTFAST_TIMEOUT", "30"))
+ALSO = set(filter(None, os.environ.get("MUTFAST_ALSO", "").split(",")))  # test files run for every mutant
 KILLERS = {}
 
 
@@ -112,6 +113,7 @@ def pytest_runtestloop(session):
         covering = set(by_fn.get(fn, ()))
         if "register" in fn:  # decorators run at import: their direct tests, whatever the stats saw
             covering |= {t for t in items if t.startswith("tests/test_registries.py::")}
+        covering |= {t for t in items if t.split("::")[0] in ALSO}  # tests newer than mutmut's stats
         tests = sorted((t for t in covering if t in items and dur.get(t, 0) <= CAP), key=lambda t: (dur.get(t, 0), t))
         status, killer = _screen(session, items, tests, name)
         if status == "polluted":  # rebuild every fixture, then once more

@@ -57,6 +57,8 @@ def test_each_score_by_hand():
     assert S.score("acp", s).tolist() == [1.0, 0.5]
     never = stats(count=f64(2, 0), prob_sum_selected=f64(1, 0), gnorm_sum_routed=f64(3, 0))
     assert S.score("cp", never).tolist() == [0.5, 0.0] and S.score("reap", never).tolist() == [1.5, 0.0]
+    once = stats(count=f64(1, 3), prob_sum_selected=f64(0.75, 0.75))  # selected once: the mean is that one value
+    assert S.score("cp", once).tolist() == [0.75, 0.25]
 
 
 def test_score_names_the_pass_and_the_missing_fields():
@@ -88,12 +90,16 @@ def test_cosine_from_gram_by_hand():
     # a negative diagonal (float noise) counts as 0: similar to nothing
     assert S.cosine_from_gram(f64([-1, 1], [1, 4])).tolist() == [[0, 0], [0, 1]]
     assert S.cosine_from_gram(f64([4, -2], [-2, 9])).tolist() == [[1, -1 / 3], [-1 / 3, 1]]
+    # norms below 1 (a Gram over few tokens, or scaled by 1/N): still G_ij / sqrt(G_ii G_jj)
+    close(S.cosine_from_gram(f64([0.25, 0.1], [0.1, 0.25])), [[1, 0.4], [0.4, 1]], 1e-15)
 
 
 def test_do_acp_kernel_by_hand():
     # q = acp / max = (1, 0.5); C = cos(gram) = [[1, .5], [.5, 1]]; L = q C q + lam I
     L_ = S.do_acp_kernel(stats(), lam=0.125)
     assert L_.tolist() == [[1.125, 0.25], [0.25, 0.375]]
+    # q is max-normalised also when the best acp is below 1: acp = (0.5, 0.25) gives the same kernel
+    assert S.do_acp_kernel(stats(prob_sum_selected=f64(0.5, 0.25)), lam=0.125).tolist() == L_.tolist()
     # a zero-output expert (gram diagonal 0) still has C_ii = 1
     assert S.do_acp_kernel(stats(gram=f64([4, 0], [0, 0])), lam=0.5).tolist() == [[1.5, 0], [0, 0.75]]
     # no quality at all: q stays 0 (no 0/0), only the ridge
