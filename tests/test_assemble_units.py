@@ -269,7 +269,7 @@ def teachers(tmp_path_factory):
     from tiny_models import tiny_model
 
     root = tmp_path_factory.mktemp("teachers")
-    for family in ("qwen3_moe", "qwen2_moe"):
+    for family in ("qwen3_moe", "qwen2_moe", "gpt_oss"):
         tiny_model(family).save_pretrained(root / family)
     return root
 
@@ -446,3 +446,11 @@ def test_meta_block_shapes():
     assert gpt.act == "gpt_oss_clamped" and gpt.gate.device.type == "meta"
     qwen = A._meta_block(6, 4, get_adapter(tiny_config("qwen3_moe")))
     assert (qwen.gate_bias, qwen.up_bias, qwen.down_bias, qwen.act) == (None, None, None, "swiglu")
+
+
+def test_assemble_a_single_expert_student_explains_itself_in_the_card(teachers, tmp_path):
+    plan = _pruning_plan("gpt_oss")
+    summary = A.assemble(teachers / "gpt_oss", plan, tmp_path, progress=False)
+    card = (tmp_path / "README.md").read_text()
+    assert card == A.model_card(plan.to_json(), summary, teachers / "gpt_oss", True)
+    assert "gpt_oss has no dense counterpart in transformers" in card and summary["model_type"] == "gpt_oss"

@@ -151,6 +151,8 @@ def test_merge_scores_and_scored_methods():
 def test_layer_scores_and_its_errors():
     got = SEL.layer_scores(pl.concat([frame({2: [0.5, 0.25], 0: [1.0, 2.0]}), frame({0: [9.0, 9.0]}, "cp")]), "sf")
     assert list(got) == [0, 2] and got[0].tolist() == [1.0, 2.0] and got[2].dtype == torch.float64
+    shuffled = pl.DataFrame({"layer": [0, 0, 0], "expert": [2, 0, 1], "method": "sf", "score": [0.3, 0.1, 0.2]})
+    assert SEL.layer_scores(shuffled, "sf")[0].tolist() == [0.1, 0.2, 0.3]  # rows in any order: by expert id
     with pytest.raises(ValueError, match=r"^the scores have no 'acp' rows \(scored: \['cp', 'sf'\]\); add acp to "
                                          r"score.methods$"):
         SEL.layer_scores(pl.concat([frame({0: [1.0]}), frame({0: [1.0]}, "cp")]), "acp")
@@ -187,6 +189,28 @@ def test_selection_order_by_hand():
         SEL.selection_order("cp", f64(1.0, math.nan), 1, 1)
     with pytest.raises(ValueError, match="^router top-k = 3 must be in"):
         SEL.selection_order("sf", scores[:2], 2, 3)
+
+
+def test_selection_order_passes_each_methods_options():
+    # q = (1, 0.9, 0.5), experts 0 and 1 nearly parallel (cos 0.99), 2 orthogonal. After expert 0 the Schur
+    # complements are 0.81 + lam - 0.8019^2 / (1 + lam) for expert 1 and 0.25 + lam for expert 2: a small ridge
+    # picks the diverse expert 2, a large one (lam = 10) the better expert 1
+    gram = f64([1, 0.99, 0], [0.99, 1, 0], [0, 0, 1])
+    s = S.LayerStats(n_tokens=1, top_k=1, count=f64(1, 1, 1), prob_sum=f64(1, 1, 1),
+                     prob_sum_selected=f64(1, 0.9, 0.5), weight_sum=f64(1, 1, 1), sqnorm_sum_all=f64(1, 1, 1), gram=gram)
+    assert SEL.selection_order("do_acp", s, 3, 1).tolist() == [0, 2, 1]
+    assert SEL.selection_order("do_acp", s, 3, 1, options={"do_acp": {"lam": 10.0}}).tolist() == [0, 1, 2]
+    assert SEL.selection_order("do_acp", s, 3, 1, options={"sf": {}, "do_acp": {"lam": 10.0}}).tolist() == [0, 1, 2]
+    assert SEL.select_experts("do_acp", s, 2, 1).tolist() == [0, 2]
+    assert SEL.select_experts("do_acp", s, 2, 1, options={"do_acp": {"lam": 10.0}}).tolist() == [0, 1]
+
+
+def test_selection_order_is_a_stable_sort_of_many_ties():
+    # 100 experts scoring 0, 1, 2, 0, 1, 2, ...: the 2s by id, then the 1s, then the 0s (an unstable sort of this
+    # many ties reorders them)
+    scores = torch.tensor([float(i % 3) for i in range(100)], dtype=torch.float64)
+    want = [i for i in range(100) if i % 3 == 2] + [i for i in range(100) if i % 3 == 1] + list(range(0, 100, 3))
+    assert SEL.selection_order("sf", scores, 100, 1).tolist() == want
 
 
 def test_select_from_scores_and_layers():
