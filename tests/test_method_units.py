@@ -234,6 +234,8 @@ def test_first_min_and_centres():
     assert G._first_min(np.array([0.3, 0.1 + 1e-13, 0.1])) == 1  # within TIE_TOL: the better rank
     assert G._first_min(np.array([0.3, 0.1 + 1e-11, 0.1])) == 2
     assert G._first_min(np.array([0.2])) == 0 and G.TIE_TOL == 1e-12
+    # where TIE_TOL is below the float spacing, min + TIE_TOL == min: the minimum itself still counts
+    assert G._first_min(np.array([3e4, 2e4, 2e4])) == 1
     sim = np.array([[1, 0, 0.2, 0.5], [0, 1, 0.8, 0.5], [0.2, 0.8, 1, 0], [0.5, 0.5, 0, 1]])
     assert G.centres(sim, 2) == [[0, 3], [1, 2]]  # 3 is as close to 0 as to 1: the better centre
     assert G.centres(sim, 3) == [[0, 3], [1], [2]]
@@ -286,6 +288,13 @@ def test_group_experts_errors_are_exact():
                                          r"\(7, 5\)\] \(check gram\)$"):
         G.group_experts("output", G.GroupInputs([0, 5, 7], gram=nan), 2)
     assert G.group_experts("output", G.GroupInputs([4, 2, 0]), 3) == [[4], [2], [0]]
+    # expert 6 NaN against every other: 6 NaN pairs, the first 5 named
+    bad = torch.eye(8, dtype=torch.float64)
+    bad[6, :] = bad[:, 6] = math.nan
+    bad[6, 6] = 1.0
+    with pytest.raises(ValueError, match=r"^grouping method 'output': NaN similarity between experts \[\(1, 6\), "
+                                         r"\(2, 6\), \(3, 6\), \(6, 1\), \(6, 2\)\] \(check gram\)$"):
+        G.group_experts("output", G.GroupInputs([1, 2, 3, 6], gram=bad), 2)
 
 
 def test_group_experts_refuses_a_similarity_of_the_wrong_shape(monkeypatch):
@@ -351,6 +360,8 @@ def test_neuron_features_are_unit_rows_and_zero_rows_stay_zero():
     feat = G._neuron_features(w)
     assert feat.dtype == torch.float64 and feat.tolist() == [[0.6, 0, 0.8, 0, 0], [0, 0, 0, 0, 0]]
     assert G._neuron_features(ew([[3.0]], [[0.0]], [[4.0]])).tolist() == [[0.6, 0, 0.8]]
+    # each row by its own norm: (3, 0, 4) / 5 and (0, 0, 2) / 2
+    assert G._neuron_features(ew([[3.0], [0.0]], [[0.0], [0.0]], [[4.0, 2.0]])).tolist() == [[0.6, 0, 0.8], [0, 0, 1]]
 
 
 def test_weighted_average_accumulates_in_float32_and_keeps_the_dtype():
@@ -362,6 +373,13 @@ def test_weighted_average_accumulates_in_float32_and_keeps_the_dtype():
     three = [torch.tensor([1 + 2 ** -7], dtype=torch.bfloat16)] * 3 + [torch.tensor([1.0], dtype=torch.bfloat16)]
     assert G._weighted_average(three, [0.25] * 4).tolist() == [1 + 2 ** -7]  # 1 + 0.75 * 2^-7 rounds up
     assert G._weighted_average([None, None], [0.5, 0.5]) is None
+    # 1 + 8 * (2^-7 / 8) = 1 + 2^-7 summed in float32; in bfloat16 each 2^-10 would be rounded away
+    small = [torch.tensor([1.0], dtype=torch.bfloat16)] + [torch.tensor([2 ** -7], dtype=torch.bfloat16)] * 8
+    assert G._weighted_average(small, [1.0] + [0.125] * 8).tolist() == [1 + 2 ** -7]
+    # the first member sets the dtype; one member is itself times its weight
+    mixed = G._weighted_average([torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([3.0])], [0.5, 0.5])
+    assert mixed.dtype == torch.bfloat16 and mixed.tolist() == [2.0]
+    assert G._weighted_average([torch.tensor([3.0])], [1.0]).tolist() == [3.0]
     d = torch.tensor([1.0], dtype=torch.float64)
     assert G._weighted_average([d, 3 * d], [0.25, 0.75]).dtype == torch.float64
 
