@@ -454,3 +454,14 @@ def test_assemble_a_single_expert_student_explains_itself_in_the_card(teachers, 
     card = (tmp_path / "README.md").read_text()
     assert card == A.model_card(plan.to_json(), summary, teachers / "gpt_oss", True)
     assert "gpt_oss has no dense counterpart in transformers" in card and summary["model_type"] == "gpt_oss"
+
+
+def test_assemble_shards_by_size_and_makes_a_generation_config(teachers, tmp_path):
+    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "bare", lambda k: False)  # no generation_config.json
+    out = tmp_path / "out"
+    out.mkdir()
+    A.assemble(t, _pruning_plan("qwen3_moe"), out, max_shard_bytes=40_000, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
+    made = json.loads((out / "generation_config.json").read_text())
+    assert (made["bos_token_id"], made["eos_token_id"]) == (1, 2)
