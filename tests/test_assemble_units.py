@@ -456,12 +456,21 @@ def test_assemble_a_single_expert_student_explains_itself_in_the_card(teachers, 
     assert "gpt_oss has no dense counterpart in transformers" in card and summary["model_type"] == "gpt_oss"
 
 
-def test_assemble_shards_by_size_and_makes_a_generation_config(teachers, tmp_path):
+def test_assemble_shards_by_size_and_makes_a_generation_config(teachers, tmp_path, capfd):
     t = _teacher_without(teachers / "qwen3_moe", tmp_path / "bare", lambda k: False)  # no generation_config.json
     out = tmp_path / "out"
     out.mkdir()
-    A.assemble(t, _pruning_plan("qwen3_moe"), out, max_shard_bytes=40_000, progress=False)
+    A.assemble(t, _pruning_plan("qwen3_moe"), out, max_shard_bytes=40_000)
+    assert "assemble: 100%" in capfd.readouterr().err  # a progress bar by default
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
     made = json.loads((out / "generation_config.json").read_text())
     assert (made["bos_token_id"], made["eos_token_id"]) == (1, 2)
+
+
+def test_teacher_dtype_without_embeddings_is_float32(teachers, tmp_path):
+    from moe2dense.checkpoint import CheckpointReader
+
+    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "noemb", lambda k: k == "model.embed_tokens.weight")
+    with CheckpointReader(t) as reader:
+        assert A._teacher_dtype(reader) == torch.float32

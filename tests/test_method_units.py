@@ -608,3 +608,34 @@ def test_loss_entry_points_defaults():
                 p["head_bias"].default) == ("forward_kl", 1.0, None, None, 0.0, 1024, -100, None)
     p = inspect.signature(L.kd_loss).parameters
     assert (p["loss"].default, p["temperature"].default, p["options"].default) == ("forward_kl", 1.0, None)
+
+
+def test_objective_passes_options_and_ignore_index():
+    s, t = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, math.log(3)]])
+    got = L._objective("jsd", 1.0, {"beta": 0.25}, None, 0.0, -100)(s, t, None)
+    assert got.tolist() == pytest.approx(L.jsd(t.log_softmax(-1), s.log_softmax(-1), 0.25).tolist(), abs=1e-7)
+    # a custom ignore_index also reaches the cross-entropy (a label -1 would be out of range there)
+    labels = torch.tensor([1, -1])
+    got = L._objective("forward_kl", 1.0, None, labels, 0.5, -1)(s, t, labels)
+    assert got[1].item() == 0.0 and got[0].item() == pytest.approx(
+        0.5 * L.forward_kl(t[:1].log_softmax(-1), s[:1].log_softmax(-1)).item() + 0.5 * math.log(4 / 3), abs=1e-6)
+
+
+def test_chunked_defaults_behave_as_documented():
+    # defaults: forward_kl at temperature 1, chunks of 1024 tokens, label -100 ignored, no CE
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, teacher = torch.randn(1030, 2, generator=g), torch.randn(3, 2, generator=g), torch.randn(1030, 3)
+    calls = []
+
+    def chunk(s, e):
+        calls.append((s, e))
+        return teacher[s:e]
+
+    got = L.chunked_kd_loss(hidden, weight, chunk)
+    assert calls == [(0, 1024), (1024, 1030)]
+    assert got.item() == pytest.approx(L.kd_loss(hidden @ weight.T, teacher).mean().item(), rel=1e-5)
+    labels = torch.full((1030,), 2)
+    labels[:1000] = -100
+    got = L.chunked_kd_loss(hidden, weight, chunk, labels=labels)
+    assert got.item() == pytest.approx(L.kd_loss(hidden[1000:] @ weight.T, teacher[1000:]).mean().item(), rel=1e-5)
+    assert L.full_kd_loss(hidden, weight, chunk, labels=labels).item() == pytest.approx(got.item(), rel=1e-5)
