@@ -619,6 +619,10 @@ def test_objective_passes_options_and_ignore_index():
     got = L._objective("forward_kl", 1.0, None, labels, 0.5, -1)(s, t, labels)
     assert got[1].item() == 0.0 and got[0].item() == pytest.approx(
         0.5 * L.forward_kl(t[:1].log_softmax(-1), s[:1].log_softmax(-1)).item() + 0.5 * math.log(4 / 3), abs=1e-6)
+    # the cross-entropy is per token, not their mean: -log q = log(4/3) for token 0 (label 1), log 2 for token 1
+    both = torch.tensor([1, 0])
+    got = L._objective("forward_kl", 1.0, None, both, 1.0, -100)(s, t, both)
+    assert got.tolist() == pytest.approx([math.log(4 / 3), math.log(2)], abs=1e-6)
 
 
 def test_chunked_defaults_behave_as_documented():
