@@ -642,4 +642,10 @@ def test_chunked_defaults_behave_as_documented():
     labels[:1000] = -100
     got = L.chunked_kd_loss(hidden, weight, chunk, labels=labels)
     assert got.item() == pytest.approx(L.kd_loss(hidden[1000:] @ weight.T, teacher[1000:]).mean().item(), rel=1e-5)
+    calls.clear()
     assert L.full_kd_loss(hidden, weight, chunk, labels=labels).item() == pytest.approx(got.item(), rel=1e-5)
+    assert calls == [(0, 1030)]  # the naive reference asks for every token at once
+    # options reach the loss in both
+    want = L.kd_loss(hidden @ weight.T, teacher, loss="jsd", options={"beta": 0.25}).mean().item()
+    for fn in (L.full_kd_loss, L.chunked_kd_loss):
+        assert fn(hidden, weight, chunk, loss="jsd", options={"beta": 0.25}).item() == pytest.approx(want, rel=1e-5)
