@@ -70,6 +70,15 @@ def test_concat_keeps_the_first_blocks_activation_parameters_and_casts_at_the_en
     assert A.concat_blocks([(third, 1 / 3)], 1, torch.bfloat16).down.tolist() == [[1.0], [2.0]]
 
 
+def test_concat_scales_a_bfloat16_block_in_float32():
+    # (1 + 2^-7) * (1 + 2^-8) is exact in float32; a bfloat16 product would round it to 1 + 2^-7 or 1 + 2^-6
+    x = torch.tensor([[1 + 2 ** -7]], dtype=torch.bfloat16)
+    block = ExpertWeights(x, x, x, None, None, torch.tensor([1 + 2 ** -7], dtype=torch.bfloat16))
+    w = A.concat_blocks([(block, 1 + 2 ** -8)], 1)
+    want = (1 + 2 ** -7) * (1 + 2 ** -8)
+    assert w.down.tolist() == [[want]] and w.down_bias.tolist() == [want] and w.down.dtype == torch.float32
+
+
 def test_concat_errors_name_the_problem():
     clamped = ExpertWeights(BA.gate, BA.up, BA.down, act="gpt_oss_clamped")
     with pytest.raises(ValueError, match="^blocks with different activations cannot be concatenated$"):

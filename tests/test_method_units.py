@@ -203,6 +203,8 @@ def test_selection_order_passes_each_methods_options():
     assert SEL.selection_order("do_acp", s, 3, 1, options={"sf": {}, "do_acp": {"lam": 10.0}}).tolist() == [0, 1, 2]
     assert SEL.select_experts("do_acp", s, 2, 1).tolist() == [0, 2]
     assert SEL.select_experts("do_acp", s, 2, 1, options={"do_acp": {"lam": 10.0}}).tolist() == [0, 1]
+    assert SEL.select_layers("do_acp", {0: s}, 3, 1) == {0: [0, 2, 1]}
+    assert SEL.select_layers("do_acp", {0: s}, 3, 1, options={"do_acp": {"lam": 10.0}}) == {0: [0, 1, 2]}
 
 
 def test_selection_order_is_a_stable_sort_of_many_ties():
@@ -227,6 +229,7 @@ def test_routed_mass_kept():
     s = stats(weight_sum=f64(3.0, 1.0))
     assert SEL.routed_mass_kept(s, [0]) == 0.75 and SEL.routed_mass_kept(s, [1, 0]) == 1.0
     assert SEL.routed_mass_kept(stats(weight_sum=f64(0, 0)), [0]) == 0.0
+    assert SEL.routed_mass_kept(stats(weight_sum=f64(0.3, 0.1)), [0]) == pytest.approx(0.75, abs=1e-15)  # total < 1
 
 
 # ------------------------------------------------------------------------------------------------------ grouping
@@ -397,6 +400,8 @@ def test_coselection_counts_by_hand():
     with pytest.raises(ValueError, match=r"^coselection_counts: expert ids must lie in \[0, 4\), got -1..3$"):
         G.coselection_counts([torch.tensor([[-1, 3]])], 4)
     assert G.coselection_counts([np.array([[0, 3]])], 4)[3, 0] == 1
+    # int32 ids (torch) are widened to the int64 scatter_ needs
+    assert G.coselection_counts([torch.tensor([[0, 3]], dtype=torch.int32)], 4)[0, 3] == 1
 
 
 # -------------------------------------------------------------------------------------------------------- losses
