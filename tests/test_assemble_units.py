@@ -376,19 +376,22 @@ def _teacher_without(src: Path, dst: Path, drop) -> Path:
 
 
 def test_assemble_names_the_tensors_the_teacher_lacks(teachers, tmp_path):
-    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t1", lambda k: k in ("model.norm.weight", "lm_head.weight"))
+    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t1",
+                         lambda k: k in ("model.norm.weight", "lm_head.weight"))
     with pytest.raises(ValueError) as err:
         A.assemble(t, _pruning_plan("qwen3_moe"), tmp_path, progress=False)
     assert str(err.value) == ("the teacher checkpoint lacks tensors the qwen3 student needs: "
                               "['model.norm.weight', 'lm_head.weight']")
-    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t5", lambda k: "layernorm" in k or k == "model.norm.weight")
+    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t5",
+                         lambda k: "layernorm" in k or k == "model.norm.weight")
     with pytest.raises(ValueError) as err:
         A.assemble(t, _pruning_plan("qwen3_moe"), tmp_path, progress=False)
     assert str(err.value) == (  # exactly five: all shown, no " ..."
         "the teacher checkpoint lacks tensors the qwen3 student needs: ['model.layers.0.input_layernorm.weight', "
         "'model.layers.0.post_attention_layernorm.weight', 'model.layers.1.input_layernorm.weight', "
         "'model.layers.1.post_attention_layernorm.weight', 'model.norm.weight']")
-    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t2", lambda k: "layernorm" in k or k in ("model.norm.weight", "lm_head.weight"))
+    t = _teacher_without(teachers / "qwen3_moe", tmp_path / "t2",
+                         lambda k: "layernorm" in k or k in ("model.norm.weight", "lm_head.weight"))
     with pytest.raises(ValueError) as err:
         A.assemble(t, _pruning_plan("qwen3_moe"), tmp_path, progress=False)
     assert str(err.value) == (

@@ -197,7 +197,8 @@ def test_selection_order_passes_each_methods_options():
     # picks the diverse expert 2, a large one (lam = 10) the better expert 1
     gram = f64([1, 0.99, 0], [0.99, 1, 0], [0, 0, 1])
     s = S.LayerStats(n_tokens=1, top_k=1, count=f64(1, 1, 1), prob_sum=f64(1, 1, 1),
-                     prob_sum_selected=f64(1, 0.9, 0.5), weight_sum=f64(1, 1, 1), sqnorm_sum_all=f64(1, 1, 1), gram=gram)
+                     prob_sum_selected=f64(1, 0.9, 0.5), weight_sum=f64(1, 1, 1), sqnorm_sum_all=f64(1, 1, 1),
+                     gram=gram)
     assert SEL.selection_order("do_acp", s, 3, 1).tolist() == [0, 2, 1]
     assert SEL.selection_order("do_acp", s, 3, 1, options={"do_acp": {"lam": 10.0}}).tolist() == [0, 1, 2]
     assert SEL.selection_order("do_acp", s, 3, 1, options={"sf": {}, "do_acp": {"lam": 10.0}}).tolist() == [0, 1, 2]

@@ -119,7 +119,8 @@ def test_build_plan_by_hand():
                         "scale": pytest.approx(0.4, abs=1e-15)}]},
                    "1": {"routed_mass": pytest.approx(0.85, abs=1e-15), "shared": [gated[0] | {"scale": 0.25}],
                          "groups": [{"experts": [2, 3], "weights": [1.0, 0.0], "scale": pytest.approx(0.45, abs=1e-15)},
-                                    {"experts": [0, 1], "weights": [0.5, 0.5], "scale": pytest.approx(0.4, abs=1e-15)}]}},
+                                    {"experts": [0, 1], "weights": [0.5, 0.5],
+                                     "scale": pytest.approx(0.4, abs=1e-15)}]}},
     }
 
 
@@ -212,8 +213,8 @@ def test_read_plan_of_broken_json_and_a_valid_file(tmp_path):
     path.write_text('{"teacher": ')
     with pytest.raises(ValueError) as err:
         read_plan(str(path))
-    assert str(err.value) == (f"{path}: not a valid conversion plan: <root>: Invalid JSON: EOF while parsing a value at "
-                              f"line 1 column 12; {PLAN_ERROR_HINT}")
+    assert str(err.value) == (f"{path}: not a valid conversion plan: <root>: Invalid JSON: EOF while parsing a value "
+                              f"at line 1 column 12; {PLAN_ERROR_HINT}")
     assert PLAN_ERROR_HINT == "rerun the group stage (`dvc repro group`) with this version"
     path.write_text(json.dumps(_plan_data()))
     assert read_plan(str(path)) == ConversionPlan.model_validate(_plan_data())
