@@ -6,8 +6,10 @@ inside ONE pytest session in mutants/ (after `mutmut run` has generated the muta
 fixture is set up once with no mutant active, then for each mutant its covering tests (mutmut's own
 mutmut-stats.json), fastest first, run with the mutant active during the test call only, stopping at the first
 failure. A failure counts as a kill only if the same test then passes with no mutant (otherwise every fixture is
-rebuilt and the mutant tried again). It can only miss kills mutmut finds (a mutant that shows only while a fixture is
-built), so its survivors are the ones to explain; confirm them with `mutmut run NAME ...`.
+rebuilt and the mutant tried again). Module fixtures are promoted to session scope, so switching modules costs nothing.
+It differs from mutmut in one way: fixtures are built without the mutant. A mutant that shows only while a fixture is
+built goes unseen here, and a test comparing a fresh call with a fixture built by the same function can fail here
+where mutmut (both sides mutated) would pass; confirm what matters with `mutmut run NAME ...`.
 
     env MUTFAST_NAMES=names.txt MUTFAST_OUT=screen.json [MUTFAST_CAP=2] [MUTFAST_TIMEOUT=30] [MUTFAST_ALSO=a.py,b.py]
     (cd mutants && PYTHONPATH=../tests python -m pytest -p mutation_screen --rootdir=. -q -p no:randomly \
