@@ -363,6 +363,13 @@ def test_assemble_refusals_are_one_line(teachers, tmp_path):
         A.assemble(teachers / "qwen2_moe", _pruning_plan("qwen3_moe"), tmp_path)
 
 
+def _teacher_dtype(reader, adapter) -> torch.dtype:
+    """`_teacher_dtype` before and after it took the adapter (for families whose embedding has another name)."""
+    import inspect
+
+    return A._teacher_dtype(*(reader, adapter)[:len(inspect.signature(A._teacher_dtype).parameters)])
+
+
 def _teacher_without(src: Path, dst: Path, drop) -> Path:
     import shutil
 
@@ -413,7 +420,7 @@ def test_layer_blocks_and_width_with_a_shared_expert(teachers):
         unshared = LayerPlan.model_validate(plan.layers[1].model_dump() | {"shared": []})
         with pytest.raises(ValueError, match="^layer 1: the plan has 0 shared experts, the teacher 1$"):
             A.layer_blocks(reader, adapter, 1, unshared, False)
-        assert A._teacher_dtype(reader) == torch.float32
+        assert _teacher_dtype(reader, adapter) == torch.float32
 
 
 def test_layer_blocks_of_a_dense_layer_and_the_teacher_dtype(tmp_path):
@@ -427,7 +434,7 @@ def test_layer_blocks_of_a_dense_layer_and_the_teacher_dtype(tmp_path):
         (w, c), = A.layer_blocks(reader, adapter, 0, None, False)
         assert c == 1.0 and torch.equal(w.gate, model.model.layers[0].mlp.gate_proj.weight)
         assert A.layer_width(reader, adapter, 0, None) == 48
-        assert A._teacher_dtype(reader) == torch.bfloat16
+        assert _teacher_dtype(reader, adapter) == torch.bfloat16
 
 
 def test_student_config_per_family():
@@ -485,4 +492,4 @@ def test_teacher_dtype_without_embeddings_is_float32(teachers, tmp_path):
 
     t = _teacher_without(teachers / "qwen3_moe", tmp_path / "noemb", lambda k: k == "model.embed_tokens.weight")
     with CheckpointReader(t) as reader:
-        assert A._teacher_dtype(reader) == torch.float32
+        assert _teacher_dtype(reader, get_adapter(tiny_config("qwen3_moe"))) == torch.float32

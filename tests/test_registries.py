@@ -129,4 +129,5 @@ def test_register_mlp_writer_stores_the_writer(monkeypatch):
 def test_the_real_mlp_writers():
     from moe2dense import assemble
 
-    assert assemble.MLP_WRITERS == {"mlp": assemble._plain_mlp, "single_expert": assemble._single_expert}
+    assert assemble.MLP_WRITERS["mlp"] is assemble._plain_mlp
+    assert assemble.MLP_WRITERS["single_expert"] is assemble._single_expert
