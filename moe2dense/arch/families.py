@@ -3,6 +3,8 @@ docs/architecture.md, "Family spec")."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from transformers import PreTrainedConfig
 
 from .spec import ExpertLayout, FamilySpec, RouterSpec
@@ -80,6 +82,21 @@ def _block_type_is(kind: str):
     return check
 
 
+# The DeepSeek-V3 family spec; glm4_moe, glm4_moe_lite and dots1 differ only where `replace` says.
+_DEEPSEEK_V3 = FamilySpec(
+    model_type="deepseek_v3",
+    dense_model_type="deepseek_v3",
+    num_experts_attr="n_routed_experts",
+    intermediate_attr="moe_intermediate_size",
+    is_moe_layer=_after_first_k_dense,
+    renorm="norm_topk_prob",
+    scaling_attr="routed_scaling_factor",
+    router=_DEEPSEEK_V3_ROUTER,
+    shared_attr="shared_experts",
+    first_dense_attr="first_k_dense_replace",
+)
+
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         model_type="qwen3_moe",
@@ -132,18 +149,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         shared_attr="shared_experts",
         first_dense_attr="first_k_dense_replace",
     ),
-    FamilySpec(
-        model_type="deepseek_v3",
-        dense_model_type="deepseek_v3",
-        num_experts_attr="n_routed_experts",
-        intermediate_attr="moe_intermediate_size",
-        is_moe_layer=_after_first_k_dense,
-        renorm="norm_topk_prob",
-        scaling_attr="routed_scaling_factor",
-        router=_DEEPSEEK_V3_ROUTER,
-        shared_attr="shared_experts",
-        first_dense_attr="first_k_dense_replace",
-    ),
+    _DEEPSEEK_V3,
     FamilySpec(
         model_type="gpt_oss",
         dense_model_type="gpt_oss",
@@ -157,30 +163,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
         disk_expert_prefix=None,  # saved fused, exactly as in memory
         dense_mlp="single_expert",
     ),
-    FamilySpec(
-        model_type="glm4_moe",
-        dense_model_type="glm4_moe",  # every layer below first_k_dense_replace: Glm4MoeMLP
-        num_experts_attr="n_routed_experts",
-        intermediate_attr="moe_intermediate_size",
-        is_moe_layer=_after_first_k_dense,
-        renorm="norm_topk_prob",
-        scaling_attr="routed_scaling_factor",
-        router=_DEEPSEEK_V3_ROUTER,
-        shared_attr="shared_experts",
-        first_dense_attr="first_k_dense_replace",
-    ),
-    FamilySpec(
-        model_type="glm4_moe_lite",
-        dense_model_type="glm4_moe_lite",  # every mlp_layer_types entry "dense": Glm4MoeLiteMLP
-        num_experts_attr="n_routed_experts",
-        intermediate_attr="moe_intermediate_size",
-        is_moe_layer=_sparse_mlp_type,
-        renorm="norm_topk_prob",
-        scaling_attr="routed_scaling_factor",
-        router=_DEEPSEEK_V3_ROUTER,
-        shared_attr="shared_experts",
-        mlp_types_attr="mlp_layer_types",
-    ),
+    # GLM-4.5 / 4.7 and dots.llm1 copy DeepSeek-V3's MoE (router, shared experts, leading dense layers) as is.
+    replace(_DEEPSEEK_V3, model_type="glm4_moe", dense_model_type="glm4_moe"),
+    # GLM-4.7-Flash: the same MoE, its MoE layers listed in mlp_layer_types; the student sets every entry "dense".
+    replace(_DEEPSEEK_V3, model_type="glm4_moe_lite", dense_model_type="glm4_moe_lite", is_moe_layer=_sparse_mlp_type,
+            first_dense_attr=None, mlp_types_attr="mlp_layer_types"),
     FamilySpec(
         model_type="minimax_m2",
         dense_model_type="minimax_m2",
@@ -196,18 +183,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         disk_block_attr="block_sparse_moe",
         dense_mlp="single_expert",  # every decoder layer is MoE: no dense MLP in the class
     ),
-    FamilySpec(
-        model_type="dots1",
-        dense_model_type="dots1",  # every layer below first_k_dense_replace: Dots1MLP
-        num_experts_attr="n_routed_experts",
-        intermediate_attr="moe_intermediate_size",
-        is_moe_layer=_after_first_k_dense,
-        renorm="norm_topk_prob",
-        scaling_attr="routed_scaling_factor",
-        router=_DEEPSEEK_V3_ROUTER,
-        shared_attr="shared_experts",
-        first_dense_attr="first_k_dense_replace",
-    ),
+    replace(_DEEPSEEK_V3, model_type="dots1", dense_model_type="dots1"),
     # Hybrid Gated-DeltaNet / full-attention backbone (config.layer_types), copied to the student unchanged.
     FamilySpec(
         model_type="qwen3_next",
