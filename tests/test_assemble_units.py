@@ -798,16 +798,27 @@ def test_assemble_checks_the_student_of_a_discovered_family(tmp_path, monkeypatc
     assert (adapter.moe_layers, adapter.dense_layers) == ([1, 3], [0, 2])
     calls = []
     monkeypatch.setattr(A, "verify_student", lambda out, a, references: calls.append((out, a, references)))
-    plan = _plan_of("jamba", config=config)
+    # a merged, aligned group (experts 3 and 5) and expert 6 alone; written in bfloat16
+    plan = _plan_of("jamba", config=config).model_dump(mode="json")
+    plan |= {"pure_pruning": False, "group_method": "output", "align": True, "experts_per_layer": 3}
+    for layer in plan["layers"].values():
+        layer["groups"] = [{"experts": [3, 5], "weights": [0.5, 0.5], "scale": 0.25},
+                           {"experts": [6], "weights": [1.0], "scale": 0.75}]
+    from moe2dense.plan import ConversionPlan
+
+    plan = ConversionPlan.model_validate(plan)
     (tmp_path / "out").mkdir()
-    A.assemble(tmp_path / "teacher", plan, tmp_path / "out", progress=False)
+    A.assemble(tmp_path / "teacher", plan, tmp_path / "out", dtype="bfloat16", progress=False)
     (out, a, references), = calls  # after the student is saved: the first MoE layer and the first dense one
     assert out == tmp_path / "out" and a.model_type == "jamba" and list(references) == [1, 0]
     assert (out / "config.json").is_file() and (out / "README.md").is_file()
     with CheckpointReader(tmp_path / "teacher") as reader:
         for i in (1, 0):
-            want = A.concat_blocks(A.layer_blocks(reader, adapter, i, plan.layers.get(i), False), 32, torch.float32)
+            want = A.concat_blocks(A.layer_blocks(reader, adapter, i, plan.layers.get(i), True), 32, torch.bfloat16)
+            assert references[i].gate.dtype == torch.bfloat16
             assert torch.equal(references[i].gate, want.gate) and torch.equal(references[i].down, want.down)
+        unaligned = A.concat_blocks(A.layer_blocks(reader, adapter, 1, plan.layers[1], False), 32, torch.bfloat16)
+        assert not torch.equal(references[1].gate, unaligned.gate)  # the plan's align reaches the references
     calls.clear()
     (tmp_path / "qwen").mkdir()
     from tiny_models import tiny_model
