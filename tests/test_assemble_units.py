@@ -5,6 +5,7 @@ tensor name, dtype cast, plan check, tokenizer and generation-config copies) and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -493,3 +494,335 @@ def test_teacher_dtype_without_embeddings_is_float32(teachers, tmp_path):
     t = _teacher_without(teachers / "qwen3_moe", tmp_path / "noemb", lambda k: k == "model.embed_tokens.weight")
     with CheckpointReader(t) as reader:
         assert _teacher_dtype(reader, get_adapter(tiny_config("qwen3_moe"))) == torch.float32
+
+
+# ------------------------------------------------------------------------------------------ the newer families
+UA = ExpertWeights(None, t([[3, 4]]), t([[1], [2]]), act="relu2")
+UB = ExpertWeights(None, t([[9, 10], [11, 12]]), t([[1, 2], [3, 4]]), act="relu2")
+
+
+def test_concat_up_only_blocks_has_no_gate():
+    w = A.concat_blocks([(UA, 2.0), (UB, 0.5)], 4)
+    assert w.gate is None and w.gate_bias is None and w.act == "relu2"
+    assert torch.equal(w.up, t([[3, 4], [9, 10], [11, 12], [0, 0]]))
+    assert torch.equal(w.down, t([[2, 0.5, 1, 0], [4, 1.5, 2, 0]]))
+    assert w.up_bias is None and w.down_bias is None
+    # an up bias alone makes the up and down biases exist (no gate bias without a gate)
+    biased = ExpertWeights(None, UA.up, UA.down, None, t([5]), None, act="relu2")
+    w = A.concat_blocks([(UB, 1.0), (biased, 2.0)], 4)
+    assert w.gate is None and w.gate_bias is None
+    assert torch.equal(w.up_bias, t([0, 0, 5, 0])) and torch.equal(w.down_bias, t([0, 0]))
+    assert torch.equal(w.up, t([[9, 10], [11, 12], [3, 4], [0, 0]]))
+    with pytest.raises(ValueError, match="^blocks have 3 neurons, more than the dense width 2$"):
+        A.concat_blocks([(UA, 1.0), (UB, 1.0)], 2)
+    # a gated block with an up bias only: gate and down biases are zero vectors
+    up_biased = ExpertWeights(BA.gate, BA.up, BA.down, None, t([4]), None)
+    w = A.concat_blocks([(up_biased, 2.0), (BB, 1.0)], 3)
+    assert torch.equal(w.gate_bias, t([0, 0, 0])) and torch.equal(w.up_bias, t([4, 0, 0]))
+    assert torch.equal(w.down_bias, t([0, 0]))
+
+
+def test_scale_input_multiplies_gate_and_up_rows_in_float32():
+    x = torch.tensor([[1 + 2 ** -7, 2.0]], dtype=torch.bfloat16)
+    w = ExpertWeights(x, 2 * x, t([[1], [2]]), t([1]), t([2]), t([3, 4]))
+    got = A.scale_input(w, 1 + 2 ** -8)
+    assert got.gate.dtype == got.up.dtype == torch.float32
+    assert got.gate.tolist() == [[(1 + 2 ** -7) * (1 + 2 ** -8), 2 + 2 ** -7]]  # exact in float32, not in bfloat16
+    assert got.up.tolist() == [[2 * (1 + 2 ** -7) * (1 + 2 ** -8), 4 + 2 ** -6]]
+    assert got.down is w.down and got.gate_bias is w.gate_bias and got.up_bias is w.up_bias
+    assert got.down_bias is w.down_bias and got.act == "swiglu"
+
+
+def test_up_mlp_writer_names_biases_and_refusals():
+    adapter = get_adapter(tiny_config("nemotron_h"))
+    p = "model.layers.3.mixer"
+    out = A.MLP_WRITERS["up_mlp"](adapter, 3, UB, {})
+    assert list(out) == [f"{p}.up_proj.weight", f"{p}.down_proj.weight"]
+    assert out[f"{p}.up_proj.weight"] is UB.up and out[f"{p}.down_proj.weight"] is UB.down
+    # mlp_bias=True: zeros where the block has no bias, its own where it has one
+    keys = {f"{p}.up_proj.bias": ((2,), torch.float32), f"{p}.down_proj.bias": ((2,), torch.float32)}
+    out = A.MLP_WRITERS["up_mlp"](adapter, 3, UB, keys)
+    assert list(out)[2:] == [f"{p}.up_proj.bias", f"{p}.down_proj.bias"]
+    assert torch.equal(out[f"{p}.up_proj.bias"], t([0, 0])) and torch.equal(out[f"{p}.down_proj.bias"], t([0, 0]))
+    wide = ExpertWeights(None, t([[1, 2], [3, 4], [5, 6]]), t([[1, 2, 3], [4, 5, 6]]), None, t([7, 8, 9]),
+                         t([1, 2]), act="relu2")
+    out = A.MLP_WRITERS["up_mlp"](adapter, 3, wide, keys)
+    assert out[f"{p}.up_proj.bias"] is wide.up_bias and out[f"{p}.down_proj.bias"] is wide.down_bias
+    only_down = ExpertWeights(None, wide.up, wide.down, None, None, t([1, 2]), act="relu2")
+    out = A.MLP_WRITERS["up_mlp"](adapter, 3, only_down, keys)
+    assert torch.equal(out[f"{p}.up_proj.bias"], t([0, 0, 0])) and out[f"{p}.down_proj.bias"] is only_down.down_bias
+    with pytest.raises(ValueError, match=r"^the nemotron_h student has no up_proj bias \(mlp_bias=False\)$"):
+        A.MLP_WRITERS["up_mlp"](adapter, 3, wide, {})
+    with pytest.raises(ValueError, match=r"^the nemotron_h student has no down_proj bias \(mlp_bias=False\)$"):
+        A.MLP_WRITERS["up_mlp"](adapter, 3, only_down, {})
+    msg = "^a nemotron_h MLP is relu2 without gate$"
+    with pytest.raises(ValueError, match=msg):
+        A.MLP_WRITERS["up_mlp"](adapter, 3, ExpertWeights(BB.gate, BB.up, BB.down, act="relu2"), {})
+    with pytest.raises(ValueError, match=msg):
+        A.MLP_WRITERS["up_mlp"](adapter, 3, ExpertWeights(None, BB.up, BB.down), {})
+
+
+def test_plain_mlp_writer_uses_the_dense_mlp_attribute():
+    # llama4_text's dense MLP is feed_forward, granite's is mlp where the teacher has block_sparse_moe
+    out = A.MLP_WRITERS["mlp"](get_adapter(tiny_config("llama4_text")), 2, BB, {})
+    assert list(out) == ["model.layers.2.feed_forward.gate_proj.weight", "model.layers.2.feed_forward.up_proj.weight",
+                         "model.layers.2.feed_forward.down_proj.weight"]
+    assert list(A.MLP_WRITERS["mlp"](get_adapter(tiny_config("granitemoe")), 0, BB, {}))[0] == (
+        "model.layers.0.mlp.gate_proj.weight")
+
+
+def _student_keys(family: str, width: int = 2):
+    config = tiny_config(family)
+    adapter = get_adapter(config)
+    return adapter, A.student_layout(A.student_config(config, adapter, width, torch.float32))
+
+
+def test_single_expert_writer_minimax_m2_bias_on_the_block_and_disk_names():
+    adapter, keys = _student_keys("minimax_m2")
+    block = ExpertWeights(BB.gate, BB.up, BB.down)
+    out = A.MLP_WRITERS["single_expert"](adapter, 1, block, keys)
+    # saved under Mixtral's names: block_sparse_moe, the correction bias on the block, experts per index
+    d = "model.layers.1.block_sparse_moe"
+    assert sorted(out) == sorted([f"{d}.gate.weight", f"{d}.e_score_correction_bias", f"{d}.experts.0.w1.weight",
+                                  f"{d}.experts.0.w3.weight", f"{d}.experts.0.w2.weight"])
+    assert torch.equal(out[f"{d}.gate.weight"], torch.zeros(1, 2))
+    assert torch.equal(out[f"{d}.e_score_correction_bias"], torch.zeros(1))
+    assert out[f"{d}.experts.0.w1.weight"] is BB.gate and out[f"{d}.experts.0.w3.weight"] is BB.up
+    assert out[f"{d}.experts.0.w2.weight"] is BB.down
+    with pytest.raises(ValueError, match="^minimax_m2 experts have no biases$"):
+        A.MLP_WRITERS["single_expert"](adapter, 1, ExpertWeights(BB.gate, BB.up, BB.down, None, None, t([0, 0])),
+                                       keys)
+
+
+def test_single_expert_writer_gemma4_text_router_scales_are_ones():
+    adapter, keys = _student_keys("gemma4_text")
+    block = ExpertWeights(BB.gate, BB.up, BB.down, act="geglu_tanh")
+    out = A.MLP_WRITERS["single_expert"](adapter, 0, block, keys)
+    p = "model.layers.0"  # the router and experts sit in the decoder layer itself, beside its own dense MLP
+    assert sorted(out) == sorted([f"{p}.router.proj.weight", f"{p}.router.scale", f"{p}.router.per_expert_scale",
+                                  f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj"])
+    assert torch.equal(out[f"{p}.router.proj.weight"], torch.zeros(1, 2))
+    assert torch.equal(out[f"{p}.router.scale"], torch.ones(32)) and out[f"{p}.router.scale"].dtype == torch.float32
+    assert torch.equal(out[f"{p}.router.per_expert_scale"], torch.ones(1))
+    assert torch.equal(out[f"{p}.experts.gate_up_proj"], t([[[5, 6], [7, 8], [9, 10], [11, 12]]]))
+    assert torch.equal(out[f"{p}.experts.down_proj"], t([[[1, 2], [3, 4]]]))
+    half = ExpertWeights(BB.gate.bfloat16(), BB.up.bfloat16(), BB.down.bfloat16(), act="geglu_tanh")
+    assert A.MLP_WRITERS["single_expert"](adapter, 0, half, keys)[f"{p}.router.scale"].dtype == torch.bfloat16
+
+
+def test_student_config_fields_of_the_newer_families():
+    def student(family, width=40):
+        return A.student_config(tiny_config(family), get_adapter(tiny_config(family)), width, torch.float32)
+
+    glm = student("glm4_moe_lite")  # every layer's mlp_layer_types entry dense
+    assert (glm.mlp_layer_types, glm.intermediate_size) == (["dense"] * 3, 40)
+    nxt = student("qwen3_next")  # every layer in mlp_only_layers
+    assert (nxt.mlp_only_layers, nxt.intermediate_size) == ([0, 1, 2, 3], 40)
+    nem = student("nemotron_h")  # the MoE layers become MLP layers, Mamba and attention stay
+    assert nem.layers_block_type == ["linear_attention", "mlp", "full_attention", "mlp"]
+    assert nem.intermediate_size == 40
+    llama = student("llama4_text")  # the dense width field, and no MoE layers
+    assert (llama.intermediate_size_mlp, llama.intermediate_size, llama.moe_layers) == (40, 16, [])
+    gemma = student("gemma4_text")  # one always-on expert of the whole width; the dense MLP keeps its own
+    assert (gemma.moe_intermediate_size, gemma.intermediate_size, gemma.num_experts, gemma.top_k_experts) == (
+        40, 24, 1, 1)
+    mm = student("minimax_m2")  # the one expert's width is intermediate_size
+    assert (mm.num_local_experts, mm.num_experts_per_tok, mm.intermediate_size) == (1, 1, 40)
+    teacher = tiny_config("ernie4_5_moe")
+    teacher.head_dim = None  # ernie4_5 would default it to 128: hidden_size // heads instead
+    ernie = A.student_config(teacher, get_adapter(tiny_config("ernie4_5_moe")), 40, torch.float32)
+    assert (ernie.model_type, ernie.intermediate_size, ernie.head_dim) == ("ernie4_5", 40, 32 // 4)
+
+
+def test_student_num_parameters_leaves_out_buffers():
+    config = A.student_config(tiny_config("minimax_m2"), get_adapter(tiny_config("minimax_m2")), 40, torch.float32)
+    layout = A.student_layout(config)
+    total = sum(math.prod(shape) for shape, _ in layout.values())
+    # the two layers' e_score_correction_bias [1] are persistent buffers, saved but not parameters
+    assert A.student_num_parameters(config) == total - 2
+
+
+def test_meta_block_of_up_only_experts():
+    nem = A._meta_block(6, 4, get_adapter(tiny_config("nemotron_h")))
+    assert nem.gate is None and nem.gate_bias is None and nem.act == "relu2"
+    assert (nem.up.shape, nem.down.shape, nem.up.device.type) == ((6, 4), (4, 6), "meta")
+
+
+def test_teacher_dtype_reads_the_embedding_under_its_disk_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from moe2dense.checkpoint import CheckpointReader
+
+    save_file({"backbone.embeddings.weight": torch.zeros(2, 2, dtype=torch.bfloat16)},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with CheckpointReader(tmp_path) as reader:
+        assert A._teacher_dtype(reader, get_adapter(tiny_config("nemotron_h"))) == torch.bfloat16
+        assert A._teacher_dtype(reader, get_adapter(tiny_config("qwen3_moe"))) == torch.float32
+
+
+@pytest.fixture(scope="module")
+def newer_teachers(tmp_path_factory):
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("newer_teachers")
+    for family in ("llama4_text", "nemotron_h"):
+        tiny_model(family).save_pretrained(root / family)
+    return root
+
+
+def _plan_of(family: str, experts=(3, 5), config=None):
+    """K = k = 2 on every MoE layer, c = (0.25, 0.75); an ungated shared expert kept with c = 1."""
+    from moe2dense.plan import ConversionPlan
+
+    adapter = get_adapter(config or tiny_config(family))
+    layer = {"routed_mass": 1.0, "shared": [{"scale": 1.0}] if adapter.spec.shared_attr else [],
+             "groups": [{"experts": [experts[0]], "weights": [1.0], "scale": 0.25},
+                        {"experts": [experts[1]], "weights": [1.0], "scale": 0.75}]}
+    return ConversionPlan.model_validate({
+        "teacher": {"model_type": family, "num_experts": adapter.num_experts, "top_k": adapter.top_k,
+                    "num_layers": adapter.num_layers, "moe_layers": adapter.moe_layers,
+                    "dense_layers": adapter.dense_layers},
+        "score_method": "sf", "merge_scores": "sf", "experts_per_layer": 2, "blocks_per_layer": 2,
+        "pure_pruning": True, "group_method": None, "align": False, "scaling": "uniform",
+        "layers": {str(i): layer for i in adapter.moe_layers}})
+
+
+def _saved(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+def test_assemble_folds_c_into_the_input_where_the_router_scales_it(newer_teachers, tmp_path):
+    from moe2dense.checkpoint import CheckpointReader
+    from moe2dense.teacher_weights import read_dense_mlp, read_experts, read_shared_experts
+
+    family = "llama4_text"
+    adapter, plan = get_adapter(tiny_config(family)), _plan_of(family)
+    summary = A.assemble(newer_teachers / family, plan, tmp_path, progress=False)
+    got = _saved(tmp_path)
+    with CheckpointReader(newer_teachers / family) as reader:
+        e = read_experts(reader, adapter, 3, [3, 5])
+        shared, = read_shared_experts(reader, adapter, 3)
+        dense = read_dense_mlp(reader, adapter, 2)
+        teacher_keys = set(reader.keys())
+    # per MoE layer, the router, the 2 fused expert tensors and the shared expert's 3 become the MLP's 3
+    moe = {n for n in teacher_keys if n.startswith(("model.layers.1.feed_forward.", "model.layers.3.feed_forward."))}
+    assert len(moe) == 12 and set(got) == teacher_keys - moe | {
+        f"model.layers.{i}.feed_forward.{p}_proj.weight" for i in (1, 3) for p in ("gate", "up", "down")}
+    # MoE layer 3: gate and up rows times c (0.25, 0.75, the shared expert's 1), the down columns the experts' own
+    p = "model.layers.3.feed_forward"
+    assert torch.equal(got[f"{p}.gate_proj.weight"], torch.cat([e[3].gate * 0.25, e[5].gate * 0.75, shared.gate]))
+    assert torch.equal(got[f"{p}.up_proj.weight"], torch.cat([e[3].up * 0.25, e[5].up * 0.75, shared.up]))
+    assert torch.equal(got[f"{p}.down_proj.weight"], torch.cat([e[3].down, e[5].down, shared.down], 1))
+    # a dense layer is the teacher's own MLP
+    assert torch.equal(got["model.layers.2.feed_forward.down_proj.weight"], dense.down)
+    assert summary["intermediate_size"] == 48 and summary["model_type"] == family
+    card = (tmp_path / "README.md").read_text()
+    assert card == A.model_card(plan.to_json(), summary, newer_teachers / family, False) + (
+        "\nllama4_text multiplies each expert's input, not its output, by the routing score, so here each block's "
+        "constant c_g is folded into its gate and up rows (the MLP computes sum_g E_g(c_g x)) and the down projection "
+        "is the merged expert's own.\n")
+    (tmp_path / "carded").mkdir()
+    A.assemble(newer_teachers / family, plan, tmp_path / "carded", progress=False, card="mine")
+    assert (tmp_path / "carded" / "README.md").read_text() == "mine"  # a given card is not extended
+
+
+def test_assemble_a_hybrid_skips_layers_without_an_mlp(newer_teachers, tmp_path):
+    from moe2dense.checkpoint import CheckpointReader
+    from moe2dense.teacher_weights import read_experts, read_shared_experts
+
+    family = "nemotron_h"
+    adapter, plan = get_adapter(tiny_config(family)), _plan_of(family)
+    summary = A.assemble(newer_teachers / family, plan, tmp_path, progress=False)
+    got = _saved(tmp_path)
+    with CheckpointReader(newer_teachers / family) as reader:
+        e = read_experts(reader, adapter, 1, [3, 5])
+        shared, = read_shared_experts(reader, adapter, 1)
+        # the Mamba layer 0 and the attention layer 2 are the teacher's, under the in-memory names
+        for name in reader.keys():
+            if name.startswith(("backbone.layers.0.", "backbone.layers.2.", "backbone.embeddings")):
+                assert torch.equal(got["model." + name.removeprefix("backbone.")], reader.read(name))
+    p = "model.layers.1.mixer"
+    assert sorted(n for n in got if n.startswith(p)) == [f"{p}.down_proj.weight", f"{p}.up_proj.weight"]
+    assert torch.equal(got[f"{p}.up_proj.weight"], torch.cat([e[3].up, e[5].up, shared.up]))
+    assert torch.equal(got[f"{p}.down_proj.weight"],
+                       torch.cat([e[3].down * 0.25, e[5].down * 0.75, shared.down], 1))
+    assert summary["num_parameters"] == sum(t.numel() for t in got.values())
+    assert "multiplies each expert's input" not in (tmp_path / "README.md").read_text()
+
+
+def test_in_class_writer_plain_mlp_or_one_expert():
+    from transformers import FlexOlmoConfig, JambaConfig
+
+    common = dict(vocab_size=64, hidden_size=2, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
+                  max_position_embeddings=64, num_experts_per_tok=2, intermediate_size=4, num_experts=8,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # jamba with one expert builds a plain SwiGLU MLP under the block's name
+    jamba = JambaConfig(**common | {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1,
+                                    "mamba_d_state": 2, "mamba_d_conv": 2, "mamba_expand": 1, "mamba_dt_rank": 1})
+    adapter = get_adapter(jamba)
+    keys = A.student_layout(A.student_config(jamba, adapter, 2, torch.float32))
+    p = "model.layers.1.feed_forward"
+    out = A.MLP_WRITERS["in_class"](adapter, 1, BB, keys)
+    assert list(out) == [f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"]
+    assert out[f"{p}.gate_proj.weight"] is BB.gate and out[f"{p}.up_proj.weight"] is BB.up
+    assert out[f"{p}.down_proj.weight"] is BB.down
+    msg = "^a jamba MLP has no biases and a plain SwiGLU$"
+    with pytest.raises(ValueError, match=msg):
+        A.MLP_WRITERS["in_class"](adapter, 1, ExpertWeights(BB.gate, BB.up, BB.down, None, None, t([0, 0])), keys)
+    with pytest.raises(ValueError, match=msg):
+        A.MLP_WRITERS["in_class"](adapter, 1, ExpertWeights(BB.gate, BB.up, BB.down, act="geglu_tanh"), keys)
+    # flex_olmo with one expert keeps its MoE block: the single-expert writer's names
+    flex = FlexOlmoConfig(**common)
+    adapter = get_adapter(flex)
+    keys = A.student_layout(A.student_config(flex, adapter, 2, torch.float32))
+    out = A.MLP_WRITERS["in_class"](adapter, 0, BB, keys)
+    assert out.keys() == A.MLP_WRITERS["single_expert"](adapter, 0, BB, keys).keys()
+    assert "model.layers.0.mlp.gate.weight" in out and "model.layers.0.mlp.gate_proj.weight" not in out
+
+
+def test_assemble_checks_the_student_of_a_discovered_family(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, JambaConfig
+
+    from moe2dense.checkpoint import CheckpointReader
+
+    # jamba (the generic path): MoE in layers 1 and 3, plain MLPs in 0 and 2, Mamba or attention mixers
+    config = JambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2,
+                         intermediate_size=16, num_experts=8, attn_layer_period=2, attn_layer_offset=1,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "teacher")
+    adapter = get_adapter(config)
+    assert (adapter.moe_layers, adapter.dense_layers) == ([1, 3], [0, 2])
+    calls = []
+    monkeypatch.setattr(A, "verify_student", lambda out, a, references: calls.append((out, a, references)))
+    # a merged, aligned group (experts 3 and 5) and expert 6 alone; written in bfloat16
+    plan = _plan_of("jamba", config=config).model_dump(mode="json")
+    plan |= {"pure_pruning": False, "group_method": "output", "align": True, "experts_per_layer": 3}
+    for layer in plan["layers"].values():
+        layer["groups"] = [{"experts": [3, 5], "weights": [0.5, 0.5], "scale": 0.25},
+                           {"experts": [6], "weights": [1.0], "scale": 0.75}]
+    from moe2dense.plan import ConversionPlan
+
+    plan = ConversionPlan.model_validate(plan)
+    (tmp_path / "out").mkdir()
+    A.assemble(tmp_path / "teacher", plan, tmp_path / "out", dtype="bfloat16", progress=False)
+    (out, a, references), = calls  # after the student is saved: the first MoE layer and the first dense one
+    assert out == tmp_path / "out" and a.model_type == "jamba" and list(references) == [1, 0]
+    assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    with CheckpointReader(tmp_path / "teacher") as reader:
+        for i in (1, 0):
+            want = A.concat_blocks(A.layer_blocks(reader, adapter, i, plan.layers.get(i), True), 32, torch.bfloat16)
+            assert references[i].gate.dtype == torch.bfloat16
+            assert torch.equal(references[i].gate, want.gate) and torch.equal(references[i].down, want.down)
+        unaligned = A.concat_blocks(A.layer_blocks(reader, adapter, 1, plan.layers[1], False), 32, torch.bfloat16)
+        assert not torch.equal(references[1].gate, unaligned.gate)  # the plan's align reaches the references
+    calls.clear()
+    (tmp_path / "qwen").mkdir()
+    from tiny_models import tiny_model
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "qwen_teacher")
+    A.assemble(tmp_path / "qwen_teacher", _pruning_plan("qwen3_moe"), tmp_path / "qwen", progress=False)
+    assert calls == []  # a family with a written spec is not checked again

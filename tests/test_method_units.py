@@ -655,3 +655,88 @@ def test_chunked_defaults_behave_as_documented():
     want = L.kd_loss(hidden @ weight.T, teacher, loss="jsd", options={"beta": 0.25}).mean().item()
     for fn in (L.full_kd_loss, L.chunked_kd_loss):
         assert fn(hidden, weight, chunk, loss="jsd", options={"beta": 0.25}).item() == pytest.approx(want, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ routing: the newer families
+def test_route_logits_renorm_min_clamps_the_denominator():
+    logits = torch.tensor([[0.0, math.log(3), math.log(2), 0.0]])  # softmax (1, 3, 2, 1) / 7; top-2 sum 5/7
+    # ernie4_5_moe: weights / clamp(sum, min): a minimum above 5/7 binds, (3/7, 2/7) / 0.9
+    r = route_logits(logits, RouterSpec(), RouterParams(top_k=2, renorm=True, renorm_min=0.9))
+    close(r.weights, [[10 / 21, 20 / 63]])
+    # a minimum below the sum changes nothing: (3, 2) / 5
+    close(route_logits(logits, RouterSpec(), RouterParams(top_k=2, renorm=True, renorm_min=0.5)).weights,
+          [[0.6, 0.4]])
+    # no renormalisation: the minimum is not used, the weights are the top-k probabilities
+    close(route_logits(logits, RouterSpec(), RouterParams(top_k=2, renorm=False, renorm_min=0.9)).weights,
+          [[3 / 7, 2 / 7]])
+
+
+def test_route_logits_top_k_on_the_logits():
+    # llama4_text ranks the raw logits (+ bias), the weights are the sigmoid scores: logits (0, 2) + bias (1.5, 0)
+    # = (1.5, 2) picks expert 1; scores + bias = (0.5 + 1.5, 0.88) would pick expert 0
+    spec = RouterSpec(score="sigmoid", topk_on="logits")
+    r = route_logits(torch.tensor([[0.0, 2.0]]), spec, RouterParams(top_k=1, renorm=False),
+                     bias=torch.tensor([1.5, 0.0]))
+    assert r.index.tolist() == [[1]]
+    close(r.weights, [[1 / (1 + math.exp(-2))]]), close(r.probs, [[0.5, 1 / (1 + math.exp(-2))]])
+    r = route_logits(torch.tensor([[0.0, 2.0]]), RouterSpec(score="sigmoid"), RouterParams(top_k=1, renorm=False),
+                     bias=torch.tensor([1.5, 0.0]))
+    assert r.index.tolist() == [[0]] and r.weights.tolist() == [[0.5]]
+
+
+def test_route_logits_per_expert_scale_after_renormalisation():
+    logits = torch.tensor([[0.0, math.log(3), math.log(2), 0.0]])  # top-2 (1, 2), renormalised (0.6, 0.4)
+    # gemma4_text: each selected weight times its expert's scale, after renormalising, then times params.scale
+    scale = torch.tensor([10.0, 2.0, 5.0, 10.0], dtype=torch.float64)
+    r = route_logits(logits, RouterSpec(), RouterParams(top_k=2, renorm=True, scale=2.0), expert_scale=scale)
+    assert r.index.tolist() == [[1, 2]] and r.weights.dtype == torch.float32
+    close(r.weights, [[2.4, 4.0]], abs=1e-6)
+    close(route_logits(logits, RouterSpec(), RouterParams(top_k=2, renorm=False), expert_scale=scale).weights,
+          [[6 / 7, 10 / 7]], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------- grouping: up-only experts
+def up_only(up, down, up_bias=None):
+    return ExpertWeights(None, f32(*up), f32(*down), None, None if up_bias is None else f32(*up_bias), None,
+                         act="relu2")
+
+
+def test_up_only_experts_align_and_merge_without_a_gate():
+    # nemotron_h: neurons are (up row | down column); r0 = (1, 0 | 1, 0), r1 = (0, 1 | 0, 1)
+    assert G._neuron_features(up_only([[3.0]], [[4.0]])).tolist() == [[0.6, 0.8]]
+    assert G._neuron_features(up_only([[3.0]], [[0.0]], [4.0])).tolist() == [[0.6, 0.0, 0.8]]
+    ref = up_only([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [1.0, 2.0])
+    # other's neuron 0 = (0, 2 | 0, 2) matches r1, neuron 1 = (3, 0 | 3, 0) matches r0
+    other = up_only([[0.0, 2.0], [3.0, 0.0]], [[0.0, 3.0], [2.0, 0.0]], [7.0, 8.0])
+    got = G.align_to(ref, other)
+    assert got.gate is None and got.gate_bias is None and got.act == "relu2"
+    close(got.up, [[3.0, 0.0], [0.0, 2.0]]), close(got.down, [[3.0, 0.0], [0.0, 2.0]])
+    assert got.up_bias.tolist() == [8.0, 7.0]
+    m = G.merge_experts([ref, other], [1, 1], align=True)
+    assert m.gate is None
+    close(m.up, [[2.0, 0.0], [0.0, 1.5]]), close(m.up_bias[None], [[4.5, 4.5]])
+
+
+# ----------------------------------------------------------------------------- losses: the family's head map
+def test_head_transform_is_applied_to_the_student_logits_in_both_losses():
+    # logits (1, 0, 0) and (0, 1, 0), doubled by the transform; teacher uniform over V = 3:
+    # KL(u || softmax(2, 0, 0)) = -log 3 - 2/3 + log(e^2 + 2) for each token
+    hidden, weight = torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    double = lambda x: 2 * x  # noqa: E731
+    want = -math.log(3) - 2 / 3 + math.log(math.exp(2) + 2)
+    plain = -math.log(3) - 1 / 3 + math.log(math.e + 2)
+    for fn in (L.full_kd_loss, L.chunked_kd_loss):
+        assert fn(hidden, weight, lambda s, e: torch.zeros(e - s, 3), head_transform=double).item() == pytest.approx(
+            want, rel=1e-6)
+        assert fn(hidden, weight, lambda s, e: torch.zeros(e - s, 3)).item() == pytest.approx(plain, rel=1e-6)
+    assert L._student_logits(hidden, weight, None, double).tolist() == [[2, 0, 0], [0, 2, 0]]
+    assert L._student_logits(hidden, weight, torch.ones(3), double).tolist() == [[4, 2, 2], [2, 4, 2]]
+    # the gradients go through the transform too, chunk by chunk
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    L.full_kd_loss(h1, weight, lambda s, e: torch.zeros(e - s, 3), head_transform=double).backward()
+    L.chunked_kd_loss(h2, weight, lambda s, e: torch.zeros(e - s, 3), head_transform=double,
+                      chunk_tokens=1).backward()
+    close(h2.grad, h1.grad.tolist())
+    # d/dh of the mean over 2 tokens: 2 * (q - u) @ W / 2, q = softmax(2, 0, 0) for token 0
+    q = math.exp(2) / (math.exp(2) + 2)
+    close(h1.grad, [[q - 1 / 3, (1 - q) / 2 - 1 / 3], [(1 - q) / 2 - 1 / 3, q - 1 / 3]], abs=1e-6)
