@@ -19,8 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-Kind = Literal["score", "grouping", "scaling", "loss"]
-KINDS: tuple[str, ...] = ("score", "grouping", "scaling", "loss")
+Kind = Literal["score", "grouping", "scaling", "loss", "importance", "baseline"]
+KINDS: tuple[str, ...] = ("score", "grouping", "scaling", "loss", "importance", "baseline")
 
 #: Calibration passes, cheapest first. routing: the router hook only; routed_outputs: each expert's output on the
 #: tokens routed to it (free during the normal forward); all_outputs: every expert on every token (E/k x FFN cost).
@@ -77,7 +77,8 @@ class Method(BaseModel):
 
 
 PAPER = "Kim et al. 2026 (arXiv 2605.28207)"
-_S, _G, _C, _L = "score", "grouping", "scaling", "loss"
+_S, _G, _C, _L, _I, _B = "score", "grouping", "scaling", "loss", "importance", "baseline"
+MINITRON = "Muralidharan et al. 2024 (Minitron, arXiv 2407.14679)"
 
 TABLE: tuple[Method, ...] = (
     # ---------------------------------------------------------------- scoring: one value per expert and layer
@@ -122,6 +123,19 @@ TABLE: tuple[Method, ...] = (
     Method(kind=_L, name="akl", summary="adaptive KL: forward and reverse KL weighted by the gaps on the teacher's "
            "head and tail", source="Wu et al. 2024 (AKL)", options=AklOptions),
     Method(kind=_L, name="tv", summary="½ Σ abs(p − q)", source="total variation distance"),
+    # ---------------------------------------------------------------- importance: dense-to-dense width pruning
+    Method(kind=_I, name="minitron", summary="per MLP neuron, the L2 over calibration sequences of the mean over "
+           "the sequence of abs(input to down_proj); per hidden channel, the same of every norm's output, summed",
+           source=MINITRON),
+    Method(kind=_I, name="magnitude", summary="per MLP neuron, norm(gate row) + norm(up row) + norm(down column); "
+           "per hidden channel, the norm of its embedding column", source="weight-magnitude pruning"),
+    # ---------------------------------------------------------------- baselines at the M2D student's size
+    Method(kind=_B, name="d2d", summary="a dense teacher of the MoE teacher's total size, width-pruned to the "
+           "student's parameter count, distilled from that dense teacher", source=PAPER + "; " + MINITRON),
+    Method(kind=_B, name="random_ffn", summary="the student's architecture: embeddings, attention and norms from "
+           "the MoE teacher, every MLP re-initialised; distilled from the MoE teacher", source=PAPER),
+    Method(kind=_B, name="random_init", summary="the student's architecture initialised from scratch; distilled "
+           "from the MoE teacher", source=PAPER),
 )
 
 METHODS: dict[tuple[str, str], Method] = {(m.kind, m.name): m for m in TABLE}
@@ -194,6 +208,8 @@ _TABLES = {
     "scaling": (["`group.scaling`", "c_g"], lambda m: [f"`{m.name}`", m.summary]),
     "loss": (["`distill.loss`", "definition", "options (`distill.loss_options`)"],
              lambda m: [f"`{m.name}`", m.summary, _options_cell(m)]),
+    "importance": (["`baselines.prune.importance`", "importance"], lambda m: [f"`{m.name}`", m.summary]),
+    "baseline": (["`baselines.methods`", "baseline"], lambda m: [f"`{m.name}`", m.summary]),
 }
 
 

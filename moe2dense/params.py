@@ -187,6 +187,8 @@ ScoreMethod = Literal[M.names("score")]
 GroupMethod = Literal[M.names("grouping")]
 Scaling = Literal[M.names("scaling")]
 DistillLoss = Literal[M.names("loss")]
+Importance = Literal[M.names("importance")]
+Baseline = Literal[M.names("baseline")]
 
 
 def _options_section(kind: str) -> type[Section]:
@@ -339,6 +341,48 @@ class ScreenParams(Section):
         return v
 
 
+# ---------------------------------------------------------------- baselines
+class DenseTeacherParams(Section):
+    """The dense teacher of the d2d baseline."""
+
+    source: str = "demo"  # demo: a dense Qwen3 of the MoE demo teacher's total size, trained with teacher.train;
+    #                       else a local dense HF checkpoint dir or a hub id cached offline (e.g. Qwen3-32B)
+
+    @field_validator("source")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be 'demo', a local dense checkpoint directory, or a hub id cached offline")
+        return v
+
+
+class PruneParams(Section):
+    """Width pruning of the dense teacher to the M2D student's parameter count (the d2d baseline)."""
+
+    importance: Importance = "minitron"
+    calibration_tokens: int = Field(0, ge=0)  # tokens of the calibration split for the importance; 0 = all
+    batch_size: int = Field(8, ge=1)
+    max_mlp_cut: float = Field(0.6, gt=0, lt=1)  # largest share of MLP neurons cut before hidden channels go too
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # of the importance pass; auto = as stored
+
+
+class BaselinesParams(Section):
+    """The paper's comparison at the M2D student's parameter count (`make baselines`)."""
+
+    methods: list[Baseline] = Field(default_factory=lambda: list(M.names("baseline")), min_length=1)
+    dense_teacher: DenseTeacherParams = DenseTeacherParams()
+    prune: PruneParams = PruneParams()
+    seed: int = Field(0, ge=0)  # initialisation of the re-initialised weights (random_ffn, random_init)
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each baseline at most once, got {v}")
+        return v
+
+
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
@@ -350,6 +394,7 @@ class Params(Section):
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
     screen: ScreenParams = ScreenParams()
+    baselines: BaselinesParams = BaselinesParams()
 
     @model_validator(mode="after")
     def _blocks_fit_selection(self) -> "Params":

@@ -139,7 +139,7 @@ def test_check_params_cli_from_another_directory(tmp_path, capsys):
                                *extra], cwd=cwd, capture_output=True, text=True, timeout=300)
 
     bad = cli("selct.yaml")
-    assert bad.returncode == 2 and "selct: unknown key; allowed keys here: assemble, calibrate" in bad.stderr
+    assert bad.returncode == 2 and "selct: unknown key; allowed keys here: assemble, baselines, calibrate" in bad.stderr
     assert "Traceback" not in bad.stderr
     from moe2dense.__main__ import main  # the same command in-process: one interpreter start less
 

@@ -54,7 +54,7 @@ def test_method_options_are_typed_by_the_method_table():
 
 def test_unknown_top_level_section_lists_allowed_sections():
     msg = errors_for({"prepair": {}})
-    assert "prepair: unknown key; allowed keys here: assemble, calibrate, distill, evaluate, group, prepare, score, screen, select, teacher" in msg
+    assert "prepair: unknown key; allowed keys here: assemble, baselines, calibrate, distill, evaluate, group, prepare, score, screen, select, teacher" in msg
 
 
 def test_unknown_nested_key_lists_allowed_keys():
