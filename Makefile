@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install bench bench-synthetic bench-demo mutate clean help screen sweep compare
+.PHONY: demo baselines test install bench bench-synthetic bench-demo mutate clean help screen sweep compare
 
 BEST ?= 3
 JOBS ?= 1
@@ -27,6 +27,7 @@ FULL ?=
 
 help:
 	@echo "make demo   - set up .venv and run the conversion pipeline on the offline demo (dvc repro report)"
+	@echo "make baselines - the baselines at the student's size, distilled like it (dvc repro baselines; after make demo)"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - run the benchmarks in bench/ (ratios, see bench/RESULTS.md); FULL=1: the memory benchmarks at full size"
 	@echo "make screen - the design-space screen on the demo (dvc repro screen)"
@@ -46,6 +47,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	dvc repro report
 	@python -m moe2dense summary
+
+baselines: $(STAMP)
+	dvc repro baselines
+	@sed -n '1,/^Before/p' reports/baselines.md
 
 screen: $(STAMP)
 	dvc repro screen

@@ -50,17 +50,20 @@ def perplexity_by_domain_and_usage(model, rows: np.ndarray, domains: list[str],
     """({domain: summed next-token NLL}, {domain: predicted tokens}, (layers, experts) top-k selection counts from
     the router logits the model itself returns)."""
     model.eval()
-    top_k, n_exp = model.config.num_experts_per_tok, model.config.num_experts
+    routed = hasattr(model.config, "num_experts_per_tok")  # a dense model (the d2d teacher): counts stay None
+    top_k, n_exp = (model.config.num_experts_per_tok, model.config.num_experts) if routed else (0, 0)
     nll_sum: dict[str, float] = {}
     n_tok: dict[str, int] = {}
     counts = None
     for part, ids in batches(rows, batch_rows):
-        out = model(input_ids=ids, output_router_logits=True, use_cache=False)
+        out = model(input_ids=ids, use_cache=False, **({"output_router_logits": True} if routed else {}))
         nll = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.size(-1)), ids[:, 1:].reshape(-1),
                               reduction="none").view(ids.size(0), -1).sum(1)
         for d, v in zip(domains[part], nll.tolist()):
             nll_sum[d] = nll_sum.get(d, 0.0) + v
             n_tok[d] = n_tok.get(d, 0) + ids.size(1) - 1
+        if not routed:
+            continue
         layer_counts = torch.stack([
             torch.bincount(rl.topk(top_k, dim=-1).indices.flatten(), minlength=n_exp) for rl in out.router_logits
         ])

@@ -84,8 +84,17 @@ def test_architecture_doc_stage_table_is_dvc_yaml():
         name, reads, params, writes = [c.strip() for c in row.strip("|").split("|")]
         table[name.strip("`").split("@")[0]] = (ticks(reads), ticks(params), ticks(writes))
     assert set(table) == set(stages)
-    path = lambda p: (next(iter(p)) if isinstance(p, dict) else p).replace("${item.model}", "<model>")  # noqa: E731
+    templates = {"${item.model}": "<model>", "${item.baseline}": "<baseline>", "${key}": "<baseline>",
+                 "${item}": "<teacher>"}
+
+    def path(p):
+        p = next(iter(p)) if isinstance(p, dict) else p
+        for template, shown in templates.items():
+            p = p.replace(template, shown)
+        return p
+
     for name, s in stages.items():
+        s = s.get("do", s)  # foreach: the stage body
         deps = {path(d) for d in s.get("deps", []) if not d.startswith(("stages/", "moe2dense/"))}  # code deps aside
         outs = {path(o) for key in ("outs", "metrics", "plots") for o in s.get(key, [])}
         assert table[name] == (deps, set(s.get("params", [])), outs), name

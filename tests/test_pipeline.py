@@ -174,6 +174,41 @@ def test_screen_scores_configurations_and_caches_each_by_content(repo, tmp_path)
     assert all(r["perplexity"] > 1 for r in second)
 
 
+def test_make_baselines_compares_at_matched_parameters(repo):
+    """`make baselines` after `make demo`: the dense teacher, pruning, the random baselines, their distillation and
+    evaluation, and the comparison, run as the README says; nothing of `make demo` reruns."""
+    from moe2dense.baselines.runs import EVAL_MODELS, RUNS
+
+    out = make(repo, "baselines", timeout=1200)
+    assert ran(out) == {"dense_teacher", "prune", "reinit@random_ffn", "reinit@random_init",
+                        *(f"distill_baseline@{b}" for b in RUNS), *(f"evaluate_baseline@{m}" for m in EVAL_MODELS),
+                        "baselines"}, out.stdout
+    assert "# Baselines at matched parameters" in out.stdout  # the Makefile prints the report's head
+    b = json.loads((repo / "metrics/baselines.json").read_text())
+    student = json.loads((repo / "metrics/assemble.json").read_text())["num_parameters"]
+    assert b["m2d"]["parameters"] == student == b["random_ffn"]["parameters"] == b["random_init"]["parameters"]
+    assert abs(b["d2d"]["parameters"] - student) / student <= 0.01
+    dense, moe = b["teachers"]["dense"]["parameters"], b["teachers"]["moe"]["parameters"]
+    assert abs(dense - moe) / moe <= 0.05 and b["teachers"]["dense"]["perplexity"] > 0
+    tokens = b["m2d"]["tokens"]
+    for name in ("m2d", *RUNS):
+        row = b[name]
+        assert row["tokens"] == tokens and row["seconds"] > 0 and row["tokens_per_s"] > 0, name
+        assert row["teacher_forward_tokens_per_s"] > 0 and row["heldout_kl_after"] < row["heldout_kl_before"], name
+        assert row["eval"].keys() == row["eval_before"].keys() == b["m2d"]["eval"].keys(), name
+    assert b["d2d"]["teacher"] == "models/dense_teacher" and b["random_ffn"]["teacher"] == "models/teacher"
+    assert set(b["cost_m2d_over_d2d"]) == {"seconds", "teacher_forward_seconds_per_token"}
+    report = (repo / "reports/baselines.md").read_text()
+    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")]
+    assert rows[1:5] == ["M2D (this pipeline's student)", "d2d (pruned dense teacher)",
+                         "random_ffn (teacher attention)", "random_init"], report
+    assert (repo / "plots/baselines_curves.png").read_bytes()[:4] == b"\x89PNG"
+    pruned = json.loads((repo / "models/baseline_d2d/config.json").read_text())
+    assert pruned["model_type"] == "qwen3" and (repo / "models/baseline_d2d/README.md").is_file()
+    again = dvc(repo, "repro", "baselines")
+    assert ran(again) == set(), again.stdout
+
+
 def test_repro_is_cached_and_reruns_only_what_a_param_touches(repo):
     again = dvc(repo, "repro")
     assert ran(again) == set(), again.stdout

@@ -80,6 +80,17 @@ def _online_target(teacher: nn.Module, ids: torch.Tensor):
     return lambda start, end: lm_head.logits(teacher, hidden[start:end])
 
 
+def _timed_target(w: "Worker", ids: torch.Tensor):
+    """`_online_target`, its decoder forward timed (the LM head runs later, chunk by chunk, inside the loss)."""
+    start = time.perf_counter()
+    target = _online_target(w.teacher, ids)
+    if w.cuda:
+        torch.cuda.synchronize(w.device)  # kernels are asynchronous: wait for them before reading the clock
+    w.teacher_seconds += time.perf_counter() - start
+    w.teacher_tokens += ids.numel()
+    return target
+
+
 @dataclass
 class Worker:
     """One Ray Train worker's run: its place in the group, the frozen teacher (or the cached logits), the student
@@ -96,6 +107,8 @@ class Worker:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     progress: Any  # rank 0: the driver's ray.util.queue.Queue; other ranks: None
+    teacher_seconds: float = 0.0  # this rank's time in the teacher's forward (online), for the cost comparison
+    teacher_tokens: int = 0
 
     @property
     def cuda(self) -> bool:
@@ -168,7 +181,7 @@ def train_step(w: Worker, rows: np.ndarray, step: int) -> float:
     step_loss = torch.zeros((), device=w.device)
     for a, idx in enumerate(micro):
         ids = torch.from_numpy(rows[idx].astype(np.int64)).to(w.device)
-        target = w.cached.target(idx, cfg["temperature"], w.device) if w.cached else _online_target(w.teacher, ids)
+        target = w.cached.target(idx, cfg["temperature"], w.device) if w.cached else _timed_target(w, ids)
         sync = a == accum - 1 or not hasattr(w.objective, "no_sync")
         with (nullcontext() if sync else w.objective.no_sync()):
             with torch.autocast("cuda", dtype=torch.bfloat16) if w.cuda else nullcontext():
@@ -228,7 +241,8 @@ def train_worker(cfg: dict) -> None:
                 seconds = time.perf_counter() - t0
                 checkpoint_and_report(w, step + 1, history, {
                     "step": step + 1, "loss": loss, "resumed_from": start,
-                    "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0})
+                    "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0,
+                    "teacher_tokens_per_s": w.teacher_tokens / w.teacher_seconds if w.teacher_seconds else 0.0})
 
 
 def student_state_from_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[dict, list]:

@@ -49,11 +49,43 @@ def demo_config(m: DemoModelParams, vocab_size: int, seq_len: int, eos_id: int, 
     return cfg
 
 
+def num_parameters(config) -> int:
+    """Parameters of the model `config` describes, counted on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def dense_demo_config(m: DemoModelParams, vocab_size: int, seq_len: int, eos_id: int, pad_id: int | None,
+                      multiple: int = 64):
+    """The d2d baseline's dense teacher: a Qwen3 with the MoE demo teacher's attention, embeddings and depth, and the
+    MLP width (a multiple of `multiple`) that gives it the MoE teacher's total parameter count."""
+    from transformers import Qwen3Config
+
+    target = num_parameters(demo_config(m, vocab_size, seq_len, eos_id, pad_id))
+
+    def config(width: int):
+        return Qwen3Config(
+            vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=width,
+            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_key_value_heads, head_dim=m.hidden_size // m.num_attention_heads,
+            max_position_embeddings=max(512, seq_len), tie_word_embeddings=True, bos_token_id=eos_id,
+            eos_token_id=eos_id, pad_token_id=pad_id)
+
+    # the count is affine in the width: two points give it
+    base, per = num_parameters(config(multiple)), num_parameters(config(2 * multiple))
+    per_neuron = (per - base) / multiple
+    width = max(multiple, round((target - (base - per_neuron * multiple)) / per_neuron / multiple) * multiple)
+    return config(width)
+
+
 def lm_loss(model, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, next-token cross-entropy, load-balancing loss) for a batch of packed sequences."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-    out = model.model(input_ids=ids, output_router_logits=aux_coef > 0)
+    out = model.model(input_ids=ids, **({"output_router_logits": True} if aux_coef > 0 else {}))
     logits = model.lm_head(out.last_hidden_state[:, :-1])
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
     if aux_coef > 0:  # balance each layer on its own: the library's joint form lets layers' imbalances cancel
@@ -87,7 +119,7 @@ class TrainLog:
 
 
 def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress: bool = True,
-               deterministic: bool = True) -> TrainLog:
+               deterministic: bool = True, desc: str = "teacher") -> TrainLog:
     """Train `model` in place on packed rows `train` (N, seq_len) for `t.tokens` tokens. `deterministic=False`
     is the old, run-to-run varying setting, kept only for bench/determinism_bench.py to price the fix."""
     if len(train) < t.batch_size:
@@ -100,10 +132,10 @@ def train_demo(model, train: np.ndarray, t: DemoTrainParams, seed: int, progress
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
-    aux_coef = model.config.router_aux_loss_coef
+    aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0)  # a dense teacher (d2d) has no router
     log = TrainLog()
     model.train()
-    bar = tqdm(total=steps * t.batch_size * seq_len, desc="teacher: train", unit="tok", unit_scale=True,
+    bar = tqdm(total=steps * t.batch_size * seq_len, desc=f"{desc}: train", unit="tok", unit_scale=True,
                disable=not progress, mininterval=2)
     start = time.perf_counter()
     with deterministic_algorithms(deterministic):

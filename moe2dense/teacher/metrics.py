@@ -10,15 +10,16 @@ from moe2dense.heldout import perplexity_by_domain_and_usage
 
 
 def perplexity_and_usage(model, ids: np.ndarray, domains: list[str], batch_size: int = 16) -> dict:
-    """Next-token perplexity over `ids` (N, seq_len), overall and per domain, plus per-layer routing health."""
+    """Next-token perplexity over `ids` (N, seq_len), overall and per domain, plus per-layer routing health (an
+    MoE; a dense model's "routing" is empty)."""
     nll_sum, n_tok, counts = perplexity_by_domain_and_usage(model, ids, domains, batch_size)
     total_nll, total_tok = sum(nll_sum.values()), sum(n_tok.values())
     return {
         "perplexity": math.exp(total_nll / total_tok),
         "perplexity_by_domain": {d: math.exp(nll_sum[d] / n_tok[d]) for d in sorted(nll_sum)},
         "eval_tokens": total_tok,
-        "routing": routing_health(counts.numpy(), n_tokens=len(ids) * ids.shape[1],
-                                  top_k=model.config.num_experts_per_tok),
+        "routing": {} if counts is None else routing_health(counts.numpy(), n_tokens=len(ids) * ids.shape[1],
+                                                            top_k=model.config.num_experts_per_tok),
     }
 
 
