@@ -262,6 +262,7 @@ class DistillParams(Section):
     workers: int = Field(2, ge=1)  # Ray Train workers, clamped to the CPUs / GPUs Ray sees
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when Ray sees them
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards students that do not fit one GPU
+    activation_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~1/3 more compute
     freeze: list[Literal["embeddings", "attention"]] = Field(default_factory=list)
     teacher_top_k: int | None = Field(None, ge=1)  # experts per token in the teacher; None = as trained
     teacher_logits: Literal["online", "cached"] = "online"

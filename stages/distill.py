@@ -110,7 +110,8 @@ def main() -> None:
     write_timings(t.timings, {
         "seconds": round(seconds, 2), "tokens_per_s": round(m["tokens_per_s"], 1),
         "teacher_forward_tokens_per_s": round(m["teacher_tokens_per_s"], 1) if m.get("teacher_tokens_per_s") else None,
-        "resumed_from_step": m["resumed_from"], "ray_log": res["ray_log"]})
+        "resumed_from_step": m["resumed_from"], "ray_log": res["ray_log"],
+        "tokens_per_s_per_device": round(m["tokens_per_s_per_device"], 1), "mfu": m["mfu"]})
     with atomic_file(t.plot) as fh:
         fh.write("step,tokens,loss\n" + "".join(f"{step},{tokens},{loss}\n" for step, tokens, loss in history))
     logging.info("held-out KL %.4f -> %.4f after %d steps (%s tokens, %.0f tokens/s on %d %s worker(s))", before,

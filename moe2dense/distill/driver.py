@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from moe2dense.checks import set_offline_env
 from moe2dense.distill.cache import FILE as CACHE_FILE
 from moe2dense.distill.data import check_batch_split, decode_rows, seq_len_of, step_rows
+from moe2dense.distill.memory import MemoryPlan, Setup, check, gpu_memory, plan, student_shape, teacher_shape
 from moe2dense.io import hash_files, hash_parquet_footer
 from moe2dense.params import DistillParams
 from moe2dense.teacher.source import teacher_checkpoint
@@ -293,10 +295,26 @@ class ProgressBar:
         self.bar.close()
 
 
+def plan_memory(p: DistillParams, student_dir: Path, teacher_dir: Path, seq_len: int, workers: int, use_gpu: bool,
+                cached: bool) -> MemoryPlan:
+    """The per-device memory plan from the configs and safetensors headers (no weight read), logged; an error naming
+    the params to change when a local GPU cannot hold it (memory.py)."""
+    setup = Setup(workers=workers, cuda=use_gpu, strategy=p.strategy,
+                  micro_tokens=p.batch_size // (workers * p.grad_accum) * seq_len, chunk_tokens=p.chunk_tokens,
+                  activation_checkpointing=p.activation_checkpointing, teacher_cached=cached)
+    teacher, teacher_bytes = (None, 0) if cached else teacher_shape(
+        teacher_dir, torch.bfloat16 if use_gpu else torch.float32)
+    gpu = gpu_memory() if use_gpu else None
+    memory = plan(student_shape(student_dir, list(p.freeze)), teacher, teacher_bytes, setup, gpu and gpu[0])
+    check(memory, setup, gpu and gpu[0], gpu[1] if gpu else "GPU")
+    return memory
+
+
 def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: str | Path, train_path: str | Path,
                     storage: str | Path, cached_logits: str | Path | None = None,
                     deterministic: bool = True) -> DistillJob:
-    """Every check a run can fail without loading a model: RAY_ADDRESS, steps, device, workers, batch split.
+    """Every check a run can fail without loading a model: RAY_ADDRESS, steps, device, workers, batch split, the
+    memory plan.
     Connects to (or starts) Ray. `teacher_dir`: a teacher checkpoint or the teacher stage's pointer dir."""
     if os.environ.get("RAY_ADDRESS"):
         check_ray_address(os.environ["RAY_ADDRESS"])  # first: before anything is read
@@ -312,6 +330,7 @@ def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: s
     storage = Path(storage).resolve()
     workers, use_gpu, cpus_per_worker = plan_workers(p.workers, p.device, start_ray(storage / name / RAY_LOG))
     check_batch_split(p.batch_size, workers, p.grad_accum)
+    memory = plan_memory(p, student_dir, Path(teacher_dir), seq_len, workers, use_gpu, cached_logits is not None)
     cfg = {
         "student_dir": str(student_dir), "teacher_dir": str(Path(teacher_dir).resolve()),
         "teacher_top_k": p.teacher_top_k, "train_path": str(train_path),
@@ -324,6 +343,8 @@ def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: s
         "weight_decay": p.weight_decay, "grad_clip": p.grad_clip, "freeze": list(p.freeze), "seed": p.seed,
         "checkpoint_every": p.checkpoint_every, "strategy": p.strategy,
         "threads": 0 if use_gpu else cpus_per_worker, "deterministic": deterministic,
+        "activation_checkpointing": p.activation_checkpointing, "shard_teacher": memory.shard_teacher,
+        "trained_params": memory.trained_params,
     }
     # The thread count is part of what makes a rerun bit-identical (CPU reductions split by thread): say it.
     log.info("distilling %d steps x %d sequences of %d tokens on %d %s; run %s", steps, p.batch_size, seq_len,

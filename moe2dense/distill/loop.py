@@ -28,6 +28,7 @@ from moe2dense import lm_head
 from moe2dense.distill.cache import CachedTeacher
 from moe2dense.distill.data import open_rows, worker_micro_rows
 from moe2dense.distill.losses import chunked_kd_loss
+from moe2dense.distill.memory import mfu, peak_flops
 from moe2dense.teacher.load import load_frozen
 from moe2dense.training import deterministic_algorithms, warmup_cosine_lr
 
@@ -131,6 +132,22 @@ def setup_worker(cfg: dict, rank: int) -> torch.device:
     return ray.train.torch.get_device()
 
 
+def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
+    """FSDP (fully_shard, forward only) over the process group: each decoder layer's weights are gathered for its
+    forward and freed after it; the decoder is the root (its embedding and norm stay gathered between forwards).
+    The LM head, which the chunked loss calls outside the forward, is left out and replicated on `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    decoder = lm_head.decoder(teacher)
+    head = teacher.get_output_embeddings()
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(decoder, mesh=mesh, ignored_params=set(head.parameters()))
+    head.to(device)
+
+
 def build_worker(cfg: dict, rank: int, world: int, device: torch.device) -> Worker:
     """Teacher (unless its logits are cached), student wrapped for DDP/FSDP, AdamW on a warmup + cosine schedule."""
     import ray.train.torch
@@ -138,10 +155,18 @@ def build_worker(cfg: dict, rank: int, world: int, device: torch.device) -> Work
 
     progress = cfg.get("progress") if rank == 0 else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    teacher = None if cfg["cached_logits"] else load_frozen(cfg["teacher_dir"], dtype, device, cfg["teacher_top_k"])
+    teacher = None
+    if not cfg["cached_logits"]:  # sharded: load on the host in the device dtype, each layer's shard moves over
+        shard = cfg.get("shard_teacher", False)
+        teacher = load_frozen(cfg["teacher_dir"], dtype, torch.device("cpu") if shard else device,
+                              cfg["teacher_top_k"])
+        if shard:
+            shard_teacher(teacher, device)
     cached = CachedTeacher(cfg["cached_logits"]) if cfg["cached_logits"] else None
     student = AutoModelForCausalLM.from_pretrained(cfg["student_dir"], dtype=torch.float32, local_files_only=True)
     freeze(student, cfg["freeze"])
+    if cfg.get("activation_checkpointing"):  # before DDP/FSDP wrap it; transformers 5 name of gradient_checkpointing_enable
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     objective = ray.train.torch.prepare_model(Objective(student, cfg), parallel_strategy=cfg["strategy"])
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -239,9 +264,11 @@ def train_worker(cfg: dict) -> None:
                 w.progress.actor.put_nowait.remote({"tokens": history[-1][1], "loss": loss})
             if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
                 seconds = time.perf_counter() - t0
+                tokens_per_s = trained_tokens / seconds if seconds > 0 else 0.0
                 checkpoint_and_report(w, step + 1, history, {
-                    "step": step + 1, "loss": loss, "resumed_from": start,
-                    "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0,
+                    "step": step + 1, "loss": loss, "resumed_from": start, "tokens_per_s": tokens_per_s,
+                    "tokens_per_s_per_device": tokens_per_s / world,
+                    "mfu": mfu(cfg["trained_params"], tokens_per_s, peak_flops(device), world),
                     "teacher_tokens_per_s": w.teacher_tokens / w.teacher_seconds if w.teacher_seconds else 0.0})
 
 
