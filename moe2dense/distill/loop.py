@@ -165,7 +165,7 @@ def build_worker(cfg: dict, rank: int, world: int, device: torch.device) -> Work
     cached = CachedTeacher(cfg["cached_logits"]) if cfg["cached_logits"] else None
     student = AutoModelForCausalLM.from_pretrained(cfg["student_dir"], dtype=torch.float32, local_files_only=True)
     freeze(student, cfg["freeze"])
-    if cfg.get("activation_checkpointing"):  # before DDP/FSDP wrap it; transformers 5 name of gradient_checkpointing_enable
+    if cfg.get("activation_checkpointing"):  # before DDP/FSDP wrap it (transformers 5: gradient_checkpointing_enable)
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     objective = ray.train.torch.prepare_model(Objective(student, cfg), parallel_strategy=cfg["strategy"])
