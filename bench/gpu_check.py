@@ -10,7 +10,7 @@ dense student of its widths are built here and saved to a temp dir; then, one af
                       all-experts outputs), written to a temp dir
   distill fsdp        moe2dense.distill.loop.train_step (Objective + chunked loss, bf16 autocast) with the student
                       under FSDP (fully_shard), activation checkpointing on and the teacher FSDP-sharded
-                      (loop.shard_teacher), in a 1-process NCCL group
+                      (loop.load_sharded_teacher), in a 1-process NCCL group
   distill ddp         the same with the student under DDP and a replicated teacher
   teacher_logits      moe2dense.distill.cache.write_cached_logits with the teacher in bf16 on the device
   lm-eval             moe2dense.evaluate.runner (load_model, load_tasks, evaluate_model) on generated demo tasks
@@ -207,19 +207,20 @@ def _distill_worker(env: Env, strategy: str):
     from transformers import AutoModelForCausalLM
 
     from moe2dense import lm_head
-    from moe2dense.distill.loop import Objective, Worker, shard_teacher
+    from moe2dense.distill.loop import Objective, Worker, load_sharded_teacher
     from moe2dense.training import warmup_cosine_lr
 
     s = env.shape
     cfg = {"loss": "forward_kl", "loss_options": {}, "temperature": 1.0, "ce_weight": 0.0, "chunk_tokens": 1024,
            "accum": 1, "global_batch": s.batch, "seed": 0, "grad_clip": 1.0, "steps": s.steps + 1}
     fsdp = strategy == "fsdp"
-    teacher = _load_teacher(env) if not fsdp else None
     if fsdp:  # sharded as build_worker shards a teacher that does not fit: loaded on the host, layers moved over
         from moe2dense.teacher.load import load_frozen
 
-        teacher = load_frozen(env.teacher_dir, torch.bfloat16 if env.cuda else torch.float32, torch.device("cpu"))
-        shard_teacher(teacher, env.device)
+        dtype = torch.bfloat16 if env.cuda else torch.float32
+        teacher = load_sharded_teacher(lambda: load_frozen(env.teacher_dir, dtype, torch.device("cpu")), env.device)
+    else:
+        teacher = _load_teacher(env)
     student = AutoModelForCausalLM.from_pretrained(env.student_dir, dtype=torch.float32, local_files_only=True)
     if fsdp:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -144,7 +144,7 @@ def test_sharded_teacher_gives_the_replicated_teachers_logits():
     from torch.distributed.tensor import DTensor
 
     from moe2dense import lm_head
-    from moe2dense.distill.loop import _online_target, shard_teacher
+    from moe2dense.distill.loop import _online_target, load_sharded_teacher
 
     teacher = tiny_model("qwen3_moe").eval().requires_grad_(False)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -152,7 +152,7 @@ def test_sharded_teacher_gives_the_replicated_teachers_logits():
     with tempfile.NamedTemporaryFile() as store:
         dist.init_process_group("gloo", store=dist.FileStore(store.name, 1), rank=0, world_size=1)
         try:
-            shard_teacher(teacher, torch.device("cpu"))
+            teacher = load_sharded_teacher(lambda: teacher, torch.device("cpu"))
             got = _online_target(teacher, ids)(0, 16)
             layer_weights = list(lm_head.decoder(teacher).layers[0].parameters())
             assert layer_weights and all(isinstance(w, DTensor) for w in layer_weights)  # resharded after forward
@@ -160,3 +160,37 @@ def test_sharded_teacher_gives_the_replicated_teachers_logits():
         finally:
             dist.destroy_process_group()
     torch.testing.assert_close(got, ref)
+
+
+def _sharded_rank(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a 2-process gloo group: the teacher loaded in turns and sharded, then its logits."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from moe2dense import lm_head
+    from moe2dense.distill.loop import _online_target, load_sharded_teacher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    try:
+        teacher = load_sharded_teacher(lambda: tiny_model("qwen3_moe").eval().requires_grad_(False),
+                                       torch.device("cpu"))
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+        logits = _online_target(teacher, ids)(0, 16)
+        local = lm_head.decoder(teacher).layers[0].mlp.gate.weight
+        assert isinstance(local, DTensor) and local.to_local().shape[0] < local.shape[0]  # half the rows here
+        torch.save(logits, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_teacher_and_give_its_logits(tmp_path):
+    import torch.multiprocessing as mp
+
+    from moe2dense.distill.loop import _online_target
+
+    mp.spawn(_sharded_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "logits")), nprocs=2)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    ref = _online_target(tiny_model("qwen3_moe").eval().requires_grad_(False), ids)(0, 16)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"logits.{rank}"), ref)

@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -132,20 +132,36 @@ def setup_worker(cfg: dict, rank: int) -> torch.device:
     return ray.train.torch.get_device()
 
 
-def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
-    """FSDP (fully_shard, forward only) over the process group: each decoder layer's weights are gathered for its
+def load_sharded_teacher(load: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    """The teacher FSDP-sharded (fully_shard, forward only) over the process group. Ranks take turns: each loads the
+    whole teacher on the host (`load`), keeps its shard on `device` and frees the rest before the next rank loads,
+    so the host holds one teacher at a time, not one per worker. Each decoder layer's weights are gathered for its
     forward and freed after it; the decoder is the root (its embedding and norm stay gathered between forwards).
     The LM head, which the chunked loss calls outside the forward, is left out and replicated on `device`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    decoder = lm_head.decoder(teacher)
-    head = teacher.get_output_embeddings()
-    for layer in decoder.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(decoder, mesh=mesh, ignored_params=set(head.parameters()))
-    head.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # collective: every rank, before the turns
+    teacher = None
+    for turn in range(dist.get_world_size()):
+        if turn == dist.get_rank():
+            teacher = load()
+            decoder = lm_head.decoder(teacher)
+            head = teacher.get_output_embeddings()
+            for layer in decoder.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(decoder, mesh=mesh, ignored_params=set(head.parameters()))
+            head.to(device)
+        dist.barrier()
+    return teacher
+
+
+def _load_teacher(cfg: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Replicated on `device`, or FSDP-sharded where the memory plan found no room for it next to the student."""
+    if cfg.get("shard_teacher"):
+        return load_sharded_teacher(
+            lambda: load_frozen(cfg["teacher_dir"], dtype, torch.device("cpu"), cfg["teacher_top_k"]), device)
+    return load_frozen(cfg["teacher_dir"], dtype, device, cfg["teacher_top_k"])
 
 
 def build_worker(cfg: dict, rank: int, world: int, device: torch.device) -> Worker:
@@ -155,13 +171,7 @@ def build_worker(cfg: dict, rank: int, world: int, device: torch.device) -> Work
 
     progress = cfg.get("progress") if rank == 0 else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    teacher = None
-    if not cfg["cached_logits"]:  # sharded: load on the host in the device dtype, each layer's shard moves over
-        shard = cfg.get("shard_teacher", False)
-        teacher = load_frozen(cfg["teacher_dir"], dtype, torch.device("cpu") if shard else device,
-                              cfg["teacher_top_k"])
-        if shard:
-            shard_teacher(teacher, device)
+    teacher = None if cfg["cached_logits"] else _load_teacher(cfg, dtype, device)
     cached = CachedTeacher(cfg["cached_logits"]) if cfg["cached_logits"] else None
     student = AutoModelForCausalLM.from_pretrained(cfg["student_dir"], dtype=torch.float32, local_files_only=True)
     freeze(student, cfg["freeze"])
