@@ -194,3 +194,31 @@ def test_two_ranks_share_the_teacher_and_give_its_logits(tmp_path):
     ref = _online_target(tiny_model("qwen3_moe").eval().requires_grad_(False), ids)(0, 16)
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"logits.{rank}"), ref)
+
+
+def test_prepare_refuses_a_plan_a_gpu_cannot_hold_before_loading_a_weight(tmp_path, monkeypatch):
+    """driver.plan_memory reads configs and safetensors headers only (from_pretrained is never called)."""
+    import transformers
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from moe2dense.distill import driver
+    from moe2dense.params import DistillParams
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "teacher")
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=8)).save_pretrained(
+        tmp_path / "student")
+    monkeypatch.setattr(driver, "gpu_memory", lambda: (2**16, "NVIDIA H200"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
+    p = DistillParams(batch_size=8, workers=2, strategy="fsdp", activation_checkpointing=True)
+    with pytest.raises(ValueError, match=r"^distill memory plan: .* GiB of NVIDIA H200; lower distill.batch_size"):
+        driver.plan_memory(p, tmp_path / "student", tmp_path / "teacher", seq_len=64, workers=2, use_gpu=True,
+                           cached=False)
+    monkeypatch.setattr(driver, "gpu_memory", lambda: (2**40, "NVIDIA H200"))
+    plan = driver.plan_memory(p, tmp_path / "student", tmp_path / "teacher", seq_len=64, workers=2, use_gpu=True,
+                              cached=False)
+    assert not plan.shard_teacher and plan.trained_params == sum(
+        x.numel() for x in Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                        num_hidden_layers=2, num_attention_heads=2,
+                                                        num_key_value_heads=1, head_dim=8)).parameters())
