@@ -35,7 +35,8 @@ def student_parameters(path: str | Path) -> int:
 
 
 def main() -> None:
-    p = load_params().baselines.prune
+    params = load_params()
+    p = params.baselines.prune
     # ---- every check that reads no weight
     if not Path(DENSE_TEACHER).is_dir():
         raise FileNotFoundError(f"{DENSE_TEACHER}: missing; the dense teacher comes from baselines.dense_teacher "
@@ -63,7 +64,7 @@ def main() -> None:
     scores = importance(p.importance, ImportanceInputs(
         checkpoint, Path(PACKED) if calibrated else None, p.calibration_tokens or None, p.batch_size, p.device,
         p.dtype))
-    shard = int(load_params().assemble.max_shard_gb * 2**30)  # one shard size for every checkpoint the project writes
+    shard = int(params.assemble.max_shard_gb * 2**30)  # one shard size for every checkpoint the project writes
     with atomic_dir(OUT) as out:
         prune(layout, checkpoint, out, sizes, scores.mlp, scores.hidden, importance=p.importance,
               source=str(checkpoint), tokens=scores.tokens, tokenizer_dir=DENSE_TEACHER, max_shard_bytes=shard)

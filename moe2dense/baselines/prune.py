@@ -28,7 +28,7 @@ from moe2dense.checkpoint import CheckpointReader, ShardedWriter
 HIDDEN, MLP = "hidden", "mlp"
 MULTIPLES = (128, 64, 32, 16, 8, 4, 2, 1)
 TOLERANCE = 0.01  # relative distance of the pruned count from the target
-CHUNK_BYTES = 64 * 2**20  # rows read per step when a tensor loses columns: the peak is the pruned tensor + this
+CHUNK_BYTES = 16 * 2**20  # rows read per step when a tensor loses columns: the peak is the pruned tensor + this
 
 # Tensor names the importance functions read (the same names every family in FAMILIES uses).
 EMBED = "model.embed_tokens.weight"
