@@ -173,6 +173,15 @@ def test_minitron_equals_the_formula_on_a_model_without_attention(tmp_path):
     assert not model.model.layers[0].mlp.down_proj._forward_pre_hooks  # hooks removed
 
 
+def test_registry_is_the_method_table():
+    import typing
+
+    from moe2dense import methods as M
+    from moe2dense import params as P
+
+    assert tuple(I.IMPORTANCE) == M.names("importance") == typing.get_args(P.Importance)
+
+
 def test_magnitude_is_the_weight_norms(teacher):
     got = I.importance("magnitude", I.ImportanceInputs(teacher))
     w = _tensors(teacher)
