@@ -78,14 +78,20 @@ class MinitronCapture:
     def _seq_mean_sq(x: torch.Tensor) -> torch.Tensor:
         """sum over the batch's sequences of (mean over the sequence of |x|)^2, [channels], fp32.
 
-        The mean over the sequence is a batched product with a row of 1/T: in bf16 on CPU a reduction over the
-        middle axis (vector_norm, sum(1)) costs as much as the down_proj matmul itself, the product a third of it.
-        In bf16/fp16 the per-sequence mean is rounded to the model's dtype (relative 2^-8 in bf16), then squared
-        and summed in fp32; the 1/T row keeps fp16 from overflowing on long sequences."""
+        Sequence by sequence, |x| into one reused buffer, then a product with a row of 1/T: on CPU this costs a
+        tenth of a middle-axis reduction over the whole batch (vector_norm or sum(1): in bf16 as much as the
+        down_proj matmul itself), and the buffer stays in cache. In bf16/fp16 each sequence's mean is rounded to the
+        model's dtype (relative 2^-8 in bf16), then squared and summed in fp32; the 1/T row (not a sum) keeps fp16
+        from overflowing on long sequences."""
         B, T = x.shape[:2]
-        mean = torch.full((1, 1, T), 1.0 / T, dtype=x.dtype, device=x.device).expand(B, 1, T)
-        m = torch.bmm(mean, x.abs().reshape(B, T, -1)).reshape(B, -1).float()
-        return (m * m).sum(0)
+        x = x.reshape(B, T, -1)
+        mean = torch.full((1, T), 1.0 / T, dtype=x.dtype, device=x.device)
+        buf = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        sq = torch.zeros(x.shape[2], dtype=torch.float32, device=x.device)
+        for seq in x:
+            m = (mean @ torch.abs(seq, out=buf)).float()[0]
+            sq += m * m
+        return sq
 
     def _mlp_hook(self, layer: int):
         def hook(module, args):
