@@ -149,7 +149,8 @@ def memory(a, root: Path) -> list[tuple[str, float, float]]:
         shutil.rmtree(out)
         os.sync()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(f"    RUSAGE_CHILDREN ru_maxrss (max over the children, incl. fork-time parent pages): {children / GB:.3f} GB")
+    print(f"    RUSAGE_CHILDREN ru_maxrss (max over the children, incl. fork-time parent pages): "
+          f"{children / GB:.3f} GB")
     shutil.rmtree(teacher)
     return rows
 
@@ -186,7 +187,8 @@ def capture(a, root: Path) -> list[tuple[str, float, float]]:
             plain = statistics.median(p[k] for p in times["plain"])
             cap = statistics.median(c[k] for c in times["capture"])
             print(f"    {dtype} {what}: plain forward median {plain:.2f} s, capture median {cap:.2f} s "
-                  f"({len(rows) * a.seq_len / cap:.0f} tokens/s); paired ratios {', '.join(f'{r:.3f}' for r in ratios)}")
+                  f"({len(rows) * a.seq_len / cap:.0f} tokens/s); paired ratios "
+                  f"{', '.join(f'{r:.3f}' for r in ratios)}")
             best = min(c[k] for c in times["capture"]) / min(p[k] for p in times["plain"])
             print(f"    {dtype} {what}: fastest capture / fastest plain forward = {best:.3f} (the least disturbed "
                   f"runs of each, on a shared machine)")
@@ -214,6 +216,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 keeps a shared "
+                                                           "machine's other processes from stalling parallel kernels")
     ap.add_argument("--small", action="store_true", help="quick self-check: narrow teacher and capture model")
     ap.add_argument("--root", default=None, help="where the temp dir goes (default: the system temp dir)")
     # internal: the child processes
@@ -222,6 +226,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--target", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.child:
         return child(a)
     if a.small:

@@ -122,7 +122,7 @@ def test_sequence_mean_then_l2_by_hand():
     """Two sequences of two tokens, two channels: mean |x| per sequence [2, 1] and [0.5, 2]; L2 over sequences
     sqrt(4 + 0.25), sqrt(1 + 4)."""
     x = torch.tensor([[[1.0, -2.0], [3.0, 0.0]], [[0.0, 0.0], [-1.0, 4.0]]])
-    sq = I.MinitronCapture._seq_mean_sq(x)
+    sq = I.sequence_mean_sq(x)
     torch.testing.assert_close(sq.sqrt(), torch.tensor([4.25 ** 0.5, 5 ** 0.5]))
 
 
@@ -191,7 +191,8 @@ def test_magnitude_is_the_weight_norms(teacher):
 
     for layer in range(2):
         p = f"model.layers.{layer}.mlp."
-        want = norm(w[p + "gate_proj.weight"], 1) + norm(w[p + "up_proj.weight"], 1) + norm(w[p + "down_proj.weight"], 0)
+        want = (norm(w[p + "gate_proj.weight"], 1) + norm(w[p + "up_proj.weight"], 1)
+                + norm(w[p + "down_proj.weight"], 0))
         torch.testing.assert_close(got.mlp[layer], want)
     torch.testing.assert_close(got.hidden, norm(w["model.embed_tokens.weight"], 0))
     assert got.tokens == 0 and not I.needs_calibration("magnitude") and I.needs_calibration("minitron")
@@ -261,6 +262,23 @@ def test_target_count_and_stock_loading_on_both_paths(teacher, tmp_path, importa
         n = sum(x.numel() for x in model.parameters())
         assert n == sizes.parameters and abs(n - target) <= 0.01 * target
         assert torch.isfinite(model(torch.arange(16)[None]).logits).all()
+
+
+def test_tied_head_on_the_hidden_path(tmp_path):
+    """A tied qwen2 (q/k/v biases) cut in hidden channels: no lm_head is written, the model ties it back."""
+    teacher = _save(Qwen2Config(**{**TINY, "tie_word_embeddings": True}), tmp_path / "t")
+    layout = read_layout(teacher)
+    target = layout.num_parameters(40, 96)
+    sizes = choose_sizes(layout, target, 0.6)
+    assert sizes.hidden < 64
+    scores = I.importance("magnitude", I.ImportanceInputs(teacher))
+    prune(layout, teacher, tmp_path / "p", sizes, scores.mlp, scores.hidden, importance="magnitude", source="t",
+          tokens=0, tokenizer_dir=_tok(tmp_path), progress=False)
+    assert "lm_head.weight" not in _tensors(tmp_path / "p")
+    model = _load(tmp_path / "p")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(x.numel() for x in model.parameters()) == sizes.parameters
+    assert torch.isfinite(model(torch.arange(16)[None]).logits).all()
 
 
 def _tok(tmp_path: Path) -> Path:

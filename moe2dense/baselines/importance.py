@@ -55,11 +55,32 @@ def register_importance(name: str, calibrated: bool):
 
 
 # ------------------------------------------------------------------------------------------------------- minitron
+def sequence_mean_sq(x: torch.Tensor, scratch: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """sum over the batch's sequences of (mean over the sequence of |x|)^2, [channels], fp32.
+
+    Two kernels: |x| into a buffer from `scratch` (channel count -> flat buffer, kept across batches by the
+    capture: a fresh activation-sized allocation each call page-faults on CPU), then a batched product with a row of
+    1/T. A middle-axis reduction (vector_norm, sum(1)) costs as much as the down_proj matmul itself in bf16 on CPU,
+    and per-sequence kernels multiply the parallel regions, which stall when the cores are shared. In bf16/fp16 each
+    sequence's mean is rounded to the model's dtype (relative 2^-8 in bf16), then squared and summed in fp32; the
+    1/T row (not a sum) keeps fp16 from overflowing on long sequences."""
+    B, T = x.shape[:2]
+    x = x.reshape(B, T, -1)
+    scratch = {} if scratch is None else scratch
+    buf = scratch.get(x.shape[2])
+    if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype:
+        buf = scratch[x.shape[2]] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    absx = torch.abs(x, out=buf[:x.numel()].view(x.shape))
+    mean = torch.full((1, 1, T), 1.0 / T, dtype=x.dtype, device=x.device).expand(B, 1, T)
+    m = torch.bmm(mean, absx).reshape(B, -1).float()
+    return (m * m).sum(0)
+
+
 class MinitronCapture:
     """Forward hooks that accumulate, per calibration sequence s, m_s = mean over the sequence of |x| for the input
     of every down_proj (one value per MLP neuron) and the output of every hidden-size norm; importance = the L2 over
     sequences, sqrt(sum_s m_s^2), summed over the norms for the hidden channels. Sums of squares stay in fp32 on the
-    model's device; no activation is kept."""
+    model's device; no activation is kept, only one scratch buffer per activation width for |x|."""
 
     def __init__(self, model: torch.nn.Module):
         cfg = model.config
@@ -71,36 +92,18 @@ class MinitronCapture:
             raise ValueError(f"{type(model).__name__}: found {len(downs)} down_proj and {len(norms)} hidden norms for "
                              f"{cfg.num_hidden_layers} layers; not a Llama-style dense model")
         self.hidden_sq = torch.zeros(len(norms), cfg.hidden_size, dtype=torch.float32, device=device)
+        self._scratch: dict[int, torch.Tensor] = {}  # channel count -> flat buffer for |x|
         self.handles = [m.register_forward_pre_hook(self._mlp_hook(layer)) for layer, m in downs]
         self.handles += [m.register_forward_hook(self._norm_hook(i)) for i, (_, m) in enumerate(norms)]
 
-    @staticmethod
-    def _seq_mean_sq(x: torch.Tensor) -> torch.Tensor:
-        """sum over the batch's sequences of (mean over the sequence of |x|)^2, [channels], fp32.
-
-        Sequence by sequence, |x| into one reused buffer, then a product with a row of 1/T: on CPU this costs a
-        tenth of a middle-axis reduction over the whole batch (vector_norm or sum(1): in bf16 as much as the
-        down_proj matmul itself), and the buffer stays in cache. In bf16/fp16 each sequence's mean is rounded to the
-        model's dtype (relative 2^-8 in bf16), then squared and summed in fp32; the 1/T row (not a sum) keeps fp16
-        from overflowing on long sequences."""
-        B, T = x.shape[:2]
-        x = x.reshape(B, T, -1)
-        mean = torch.full((1, T), 1.0 / T, dtype=x.dtype, device=x.device)
-        buf = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        sq = torch.zeros(x.shape[2], dtype=torch.float32, device=x.device)
-        for seq in x:
-            m = (mean @ torch.abs(seq, out=buf)).float()[0]
-            sq += m * m
-        return sq
-
     def _mlp_hook(self, layer: int):
         def hook(module, args):
-            self.mlp_sq[layer] += self._seq_mean_sq(args[0])
+            self.mlp_sq[layer] += sequence_mean_sq(args[0], self._scratch)
         return hook
 
     def _norm_hook(self, i: int):
         def hook(module, args, output):
-            self.hidden_sq[i] += self._seq_mean_sq(output)
+            self.hidden_sq[i] += sequence_mean_sq(output, self._scratch)
         return hook
 
     def remove(self) -> None:
@@ -205,5 +208,5 @@ def needs_calibration(name: str) -> bool:
     return IMPORTANCE[name].calibrated
 
 
-__all__ = ["IMPORTANCE", "Importance", "ImportanceInputs", "MinitronCapture", "capture_minitron", "forward_tokens",
+__all__ = ["IMPORTANCE", "Importance", "ImportanceInputs", "MinitronCapture", "capture_minitron", "sequence_mean_sq", "forward_tokens",
            "importance", "needs_calibration", "register_importance"]
