@@ -218,6 +218,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 keeps a shared "
                                                            "machine's other processes from stalling parallel kernels")
+    ap.add_argument("--parts", default="memory,capture", help="which budgets to measure: memory, capture or both")
     ap.add_argument("--small", action="store_true", help="quick self-check: narrow teacher and capture model")
     ap.add_argument("--root", default=None, help="where the temp dir goes (default: the system temp dir)")
     # internal: the child processes
@@ -237,7 +238,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     root = Path(tempfile.mkdtemp(prefix="prune_bench_", dir=a.root))
     try:
-        rows = memory(a, root) + capture(a, root)
+        parts = a.parts.split(",")
+        rows = (memory(a, root) if "memory" in parts else []) + (capture(a, root) if "capture" in parts else [])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n| budget | measured | limit | |\n|---|---:|---:|---|")

@@ -207,6 +207,3 @@ def importance(name: str, inputs: ImportanceInputs) -> Importance:
 def needs_calibration(name: str) -> bool:
     return IMPORTANCE[name].calibrated
 
-
-__all__ = ["IMPORTANCE", "Importance", "ImportanceInputs", "MinitronCapture", "capture_minitron", "sequence_mean_sq", "forward_tokens",
-           "importance", "needs_calibration", "register_importance"]
