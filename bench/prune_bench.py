@@ -14,6 +14,7 @@
     information.
 
     python bench/prune_bench.py            # Qwen3-32B widths, 2 layers (5.1 GB bf16 teacher), ~5 min, < 6 GiB RSS
+    python bench/prune_bench.py --parts capture --threads 1 --reps 7   # (a) alone, steadier on a shared machine
     python bench/prune_bench.py --small    # quick self-check (~40 s); its raw memory ratios FAIL by design: the
                                            # imports (~0.46 GB) are 10x its 0.05 GB model, see the net rows
 """
