@@ -1,6 +1,6 @@
 """Stage `prune`: the dense-to-dense baseline's starting point. The dense teacher (models/dense_teacher) is
 width-pruned to the M2D student's parameter count (models/student/config.json) with the importance of
-baselines.prune.importance, into models/pruned (a stock Hugging Face checkpoint with its card)."""
+baselines.prune.importance, into models/baseline_d2d (a stock Hugging Face checkpoint with its card)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from pathlib import Path
 from stages._runner import run
 from moe2dense.baselines.importance import ImportanceInputs, importance, needs_calibration
 from moe2dense.baselines.prune import choose_sizes, prune, pruned_config, read_layout, transformers_count
+from moe2dense.baselines.runs import DENSE_TEACHER, RUNS, STUDENT
 from moe2dense.checkpoint import TOKENIZER_FILES
 from moe2dense.io import atomic_dir, write_json, write_timings
 from moe2dense.params import load_params
 from moe2dense.teacher.source import VOCAB_FILES, teacher_checkpoint
 
-DENSE_TEACHER = "models/dense_teacher"  # the checkpoint, or a pointer dir (+ tokenizer) to a real one
-STUDENT_CONFIG = "models/student/config.json"
+STUDENT_CONFIG = f"{STUDENT}/config.json"
 PACKED = "data/prepared/packed/calibration.parquet"
-OUT = "models/pruned"
-METRICS = "metrics/prune.json"
+OUT = RUNS["d2d"].initial
+METRICS = "metrics/baselines/prune.json"
 
 
 def student_parameters(path: str | Path) -> int:

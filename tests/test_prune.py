@@ -339,15 +339,15 @@ def _stage(cwd: Path) -> subprocess.CompletedProcess:
 def test_stage_prunes_to_the_students_count(workspace):
     proc = _stage(workspace)
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((workspace / "metrics" / "prune.json").read_text())
+    metrics = json.loads((workspace / "metrics" / "baselines" / "prune.json").read_text())
     student = transformers_count(json.loads((workspace / "models" / "student" / "config.json").read_text()))
     assert metrics["target_parameters"] == student and abs(metrics["relative_error"]) <= 0.01
     assert (metrics["importance"], metrics["calibration_tokens"], metrics["hidden_size"]) == ("minitron", 256, 64)
     assert metrics["teacher_intermediate_size"] == 256 and metrics["intermediate_size"] < 256
-    model = _load(workspace / "models" / "pruned")
+    model = _load(workspace / "models" / "baseline_d2d")
     assert sum(x.numel() for x in model.parameters()) == metrics["parameters"]
-    assert (workspace / "models" / "pruned" / "tokenizer.json").is_file()
-    assert "minitron (on 256 calibration tokens)" in (workspace / "models" / "pruned" / "README.md").read_text()
+    assert (workspace / "models" / "baseline_d2d" / "tokenizer.json").is_file()
+    assert "minitron (on 256 calibration tokens)" in (workspace / "models" / "baseline_d2d" / "README.md").read_text()
     assert "importance_seconds" in json.loads((workspace / "timings" / "prune.json").read_text())
 
 
@@ -355,11 +355,11 @@ def _bad(workspace: Path, tmp_path: Path, edit) -> str:
     import shutil
 
     ws = tmp_path / "ws"
-    shutil.copytree(workspace, ws, ignore=shutil.ignore_patterns("pruned", "metrics", "timings"))
+    shutil.copytree(workspace, ws, ignore=shutil.ignore_patterns("baseline_d2d", "metrics", "timings"))
     edit(ws)
     proc = _stage(ws)
     assert proc.returncode == 2, proc.stderr
-    assert not (ws / "models" / "pruned").exists()
+    assert not (ws / "models" / "baseline_d2d").exists()
     (line,) = proc.stderr.strip().splitlines()
     return line
 

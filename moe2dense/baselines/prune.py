@@ -110,6 +110,15 @@ class Layout:
         return a, b, c, self.num_parameters(1, 1) - a - b - c
 
 
+def dense_family(config) -> str:
+    """The model_type of a dense teacher config this module can prune; a one-line ValueError naming the supported
+    ones otherwise (the dense teacher stage calls it before recording a real checkpoint)."""
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"baselines.dense_teacher.source: model_type {config.model_type!r} is not a supported dense "
+                         f"family for width pruning; supported: {', '.join(sorted(FAMILIES))}")
+    return config.model_type
+
+
 def read_config(checkpoint: Path) -> dict:
     path = Path(checkpoint) / "config.json"
     if not path.is_file():
