@@ -84,6 +84,8 @@ bench-synthetic: $(STAMP)
 		"\`make bench FULL=1\` or \`python bench/assemble_memory.py\`")
 	python bench/distill_data_memory.py $(if $(FULL),,--rows 256 --cache-rows 160 --seq-len 256 --top-n 16)
 	python bench/prune_bench.py $(if $(FULL),,--small)
+	$(if $(FULL),,@echo "make bench: prune_bench.py ran --small (its memory ratios are information there); the pruning" \
+		"memory budget is for a 5 GB Qwen3-32B-wide teacher: \`make bench FULL=1\` or \`python bench/prune_bench.py\`")
 	$(if $(FULL),python bench/distill_loss_memory.py,@echo "make bench: skipped distill_loss_memory.py: the chunked loss" \
 		"alone peaks near 5 GB and the naive one takes what memory is free (minus 6 GB), for minutes:" \
 		"\`make bench FULL=1\` or \`python bench/distill_loss_memory.py\`")
