@@ -209,7 +209,7 @@ _TABLES = {
     "loss": (["`distill.loss`", "definition", "options (`distill.loss_options`)"],
              lambda m: [f"`{m.name}`", m.summary, _options_cell(m)]),
     "importance": (["`baselines.prune.importance`", "importance"], lambda m: [f"`{m.name}`", m.summary]),
-    "baseline": (["`baselines.methods`", "baseline"], lambda m: [f"`{m.name}`", m.summary]),
+    "baseline": (["baseline", "what it is"], lambda m: [f"`{m.name}`", m.summary]),
 }
 
 

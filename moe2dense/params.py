@@ -188,7 +188,6 @@ GroupMethod = Literal[M.names("grouping")]
 Scaling = Literal[M.names("scaling")]
 DistillLoss = Literal[M.names("loss")]
 Importance = Literal[M.names("importance")]
-Baseline = Literal[M.names("baseline")]
 
 
 def _options_section(kind: str) -> type[Section]:
@@ -369,19 +368,12 @@ class PruneParams(Section):
 
 
 class BaselinesParams(Section):
-    """The paper's comparison at the M2D student's parameter count (`make baselines`)."""
+    """The paper's comparison at the M2D student's parameter count (`make baselines`: every baseline of the method
+    table; dvc.yaml has one stage per baseline)."""
 
-    methods: list[Baseline] = Field(default_factory=lambda: list(M.names("baseline")), min_length=1)
     dense_teacher: DenseTeacherParams = DenseTeacherParams()
     prune: PruneParams = PruneParams()
     seed: int = Field(0, ge=0)  # initialisation of the re-initialised weights (random_ffn, random_init)
-
-    @field_validator("methods")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"each baseline at most once, got {v}")
-        return v
 
 
 class Params(Section):
