@@ -289,6 +289,8 @@ def test_stage_shows_a_progress_bar_keeps_ray_in_a_log_and_reproduces_the_weight
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "teacher loads guarded" in out
+    assert (f"[distill] held-out KL(teacher || student) before training = "
+            f"{clean['metrics']['heldout_kl_before']:.4f} over 256 tokens") in out, out[-3000:]
     assert re.search(r"distill: 100%\|.*\| 6\.14k/6\.14k \[.*tok/s, loss=0\.\d{4}\]", out), out[-2000:]
     assert not [c for c in RAY_CHATTER if c in out], out[-3000:]
     ray_log = Path(re.search(r"Ray's logs: (\S+)", out).group(1))

@@ -271,7 +271,11 @@ class ProgressBar:
         self.thread.start()
 
     def _show(self, item: dict) -> None:
-        if "start_tokens" in item:  # a worker group (re)started: rate and ETA count from here
+        if "heldout_kl_before" in item:  # measured by the workers before the first step
+            with self.bar.external_write_mode():
+                log.info("held-out KL(teacher || student) before training = %.4f over %d tokens",
+                         item["heldout_kl_before"], item["eval_tokens"])
+        elif "start_tokens" in item:  # a worker group (re)started: rate and ETA count from here
             self.bar.reset()
             self.bar.initial = self.bar.n = self.bar.last_print_n = item["start_tokens"]
             self.bar.set_postfix_str(f"resumed at {item['start_tokens']:,} tokens" if item["start_tokens"] else "")

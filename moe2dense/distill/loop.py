@@ -285,6 +285,9 @@ def train_worker(cfg: dict) -> None:
         eval_rows = open_rows(cfg["eval_rows"])[:cfg["eval_limit"]]
         if start == 0:
             heldout = {"before": heldout_kl(w, eval_rows)}
+            if w.progress is not None:
+                w.progress.actor.put_nowait.remote({"heldout_kl_before": heldout["before"],
+                                                    "eval_tokens": int(eval_rows.size)})
         tokens_per_step = cfg["global_batch"] * rows.shape[1]
         trained_tokens, t0 = 0, time.perf_counter()
         if w.progress is not None:
