@@ -42,6 +42,7 @@ from moe2dense.teacher.load import load_teacher  # noqa: E402
 from moe2dense.training import warmup_cosine_lr  # noqa: E402
 
 STUDENT, TEACHER, TRAIN = ROOT / "models/student", ROOT / "models/teacher", ROOT / "data/prepared/packed/train.parquet"
+EVAL = ROOT / "data/prepared/packed/eval.parquet"
 
 
 def params(a, **kw) -> DistillParams:
@@ -81,7 +82,7 @@ def stage(p: DistillParams, cached: Path | None = None, deterministic: bool = Tr
     with tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
         res = run_distill(p, student_dir=STUDENT, teacher_dir=teacher_checkpoint(TEACHER), train_path=TRAIN,
-                          storage=storage, cached_logits=cached, deterministic=deterministic, progress=False)
+                          eval_path=EVAL, storage=storage, cached_logits=cached, deterministic=deterministic, progress=False)
         if weights is not None:
             weights.append(student_state_from_checkpoint(res["checkpoint"])[0])
         return res["metrics"]["tokens_per_s"], time.perf_counter() - start

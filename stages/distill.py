@@ -3,8 +3,9 @@ Train -> models/distilled (HF checkpoint), metrics/distill.json, plots/distill_l
 rerun; speed, wall clock, the teacher's forward speed and the resume point go to the untracked timings/distill.json).
 Stage `distill_baseline@<baseline>` (`python -m stages.distill d2d|random_ffn|random_init`): the same, with the same
 distill params, for a baseline (moe2dense/baselines/runs.py says which model from which teacher, and where to).
-Ray and the batch split are checked before any model is loaded; the terminal shows one progress bar, Ray's logs go
-to .distill_runs/<run>/ray.log."""
+Ray and the batch split are checked before any model is loaded; the driver never loads a teacher (the workers
+measure the held-out KL(teacher || student) before and after training, on their devices); the terminal shows one
+progress bar, Ray's logs go to .distill_runs/<run>/ray.log."""
 
 from __future__ import annotations
 
@@ -18,13 +19,10 @@ from stages._runner import run
 from moe2dense.assemble import copy_tokenizer
 from moe2dense.baselines.runs import DENSE_TEACHER, RUNS, STUDENT, TEACHER
 from moe2dense.distill.cache import FILE as CACHE_FILE
-from moe2dense.distill.data import load_rows, seq_len_of
 from moe2dense.distill.driver import prepare_distill
 from moe2dense.distill.loop import student_state_from_checkpoint
-from moe2dense.heldout import kl as heldout_kl
 from moe2dense.io import atomic_dir, atomic_file, write_json, write_timings
 from moe2dense.params import load_params
-from moe2dense.teacher.load import load_frozen
 
 TRAIN = "data/prepared/packed/train.parquet"
 EVAL = "data/prepared/packed/eval.parquet"
@@ -58,7 +56,6 @@ TARGETS = {"m2d": Target(STUDENT, TEACHER, "models/distilled", "metrics/distill.
 
 def main() -> None:
     import ray
-    import torch
     from transformers import AutoModelForCausalLM
 
     parser = argparse.ArgumentParser(prog="python -m stages.distill")
@@ -73,21 +70,20 @@ def main() -> None:
         cached = None
     start = time.perf_counter()
     try:
-        # Ray (RAY_ADDRESS), workers, device and batch split first: they fail in seconds, the models load slowly.
-        job = prepare_distill(p, student_dir=t.student, teacher_dir=t.teacher, train_path=TRAIN,
+        # Ray (RAY_ADDRESS), workers, device and batch split first: they fail in seconds. The driver loads no
+        # teacher: the workers measure the held-out KL before and after training on their devices.
+        job = prepare_distill(p, student_dir=t.student, teacher_dir=t.teacher, train_path=TRAIN, eval_path=EVAL,
                               storage=STORAGE, cached_logits=cached)
-        eval_rows = load_rows(EVAL, limit=max(1, p.eval_tokens // seq_len_of(EVAL)))
-        teacher = load_frozen(job.cfg["teacher_dir"], torch.float32, torch.device("cpu"), p.teacher_top_k)
-        student = AutoModelForCausalLM.from_pretrained(t.student, dtype=torch.float32).eval()
-        before = heldout_kl(student, teacher, eval_rows)
-        logging.info("held-out KL(teacher || assembled student) = %.4f over %d tokens", before, eval_rows.size)
         res = job.fit()
     finally:
         ray.shutdown()
     seconds = time.perf_counter() - start
+    m = res["metrics"]
+    before, after = m["heldout_kl_before"], m["heldout_kl_after"]
     state, history = student_state_from_checkpoint(res["checkpoint"])
+    # Only to write the checkpoint: the student in its stored dtype, on the CPU.
+    student = AutoModelForCausalLM.from_pretrained(t.student, dtype="auto", local_files_only=True)
     student.load_state_dict(state)
-    after = heldout_kl(student.eval(), teacher, eval_rows)
     with atomic_dir(t.out) as out:
         student.save_pretrained(out)
         copy_tokenizer(Path(t.student), out)
@@ -97,7 +93,6 @@ def main() -> None:
                 loss=p.loss, tokens=history[-1][1], before=before, after=after,
                 teacher_kind="dense" if t.teacher == DENSE_TEACHER else "MoE"))
     losses = [h[2] for h in history]
-    m = res["metrics"]
     write_json(t.metrics, {
         "loss": p.loss, "steps": res["steps"], "tokens": history[-1][1], "workers": res["workers"],
         "device": res["device"], "final_loss": losses[-1], "best_loss": min(losses),

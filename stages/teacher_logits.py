@@ -13,7 +13,7 @@ from moe2dense.distill.data import load_rows
 from moe2dense.distill.driver import visited_rows
 from moe2dense.io import atomic_dir
 from moe2dense.params import load_params
-from moe2dense.teacher.load import load_teacher, resolve_device
+from moe2dense.teacher.load import load_teacher, resolve_device, run_dtype
 from moe2dense.training import deterministic_algorithms
 
 TEACHER = "models/teacher"
@@ -34,7 +34,8 @@ def main() -> None:
         device = resolve_device(p.device, key="distill.device")
         # The cache is a DVC output: the same bytes on every rerun.
         with deterministic_algorithms(warn_only=True, cuda=device.type == "cuda", fill_uninitialized_memory=True):
-            teacher = load_teacher(TEACHER, "float32", device, p.teacher_top_k)
+            # The dtype the distill workers' online teacher runs in: bf16 on CUDA, fp32 on CPU.
+            teacher = load_teacher(TEACHER, run_dtype(device), device, p.teacher_top_k)
             write_cached_logits(teacher, rows, ids, out, top_n=p.cached_top_n, temperature=p.temperature,
                                 meta={"teacher_top_k": p.teacher_top_k})
         (out / "cache.json").write_text(json.dumps({"cached": True, "rows": int(len(ids)),

@@ -1,6 +1,7 @@
-"""Distillation on a real local Ray cluster of 2 CPU workers: the KL to the teacher drops, a worker killed mid-run
-is replaced and the run resumes from its last checkpoint to the same weights as an uninterrupted run, and cached
-teacher logits covering the whole vocabulary train exactly like the online teacher."""
+"""Distillation on a real local Ray cluster of 2 CPU workers: the KL to the teacher drops (the workers' own held-out
+KL equals `heldout.kl`), a worker killed mid-run is replaced and the run resumes from its last checkpoint to the same
+weights (and the same "before" KL) as an uninterrupted run, cached teacher logits covering the whole vocabulary
+train exactly like the online teacher, and the stage's driver never loads the teacher."""
 from __future__ import annotations
 
 import json
@@ -97,7 +98,8 @@ def _params(**kw) -> DistillParams:
 
 def _run(setup, storage, cached_logits=None, **kw):
     return run_distill(_params(**kw), student_dir=setup / "student", teacher_dir=setup / "teacher",
-                       train_path=setup / "train.parquet", storage=storage, cached_logits=cached_logits)
+                       train_path=setup / "train.parquet", eval_path=setup / "eval.parquet", storage=storage,
+                       cached_logits=cached_logits)
 
 
 def _trained(setup, res):
@@ -131,15 +133,24 @@ def clean(setup, ray_cluster, tmp_path_factory):
     return _run(setup, tmp_path_factory.mktemp("clean"))
 
 
-def test_two_workers_lower_the_heldout_kl(setup, clean):
+def _reference_kl(setup, res) -> tuple[float, float]:
+    """`heldout.kl` before and after the run `res`, over the rows the workers measure (eval_tokens = 8 rows)."""
     eval_rows = load_rows(setup / "eval.parquet")[:8]
     teacher = AutoModelForCausalLM.from_pretrained(setup / "teacher").eval()
-    before = heldout_kl(AutoModelForCausalLM.from_pretrained(setup / "student").eval(), teacher, eval_rows)
+    return (heldout_kl(AutoModelForCausalLM.from_pretrained(setup / "student").eval(), teacher, eval_rows),
+            heldout_kl(_trained(setup, res)[0], teacher, eval_rows))
+
+
+def test_two_workers_lower_the_heldout_kl(setup, clean):
+    before, after = _reference_kl(setup, clean)
     assert clean["workers"] == 2 and clean["steps"] == 48 and clean["metrics"]["resumed_from"] == 0
-    student, history = _trained(setup, clean)
-    after = heldout_kl(student, teacher, eval_rows)
+    _, history = _trained(setup, clean)
     assert after < 0.8 * before, (before, after)
     assert [h[0] for h in history] == list(range(1, 49))
+    # The workers' own measure (each rank its rows, all-reduced): `heldout.kl` on the same models and rows.
+    m = clean["metrics"]
+    assert m["heldout_kl_before"] == pytest.approx(before, rel=1e-5)
+    assert m["heldout_kl_after"] == pytest.approx(after, rel=1e-5)
 
 
 def test_killed_worker_resumes_to_the_same_weights(setup, clean, tmp_path):
@@ -156,6 +167,9 @@ def test_killed_worker_resumes_to_the_same_weights(setup, clean, tmp_path):
     student, _ = _trained(setup, clean)
     student2, history2 = _trained(setup, resumed)
     assert [h[0] for h in history2] == list(range(1, 49)), "steps repeated or skipped"
+    # "before" was measured by the first worker group (on the untrained student) and came back with the checkpoint
+    assert resumed["metrics"]["heldout_kl_before"] == clean["metrics"]["heldout_kl_before"]
+    assert resumed["metrics"]["heldout_kl_after"] == pytest.approx(clean["metrics"]["heldout_kl_after"], rel=1e-4)
     for (n, a), b in zip(student.state_dict().items(), student2.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=n)
 
@@ -194,17 +208,22 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_cached_full_vocabulary_logits_train_like_the_online_teacher(setup, clean, tmp_path):
+    """On 1 worker (batches are global: the same training), whose held-out KL loads the teacher for the measure."""
     p = _params(teacher_logits="cached", cached_top_n=64)
     rows = load_rows(setup / "train.parquet")
     teacher = AutoModelForCausalLM.from_pretrained(setup / "teacher").eval()
     path = write_cached_logits(teacher, rows, visited_rows(p, len(rows), SEQ), tmp_path / "cache", top_n=64,
                                temperature=1.0, progress=False)
     assert CachedTeacher(path).meta["top_n"] == 64 == teacher.config.vocab_size
-    cached = _run(setup, tmp_path / "cached", teacher_logits="cached", cached_top_n=64, cached_logits=path)
-    assert cached["run_name"] != clean["run_name"]
+    cached = _run(setup, tmp_path / "cached", teacher_logits="cached", cached_top_n=64, cached_logits=path,
+                  workers=1)
+    assert cached["run_name"] != clean["run_name"] and cached["workers"] == 1
     (_, h_online), (_, h_cached) = _trained(setup, clean), _trained(setup, cached)
     # The history keeps 6 decimals.
     np.testing.assert_allclose([h[2] for h in h_cached], [h[2] for h in h_online], rtol=1e-4, atol=2e-6)
+    before, after = _reference_kl(setup, cached)
+    assert cached["metrics"]["heldout_kl_before"] == pytest.approx(before, rel=1e-5)
+    assert cached["metrics"]["heldout_kl_after"] == pytest.approx(after, rel=1e-5)
 
 
 # ---------------------------------------------------------------- the stage, run the way users run it
@@ -237,21 +256,41 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
 
 
-def _stage(repo: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.distill"], cwd=repo, capture_output=True, text=True,
-                          env={**STAGE_ENV, **env}, timeout=600)
+# Runs the stage with every from_pretrained of the teacher's checkpoint raising: its driver must load none.
+NO_TEACHER_IN_DRIVER = """
+import os, runpy, sys
+from pathlib import Path
+from transformers import PreTrainedModel
+teacher, real = Path("models/teacher").resolve(), PreTrainedModel.from_pretrained.__func__
+def guarded(cls, path, *args, **kwargs):
+    if Path(path).resolve() == teacher:
+        raise AssertionError(f"the driver loaded the teacher {path}")
+    return real(cls, path, *args, **kwargs)
+PreTrainedModel.from_pretrained = classmethod(guarded)
+print("teacher loads guarded", file=sys.stderr)
+runpy.run_module("stages.distill", run_name="__main__", alter_sys=True)
+"""
+
+
+def _stage(repo: Path, guard: bool = False, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *(["-c", NO_TEACHER_IN_DRIVER] if guard else ["-m", "stages.distill"])],
+                          cwd=repo, capture_output=True, text=True, env={**STAGE_ENV, **env}, timeout=600)
 
 
 def test_stage_shows_a_progress_bar_keeps_ray_in_a_log_and_reproduces_the_weights(setup, clean, tmp_path):
     """The stage (joining the fixture's Ray, as with RAY_ADDRESS) with the params of `clean`: its terminal shows the
     bar and none of Ray's chatter, Ray's logs are in the run's ray.log, the metrics hold no wall-clock figure, and
-    the distilled weights are bit-identical to the `clean` run's, trained by other worker processes."""
+    the distilled weights are bit-identical to the `clean` run's, trained by other worker processes; its driver
+    never loads the teacher, and the held-out KLs are the workers'."""
     import ray
 
     repo = _stage_repo(setup, tmp_path / "repo", **_params().model_dump())
-    proc = _stage(repo, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = _stage(repo, guard=True, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    assert "teacher loads guarded" in out
+    assert (f"[distill] held-out KL(teacher || student) before training = "
+            f"{clean['metrics']['heldout_kl_before']:.4f} over 256 tokens") in out, out[-3000:]
     assert re.search(r"distill: 100%\|.*\| 6\.14k/6\.14k \[.*tok/s, loss=0\.\d{4}\]", out), out[-2000:]
     assert not [c for c in RAY_CHATTER if c in out], out[-3000:]
     ray_log = Path(re.search(r"Ray's logs: (\S+)", out).group(1))
@@ -259,6 +298,8 @@ def test_stage_shows_a_progress_bar_keeps_ray_in_a_log_and_reproduces_the_weight
     assert "RayTrainWorker" in ray_log.read_text() and "\x1b[" not in ray_log.read_text()
     metrics = json.loads((repo / "metrics/distill.json").read_text())
     assert "tokens_per_s" not in metrics and metrics["run_name"] == clean["run_name"]
+    assert [metrics[f"heldout_kl_{k}"] for k in ("before", "after")] == [
+        round(clean["metrics"][f"heldout_kl_{k}"], 6) for k in ("before", "after")]
     assert json.loads((repo / "timings/distill.json").read_text())["tokens_per_s"] > 0
     distilled = AutoModelForCausalLM.from_pretrained(repo / "models/distilled").state_dict()
     reference, _ = _trained(setup, clean)

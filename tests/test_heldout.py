@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe2dense.distill.loop import Objective, Worker, heldout_kl, heldout_kl_sums
 from moe2dense.heldout import kl, perplexity
 from moe2dense.teacher.metrics import perplexity_and_usage
 from tiny_models import tiny_model
@@ -95,3 +96,41 @@ def test_teacher_perplexity_by_domain_and_usage_equal_the_old_loop_bit_for_bit(m
     assert m["eval_tokens"] == 11 * 15
     assert m["routing"]["max_token_share"] == [round(float(c), 6) for c in counts.numpy().max(axis=1) / rows.size]
     assert counts.sum().item() == rows.size * 2 * teacher.config.num_hidden_layers  # top-2, every layer
+
+
+# ---------------------------------------------------------------- the distill workers' held-out KL
+def _worker(student, teacher, rank: int, world: int, rows_per_batch: int, teacher_dir=None) -> Worker:
+    cfg = {"global_batch": rows_per_batch * world * 2, "accum": 2, "chunk_tokens": 20,  # 20: chunks cross rows
+           "teacher_dir": str(teacher_dir), "teacher_top_k": None}
+    return Worker(cfg, rank, world, torch.device("cpu"), teacher, None, Objective(student, cfg).train(), [], None,
+                  None, None)
+
+
+@pytest.mark.parametrize("world, rows_per_batch", [(1, 4), (2, 2), (3, 1)])
+def test_worker_shares_sum_to_the_heldout_kl_with_as_many_forwards_on_every_rank(models, rows, world,
+                                                                                 rows_per_batch):
+    """Each rank's (KL sum, tokens) over rows rank::world add up to `kl` over all rows (11 rows: uneven shares; 3
+    ranks of 1 row per batch: rank 2 runs a fourth, dropped forward so that DDP/FSDP collectives match)."""
+    student, teacher = models
+    sums, forwards = torch.zeros(2, dtype=torch.float64), []
+    for rank in range(world):
+        w = _worker(student, teacher, rank, world, rows_per_batch)
+        calls = []
+        w.objective.register_forward_hook(lambda *_: calls.append(1))
+        sums += heldout_kl_sums(w, rows)
+        forwards.append(len(calls))
+        assert w.objective.training, "the student goes back to training mode"
+    assert sums[1] == rows.size and len(set(forwards)) == 1, forwards
+    assert forwards[0] == math.ceil(math.ceil(len(rows) / world) / rows_per_batch)
+    assert float(sums[0] / sums[1]) == pytest.approx(kl(student, teacher, rows), rel=1e-5, abs=1e-7)
+    if world == 1:
+        assert heldout_kl(_worker(student, teacher, 0, 1, rows_per_batch), rows) == float(sums[0] / sums[1])
+
+
+def test_worker_without_a_teacher_loads_it_for_the_measure_only(models, rows, tmp_path):
+    """Cached-logits workers hold no teacher: the measure loads it (fp32 on CPU) and the worker still holds none."""
+    student, teacher = models
+    teacher.save_pretrained(tmp_path / "teacher")
+    w = _worker(student, None, 0, 1, 4, teacher_dir=tmp_path / "teacher")
+    assert heldout_kl(w, rows) == heldout_kl(_worker(student, teacher, 0, 1, 4), rows)
+    assert w.teacher is None

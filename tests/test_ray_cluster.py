@@ -131,7 +131,8 @@ def test_distill_joins_the_cluster_at_ray_address(setup, cluster, tmp_path, monk
 
     monkeypatch.setenv("RAY_ADDRESS", cluster)
     res = run_distill(_params(tokens=24 * 4 * SEQ, checkpoint_every=24), student_dir=setup / "student",
-                      teacher_dir=setup / "teacher", train_path=setup / "train.parquet", storage=tmp_path / "runs")
+                      teacher_dir=setup / "teacher", train_path=setup / "train.parquet",
+                      eval_path=setup / "eval.parquet", storage=tmp_path / "runs")
     try:
         # The driver joined the existing cluster (not a local Ray) with the package as a py_module.
         assert ray.get_runtime_context().gcs_address.endswith(":" + cluster.split(":")[1])  # Ray resolves the IP
@@ -159,3 +160,4 @@ def test_distill_joins_the_cluster_at_ray_address(setup, cluster, tmp_path, monk
     assert [h[0] for h in history] == list(range(1, 25))
     after = heldout_kl(student, teacher, eval_rows)
     assert after < 0.9 * before, (before, after)
+    assert [res["metrics"][f"heldout_kl_{k}"] for k in ("before", "after")] == pytest.approx([before, after], rel=1e-5)

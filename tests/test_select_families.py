@@ -68,14 +68,16 @@ def run_stages(workdir, monkeypatch, names):
 
 def distill_step() -> None:
     """One optimizer step of the distillation objective on the first batch of the train split (in the current
-    directory, after assemble): its loss equals the KL of both models' own forward, and every student weight gets a
-    finite gradient, the dense FFN's projections a non-zero one."""
+    directory, after assemble): its loss equals the KL of both models' own forward, so does its held-out measure (the
+    one the workers report), and every student weight gets a finite gradient, the dense FFN's projections a non-zero
+    one."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from moe2dense.distill.data import load_rows
     from moe2dense.distill.loop import Objective, _labels, _online_target
     from moe2dense.distill.losses import kd_loss
+    from moe2dense.heldout import kl as heldout_kl
     from moe2dense.params import load_params
     from moe2dense.teacher.load import load_teacher
 
@@ -88,6 +90,9 @@ def distill_step() -> None:
     with torch.no_grad():  # the reference: the full logits of both models' own forward, last position unlabelled
         ref = kd_loss(student(input_ids=ids).logits[:, :-1].flatten(0, 1),
                       teacher(input_ids=ids).logits[:, :-1].flatten(0, 1)).mean()
+    with torch.no_grad():  # the workers' held-out measure (labels None): heldout.kl, the family's head map included
+        held = objective(ids, _online_target(teacher, ids), None) / ids.numel()
+    assert float(held) == pytest.approx(heldout_kl(student, teacher, ids.numpy()), rel=1e-4, abs=1e-9)
     loss = objective(ids, _online_target(teacher, ids), _labels(ids))
     loss.backward()
     assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-4, abs=1e-9)
@@ -108,6 +113,7 @@ def test_stages_on_every_family(family, tmp_path, monkeypatch):
     adapter = get_adapter(config)
     work = small_params(tmp_path, ckpt, experts=adapter.top_k + 1)
 
+    monkeypatch.setattr("sys.argv", ["stages"])  # stages.teacher parses its argv (kind moe|dense): not pytest's
     run_stages(work, monkeypatch, ["prepare", "teacher", "calibrate", "score", "select", "group", "assemble"])
 
     teacher = json.loads((work / "metrics/teacher.json").read_text())

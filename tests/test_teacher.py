@@ -161,3 +161,12 @@ def test_load_teacher_is_frozen_validated_and_routes_to_top_k(tiny_checkpoint, t
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):  # validated before any weight is read
         load_teacher(tmp_path)
+
+
+def test_a_teacher_runs_in_bf16_on_cuda_and_fp32_on_cpu(tiny_checkpoint):
+    """run_dtype: what distill's workers, their held-out KL and teacher_logits load the teacher in."""
+    from moe2dense.teacher.load import load_teacher, run_dtype
+
+    assert run_dtype(torch.device("cuda", 0)) == torch.bfloat16 and run_dtype(torch.device("cpu")) == torch.float32
+    teacher = load_teacher(tiny_checkpoint, run_dtype(torch.device("cpu")), "cpu")
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}

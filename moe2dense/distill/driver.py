@@ -190,13 +190,16 @@ def plan_workers(requested: int, device: str, resources: dict) -> tuple[int, boo
     return workers, use_gpu, cpus_per_worker
 
 
-def run_name(p: DistillParams, student_dir: Path, train_path: Path, cached_logits: Path | None) -> str:
-    """Hash of the params that change training (not the worker count: batches are global) and of the inputs'
-    content (not their paths or mtimes: a DVC experiment's temp copy or a rebuilt identical file keep the name)."""
+def run_name(p: DistillParams, student_dir: Path, train_path: Path, cached_logits: Path | None,
+             eval_path: Path) -> str:
+    """Hash of the params that change training or the held-out KL the run measures (not the worker count: batches
+    are global) and of the inputs' content (not their paths or mtimes: a DVC experiment's temp copy or a rebuilt
+    identical file keep the name)."""
     h = hashlib.sha256()
-    h.update(json.dumps(p.model_dump(exclude={"workers", "max_failures", "eval_tokens"}), sort_keys=True).encode())
+    h.update(json.dumps(p.model_dump(exclude={"workers", "max_failures"}), sort_keys=True).encode())
     hash_files(h, sorted([*student_dir.glob("*.safetensors"), student_dir / "config.json"]), lambda f: f.name)
     hash_parquet_footer(h, train_path)
+    hash_parquet_footer(h, eval_path)  # a resumed run keeps the "before" KL it measured on these rows
     if cached_logits is not None:
         hash_parquet_footer(h, cached_logits / CACHE_FILE if cached_logits.is_dir() else cached_logits)
     return "distill-" + h.hexdigest()[:16]
@@ -221,7 +224,8 @@ class DistillJob:
         return self.storage / self.name
 
     def fit(self, progress: bool = True) -> dict:
-        """Train; returns {"checkpoint": dir of the final checkpoint, "metrics": ..., "run_name", ...}."""
+        """Train; returns {"checkpoint": dir of the final checkpoint, "metrics": the last report's (with
+        heldout_kl_before and heldout_kl_after, measured by the workers), "run_name", ...}."""
         from ray.util.queue import Queue
 
         queue = Queue(actor_options={"num_cpus": 0})  # rank 0 -> the driver's progress bar
@@ -269,7 +273,11 @@ class ProgressBar:
         self.thread.start()
 
     def _show(self, item: dict) -> None:
-        if "start_tokens" in item:  # a worker group (re)started: rate and ETA count from here
+        if "heldout_kl_before" in item:  # measured by the workers before the first step
+            with self.bar.external_write_mode():
+                log.info("held-out KL(teacher || student) before training = %.4f over %d tokens",
+                         item["heldout_kl_before"], item["eval_tokens"])
+        elif "start_tokens" in item:  # a worker group (re)started: rate and ETA count from here
             self.bar.reset()
             self.bar.initial = self.bar.n = self.bar.last_print_n = item["start_tokens"]
             self.bar.set_postfix_str(f"resumed at {item['start_tokens']:,} tokens" if item["start_tokens"] else "")
@@ -311,14 +319,15 @@ def plan_memory(p: DistillParams, student_dir: Path, teacher_dir: Path, seq_len:
 
 
 def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: str | Path, train_path: str | Path,
-                    storage: str | Path, cached_logits: str | Path | None = None,
+                    eval_path: str | Path, storage: str | Path, cached_logits: str | Path | None = None,
                     deterministic: bool = True) -> DistillJob:
     """Every check a run can fail without loading a model: RAY_ADDRESS, steps, device, workers, batch split, the
-    memory plan.
-    Connects to (or starts) Ray. `teacher_dir`: a teacher checkpoint or the teacher stage's pointer dir."""
+    memory plan. Connects to (or starts) Ray. `teacher_dir`: a teacher checkpoint or the teacher stage's pointer
+    dir; `eval_path`: the packed rows whose first distill.eval_tokens the workers measure the held-out KL on."""
     if os.environ.get("RAY_ADDRESS"):
         check_ray_address(os.environ["RAY_ADDRESS"])  # first: before anything is read
     student_dir, train_path = Path(student_dir).resolve(), Path(train_path).resolve()
+    eval_path = Path(eval_path).resolve()
     teacher_dir = teacher_checkpoint(teacher_dir)  # the dir itself, or where its pointer leads
     cached_logits = Path(cached_logits).resolve() if cached_logits else None
     seq_len = seq_len_of(train_path)
@@ -326,7 +335,7 @@ def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: s
     if steps < 1:
         raise ValueError(f"distill.tokens = {p.tokens} is less than one step of distill.batch_size x seq_len = "
                          f"{p.batch_size * seq_len} tokens")
-    name = run_name(p, student_dir, train_path, cached_logits)
+    name = run_name(p, student_dir, train_path, cached_logits, eval_path)
     storage = Path(storage).resolve()
     workers, use_gpu, cpus_per_worker = plan_workers(p.workers, p.device, start_ray(storage / name / RAY_LOG))
     check_batch_split(p.batch_size, workers, p.grad_accum)
@@ -336,6 +345,8 @@ def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: s
         "teacher_top_k": p.teacher_top_k, "train_path": str(train_path),
         # decoded once here, memory-mapped by every worker (storage is shared by the nodes of a cluster)
         "train_rows": str(decode_rows(train_path, storage / ROWS_DIR)),
+        "eval_rows": str(decode_rows(eval_path, storage / ROWS_DIR)),
+        "eval_limit": max(1, p.eval_tokens // seq_len_of(eval_path)),
         "cached_logits": str(cached_logits) if cached_logits else None, "loss": p.loss,
         "loss_options": dict(p.loss_options), "temperature": p.temperature, "ce_weight": p.ce_weight,
         "chunk_tokens": p.chunk_tokens, "steps": steps, "global_batch": p.batch_size, "accum": p.grad_accum,
@@ -354,11 +365,11 @@ def prepare_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: s
 
 
 def run_distill(p: DistillParams, *, student_dir: str | Path, teacher_dir: str | Path, train_path: str | Path,
-                storage: str | Path, cached_logits: str | Path | None = None, deterministic: bool = True,
-                progress: bool = True) -> dict:
+                eval_path: str | Path, storage: str | Path, cached_logits: str | Path | None = None,
+                deterministic: bool = True, progress: bool = True) -> dict:
     """`prepare_distill` + `fit` in one call."""
     return prepare_distill(p, student_dir=student_dir, teacher_dir=teacher_dir, train_path=train_path,
-                           storage=storage, cached_logits=cached_logits, deterministic=deterministic).fit(progress)
+                           eval_path=eval_path, storage=storage, cached_logits=cached_logits, deterministic=deterministic).fit(progress)
 
 
 def visited_rows(p: DistillParams, n_rows: int, seq_len: int) -> np.ndarray:

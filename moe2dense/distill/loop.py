@@ -6,11 +6,14 @@ next-token distribution (online teacher forward, or cached top-N log-probs), cli
 schedule. Every `checkpoint_every` steps rank 0 writes (student, optimizer, step, loss history) and every rank calls
 `ray.train.report`; a restarted worker group resumes from the last reported checkpoint at the next step, and since
 batches are a function of the step alone, the resumed run trains on exactly the batches the uninterrupted one would.
-After every step rank 0 puts (tokens, loss) in the driver's progress queue.
+After every step rank 0 puts (tokens, loss) in the driver's progress queue. Before the first step of a fresh run
+and after the last, the workers measure the held-out KL(teacher || student) on their devices (`heldout_kl`); the
+"before" value travels in every checkpoint, so a resumed run keeps it.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -29,11 +32,12 @@ from moe2dense.distill.cache import CachedTeacher
 from moe2dense.distill.data import open_rows, worker_micro_rows
 from moe2dense.distill.losses import chunked_kd_loss
 from moe2dense.distill.memory import mfu, peak_flops
-from moe2dense.teacher.load import load_frozen
+from moe2dense.teacher.load import load_frozen, run_dtype
 from moe2dense.training import deterministic_algorithms, warmup_cosine_lr
 
 STATE = "state.pt"
 HISTORY = "history.json"
+HELDOUT = "heldout_kl.json"  # {"before": ..., "after": ... once the last step is done}
 
 
 def worker_seed(seed: int, rank: int) -> int:
@@ -58,14 +62,20 @@ class Objective(nn.Module):
         super().__init__()
         self.student, self.cfg = student, cfg
 
-    def forward(self, ids: torch.Tensor, teacher_chunk, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, teacher_chunk, labels: torch.Tensor | None) -> torch.Tensor:
+        """The training loss; with `labels` None the held-out measure instead: KL(teacher || student) at T = 1
+        summed over every token (moe2dense.heldout.kl's definition), through this forward so that DDP/FSDP run
+        their collectives (buffer broadcast, parameter gathering) as in training."""
         hidden = lm_head.hidden_states(self.student, ids)
         head = self.student.get_output_embeddings()
-        c = self.cfg
-        return chunked_kd_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, teacher_chunk, loss=c["loss"],
-                               temperature=c["temperature"], options=c["loss_options"], labels=labels.reshape(-1),
-                               ce_weight=c["ce_weight"], chunk_tokens=c["chunk_tokens"], head_bias=head.bias,
-                               head_transform=lm_head.transform(self.student.config))
+        c, flat = self.cfg, hidden.reshape(-1, hidden.shape[-1])
+        common = dict(chunk_tokens=c["chunk_tokens"], head_bias=head.bias,
+                      head_transform=lm_head.transform(self.student.config))
+        if labels is None:
+            return chunked_kd_loss(flat, head.weight, teacher_chunk, loss="forward_kl", **common) * flat.shape[0]
+        return chunked_kd_loss(flat, head.weight, teacher_chunk, loss=c["loss"], temperature=c["temperature"],
+                               options=c["loss_options"], labels=labels.reshape(-1), ce_weight=c["ce_weight"],
+                               **common)
 
 
 def _labels(ids: torch.Tensor) -> torch.Tensor:
@@ -170,8 +180,7 @@ def build_worker(cfg: dict, rank: int, world: int, device: torch.device) -> Work
     from transformers import AutoModelForCausalLM
 
     progress = cfg.get("progress") if rank == 0 else None
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    teacher = None if cfg["cached_logits"] else _load_teacher(cfg, dtype, device)
+    teacher = None if cfg["cached_logits"] else _load_teacher(cfg, run_dtype(device), device)
     cached = CachedTeacher(cfg["cached_logits"]) if cfg["cached_logits"] else None
     student = AutoModelForCausalLM.from_pretrained(cfg["student_dir"], dtype=torch.float32, local_files_only=True)
     freeze(student, cfg["freeze"])
@@ -192,21 +201,61 @@ def _full_state():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def resume(w: Worker) -> tuple[int, list]:
-    """(first step to train, loss history so far): from the last reported checkpoint of this run, if any."""
+def resume(w: Worker) -> tuple[int, list, dict]:
+    """(first step to train, loss history so far, held-out KLs so far): from the last reported checkpoint of this
+    run, if any."""
     import ray.train
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        return 0, []
+        return 0, [], {}
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
         history = json.loads((Path(d) / HISTORY).read_text())
+        heldout = json.loads((Path(d) / HELDOUT).read_text())
     set_model_state_dict(w.objective, state["model"], options=_full_state())
     set_optimizer_state_dict(w.objective, w.optimizer, state["optimizer"], options=_full_state())
     w.scheduler.load_state_dict(state["scheduler"])
-    return state["step"], history
+    return state["step"], history, heldout
+
+
+def heldout_kl_sums(w: Worker, rows: np.ndarray) -> torch.Tensor:
+    """(KL(teacher || student) at T = 1 summed over tokens, tokens) of this rank's share of `rows` (rows
+    rank::world, in micro-batches of the training size), float64 on the worker's device. A DDP/FSDP forward is a
+    collective, so every rank runs as many forwards as the largest share has batches (a rank out of rows runs row 0
+    and drops it). The online teacher is the one the worker holds; with cached logits the teacher is loaded for this
+    measure only (in its run dtype on the device, as `build_worker` would) and freed."""
+    cfg = w.cfg
+    teacher = w.teacher if w.teacher is not None else _load_teacher(cfg, run_dtype(w.device), w.device)
+    size = cfg["global_batch"] // (w.world * cfg["accum"])
+    mine = np.arange(w.rank, len(rows), w.world)
+    sums = torch.zeros(2, dtype=torch.float64, device=w.device)
+    w.objective.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16) if w.cuda else nullcontext():
+        for b in range(math.ceil(math.ceil(len(rows) / w.world) / size)):
+            idx = mine[b * size:(b + 1) * size]
+            ids = torch.from_numpy(rows[idx if len(idx) else [0]].astype(np.int64)).to(w.device)
+            total = w.objective(ids, _online_target(teacher, ids), None)
+            if len(idx):
+                sums[0] += total.double()
+                sums[1] += ids.numel()
+    w.objective.train()
+    if w.teacher is None:
+        del teacher
+        if w.cuda:
+            torch.cuda.empty_cache()
+    return sums
+
+
+def heldout_kl(w: Worker, rows: np.ndarray) -> float:
+    """Mean per-token KL(teacher || student) at T = 1 over `rows` (moe2dense.heldout.kl's definition), measured by
+    all ranks on their devices: `heldout_kl_sums` all-reduced (a 2-rank sum is commutative: the same bits on every
+    rank and rerun)."""
+    sums = heldout_kl_sums(w, rows)
+    if w.world > 1:
+        dist.all_reduce(sums)
+    return float(sums[0] / sums[1])
 
 
 def train_step(w: Worker, rows: np.ndarray, step: int) -> float:
@@ -233,9 +282,10 @@ def train_step(w: Worker, rows: np.ndarray, step: int) -> float:
     return round(float(step_loss), 6)
 
 
-def checkpoint_and_report(w: Worker, step: int, history: list, metrics: dict) -> None:
-    """Every rank gathers the full state (a collective under FSDP) and reports; rank 0 also writes the checkpoint
-    (student, optimizer, scheduler, steps done, loss history)."""
+def checkpoint_and_report(w: Worker, step: int, history: list, heldout: dict, metrics: dict) -> None:
+    """Every rank gathers the full state (a collective under FSDP) and reports `metrics` with the held-out KLs so
+    far; rank 0 also writes the checkpoint (student, optimizer, scheduler, steps done, loss history, held-out
+    KLs)."""
     import ray.train
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -246,12 +296,15 @@ def checkpoint_and_report(w: Worker, step: int, history: list, metrics: dict) ->
             torch.save({"model": model_state, "optimizer": optim_state, "scheduler": w.scheduler.state_dict(),
                         "step": step}, Path(d) / STATE)
             (Path(d) / HISTORY).write_text(json.dumps(history))
+            (Path(d) / HELDOUT).write_text(json.dumps(heldout))
+        metrics = {**metrics, **{f"heldout_kl_{k}": v for k, v in heldout.items()}}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if w.rank == 0 else None)
 
 
 def train_worker(cfg: dict) -> None:
-    """Ray Train's train_loop_per_worker: set up, resume, then per step train, tell the driver's progress bar
-    (rank 0), and every `checkpoint_every` steps (and at the last) checkpoint and report."""
+    """Ray Train's train_loop_per_worker: set up, resume (a fresh run measures the held-out KL first), then per
+    step train, tell the driver's progress bar (rank 0), and every `checkpoint_every` steps (and at the last, after
+    measuring the held-out KL again) checkpoint and report."""
     import ray.train
 
     ctx = ray.train.get_context()
@@ -260,8 +313,14 @@ def train_worker(cfg: dict) -> None:
     with deterministic_algorithms(cfg.get("deterministic", True), warn_only=True, cuda=device.type == "cuda",
                                   fill_uninitialized_memory=True):
         w = build_worker(cfg, rank, world, device)
-        start, history = resume(w)
+        start, history, heldout = resume(w)
         rows = open_rows(cfg["train_rows"])  # a memory map: no copy of the training split per worker
+        eval_rows = open_rows(cfg["eval_rows"])[:cfg["eval_limit"]]
+        if start == 0:
+            heldout = {"before": heldout_kl(w, eval_rows)}
+            if w.progress is not None:
+                w.progress.actor.put_nowait.remote({"heldout_kl_before": heldout["before"],
+                                                    "eval_tokens": int(eval_rows.size)})
         tokens_per_step = cfg["global_batch"] * rows.shape[1]
         trained_tokens, t0 = 0, time.perf_counter()
         if w.progress is not None:
@@ -272,10 +331,13 @@ def train_worker(cfg: dict) -> None:
             history.append([step + 1, (step + 1) * tokens_per_step, loss])
             if w.progress is not None:
                 w.progress.actor.put_nowait.remote({"tokens": history[-1][1], "loss": loss})
-            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+            last = step + 1 == cfg["steps"]
+            if (step + 1) % cfg["checkpoint_every"] == 0 or last:
                 seconds = time.perf_counter() - t0
                 tokens_per_s = trained_tokens / seconds if seconds > 0 else 0.0
-                checkpoint_and_report(w, step + 1, history, {
+                if last:
+                    heldout["after"] = heldout_kl(w, eval_rows)
+                checkpoint_and_report(w, step + 1, history, heldout, {
                     "step": step + 1, "loss": loss, "resumed_from": start, "tokens_per_s": tokens_per_s,
                     "tokens_per_s_per_device": tokens_per_s / world,
                     "mfu": mfu(cfg["trained_params"], tokens_per_s, peak_flops(device), world),

@@ -164,11 +164,13 @@ def load_model(path: str | Path, p: EvaluateParams):
         raise FileNotFoundError(f"{path} holds no model: run the stage that writes it first (`dvc repro`)")
     ckpt = teacher_checkpoint(path)
     dtype = "auto" if p.dtype == "auto" else DTYPES[p.dtype]
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, local_files_only=True)
+    device = resolve_device(p.device, "evaluate.device")
+    # device_map: the weights go straight to the device (no whole copy on the host first when it is a GPU)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, device_map=device, local_files_only=True)
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path if (Path(path) / "tokenizer.json").exists() else ckpt),
                                               local_files_only=True)
-    return model.to(resolve_device(p.device, "evaluate.device")).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def _quiet_rolling_lm():

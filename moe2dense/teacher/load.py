@@ -23,6 +23,12 @@ def resolve_device(device: str, key: str = "calibrate.device") -> torch.device:
     return torch.device(device)
 
 
+def run_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a frozen teacher runs in on `device`: bf16 on CUDA (the dtype real checkpoints are stored in; half
+    the memory of fp32), fp32 on CPU (CPU bf16 matmuls are slow, and the CPU demo's outputs stay as they were)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_frozen(path: str | Path, dtype: torch.dtype, device: torch.device, top_k: int | None = None):
     """The checkpoint at `path`, offline, frozen (no grads) in eval mode on `device`; `top_k` routes each token to
     that many experts instead of its trained k (distill.teacher_top_k, the paper's Eq. 6)."""
@@ -31,16 +37,19 @@ def load_frozen(path: str | Path, dtype: torch.dtype, device: torch.device, top_
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if top_k is not None:
         config.num_experts_per_tok = top_k
-    model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
-    return model.to(device).eval().requires_grad_(False)
+    # device_map: the weights go straight to `device` (no whole copy on the host first when it is a GPU)
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, device_map=device,
+                                                 local_files_only=True)
+    return model.eval().requires_grad_(False)
 
 
-def load_teacher(teacher_dir: str | Path = "models/teacher", dtype: str = "float32",
+def load_teacher(teacher_dir: str | Path = "models/teacher", dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "auto", top_k: int | None = None):
     """The teacher stage's output (or where its pointer leads), validated, then `load_frozen`."""
     path = teacher_checkpoint(teacher_dir)  # a teacher moved since the teacher stage fails here, naming both
     validate_checkpoint_dir(path)  # a truncated shard or missing config key: one line, before from_pretrained
-    return load_frozen(path, DTYPES[dtype], resolve_device(device) if isinstance(device, str) else device, top_k)
+    return load_frozen(path, DTYPES[dtype] if isinstance(dtype, str) else dtype,
+                       resolve_device(device) if isinstance(device, str) else device, top_k)
 
 
 def teacher_config(teacher_dir: str | Path = "models/teacher"):
