@@ -183,7 +183,8 @@ def test_render_puts_m2d_first_and_shows_before_and_after():
     assert "distillation wall clock ×0.6250, the teacher's forward per token ×0.2500" in text
     assert "| demo_ppl_bible | bits_per_byte ↓ | 3.000 → 2.000 | 3.000 → 2.000 | 3.000 → 2.000 | 3.000 → 2.000 | " \
            "1.500 | 1.400 |" in text
-    assert "moe teacher: 300 parameters, held-out perplexity 12.50. dense teacher: 290 parameters" in text
+    assert "MoE teacher: 300 parameters, held-out perplexity 12.50. dense teacher: 290 parameters" in text
+    assert "| task | metric | M2D | d2d | random_ffn | random_init | MoE teacher | dense teacher |" in text
 
 
 def test_curves_png_is_deterministic():

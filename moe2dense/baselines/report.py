@@ -19,6 +19,7 @@ from moe2dense.report import DASH, fmt, shown_metrics, tasks
 M2D = "m2d"
 ROWS: tuple[str, ...] = (M2D, *M.names("baseline"))  # M2D first: the row the others are compared with
 COLORS = {M2D: "#1b9e77", "d2d": "#7570b3", "random_ffn": "#d95f02", "random_init": "#999999"}
+TEACHER_NAMES = {"moe": "MoE", "dense": "dense"}
 LABELS = {M2D: "M2D (this pipeline's student)", "d2d": "d2d (pruned dense teacher)",
           "random_ffn": "random_ffn (teacher attention)", "random_init": "random_init"}
 
@@ -84,8 +85,8 @@ def render(b: dict) -> str:
              "distilled with the same `distill` params (loss, tokens, batches, lr, seed). d2d is distilled from the "
              "dense teacher, the others from the MoE teacher, so each held-out KL is against the model's own "
              "teacher.", ""]
-    lines += [" ".join(f"{name} teacher: {_n(v['parameters'])} parameters, held-out perplexity "
-                       f"{_n(v['perplexity'])}." for name, v in t.items()), ""]
+    lines += [" ".join(f"{TEACHER_NAMES.get(name, name)} teacher: {_n(v['parameters'])} parameters, held-out "
+                       f"perplexity {_n(v['perplexity'])}." for name, v in t.items()), ""]
     lines += table(["model", "parameters", "teacher", "held-out KL before", "after", "distill wall clock (s)",
                     "tokens/s", "teacher forward tokens/s"],
                    [[LABELS[r], _n(b[r]["parameters"]), b[r]["teacher"], _n(b[r]["heldout_kl_before"]),
@@ -108,7 +109,8 @@ def render(b: dict) -> str:
                      for pre, post in evals.values()]
             body.append([task, f"{metric} {arrow}", *cells,
                          *(_n(t[name]["eval"].get(task, {}).get(metric)) for name in teacher_cols)])
-    lines += table(["task", "metric", *rows, *(f"{name} teacher" for name in teacher_cols)], body,
+    lines += table(["task", "metric", *(r if r != M2D else "M2D" for r in rows),
+                    *(f"{TEACHER_NAMES.get(name, name)} teacher" for name in teacher_cols)], body,
                    "ll" + "r" * (len(rows) + len(teacher_cols)))
     return "\n".join(lines) + "\n"
 
