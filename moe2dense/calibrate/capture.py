@@ -90,11 +90,15 @@ class _WriterThreads:
             self._pending.popleft().result()
         self._pending.append(self._threads[writer_index % len(self._threads)].submit(fn, *args))
 
+    def wait(self) -> None:
+        """Wait for every queued append, re-raising the first error."""
+        while self._pending:
+            self._pending.popleft().result()
+
     def join(self) -> None:
         """Wait for every queued append (re-raising the first error) and stop the threads."""
         try:
-            while self._pending:
-                self._pending.popleft().result()
+            self.wait()
         finally:
             for t in self._threads:
                 t.shutdown(wait=True, cancel_futures=True)
@@ -445,8 +449,10 @@ def capture_layerwise(
             hooks.attach_layer(slots[i], model, adapter, i, out_root, needs, store_probs, row_group_rows,
                                token_chunk, device, expert_pass_bytes)
             current[:] = [hooks.layers[i]]
-        else:
+        else:  # the layer is done: publish its routing file now rather than hold its writer's buffer to the end
             hooks.detach()
+            hooks.threads.wait()
+            hooks.writers[-1].close()
             for cap in current:
                 cap.release()
             current.clear()

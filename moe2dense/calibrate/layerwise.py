@@ -19,6 +19,8 @@ path's (tests/test_layerwise.py, every family).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import re
@@ -88,6 +90,19 @@ def choose_offload(mode: str, checkpoint: str | Path, dtype: torch.dtype, device
     log.info("calibrate.offload auto -> %s: teacher weights %s in %s; %s", choice, gib(need),
              str(dtype).removeprefix("torch."), detail)
     return choice
+
+
+def _libc_trim():
+    """glibc's malloc_trim, or a no-op elsewhere."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return (lambda: trim(0)) if trim else (lambda: None)
+
+
+# A freed layer's tensors below glibc's (dynamic, up to 32 MiB) mmap threshold stay in the heap as free chunks the
+# next layer's differently sized tensors cannot all reuse: without a trim RSS grew by ~0.7 layers per layer
+# (bench/calibrate_offload_memory.py --small).
+release_freed_memory = _libc_trim()
 
 
 class HiddenBuffer:
@@ -299,6 +314,7 @@ def run_layerwise(teacher: LayerwiseTeacher, batches: list[tuple[torch.Tensor, l
                 buffer.data[starts[b]:starts[b + 1]] = calls[0][0].reshape(-1, hidden).to("cpu", teacher.dtype)
                 recorded.append([(args, kwargs) for _, args, kwargs in calls])
             teacher.free_embeddings()
+            release_freed_memory()
             bar = tqdm(total=n_run, desc="calibrate layers", unit="layer", disable=not progress)
             for i in range(n_run):
                 layer = teacher.load_layer(i)
@@ -315,6 +331,7 @@ def run_layerwise(teacher: LayerwiseTeacher, batches: list[tuple[torch.Tensor, l
                 finally:
                     on_layer(i, False)
                     teacher.free_layer(i)
+                    release_freed_memory()
                 bar.update(1)
             bar.close()
     finally:
