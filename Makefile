@@ -78,6 +78,7 @@ bench-synthetic: $(STAMP)
 		"nothing); the budgets are for a 3.65 GB teacher (that much disk and page cache, ~3 min):" \
 		"\`make bench FULL=1\` or \`python bench/assemble_memory.py\`")
 	python bench/distill_data_memory.py $(if $(FULL),,--rows 256 --cache-rows 160 --seq-len 256 --top-n 16)
+	python bench/calibrate_offload_memory.py $(if $(FULL),,--small)
 	$(if $(FULL),python bench/distill_loss_memory.py,@echo "make bench: skipped distill_loss_memory.py: the chunked loss" \
 		"alone peaks near 5 GB and the naive one takes what memory is free (minus 6 GB), for minutes:" \
 		"\`make bench FULL=1\` or \`python bench/distill_loss_memory.py\`")

@@ -9,8 +9,9 @@ all-experts pass runs too; the child reports its VmHWM (peak RSS). A child that 
 
 Budgets (PASS/FAIL):
   (1) flat: peak(8 layers) <= 1.15 x peak(2 layers) (the largest and smallest layer counts given);
-  (2) bounded: peak <= 2.5 x (one decoder layer + one embedding matrix), in bytes of the calibration dtype. With
-      --small the import baseline (~0.5 GB) dwarfs the model, so there (2) is checked net of it.
+  (2) bounded: peak <= 2.5 x (one decoder layer + one embedding matrix), in bytes of the calibration dtype. Checked
+      at full size only: with --small the import baseline (0.46 GB) and fixed costs (pyarrow, oneDNN scratch) are
+      as large as the 0.2 GB layer, so there it is printed (gross and net of the baseline) but not judged.
 
     python bench/calibrate_offload_memory.py           # real widths: 2/4/8 layers, ~11 GB of disk at most
     python bench/calibrate_offload_memory.py --small   # quick self-check (`make bench` without FULL)
@@ -91,8 +92,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--shard-mib", type=int, default=4096, help="max teacher shard size")
-    ap.add_argument("--small", action="store_true", help="quick self-check: hidden 512, 16 experts top-4, I 256, "
-                    "vocab 8000, 8 x 64 heads")
+    ap.add_argument("--small", action="store_true", help="quick self-check: hidden 1024, 64 experts top-4, I 512, "
+                    "vocab 16000, 8 x 128 heads, 128 tokens (a 0.2 GB layer, 1.7 GB teacher at 8 layers)")
     ap.add_argument("--root", default=None, help="where the temp dir goes (default: the system temp dir)")
     ap.add_argument("--child", choices=["import", "calibrate"], help=argparse.SUPPRESS)
     ap.add_argument("--teacher", help=argparse.SUPPRESS)
@@ -101,8 +102,8 @@ def main() -> None:
         child(a)
         return
     if a.small:
-        a.hidden, a.experts, a.top_k, a.moe_intermediate, a.vocab = 512, 16, 4, 256, 8000
-        a.heads, a.kv_heads, a.head_dim, a.shard_mib = 8, 2, 64, 16
+        a.hidden, a.experts, a.top_k, a.moe_intermediate, a.vocab = 1024, 64, 4, 512, 16000
+        a.heads, a.kv_heads, a.head_dim, a.shard_mib, a.tokens, a.seq_len = 8, 2, 128, 512, 128, 64
     check_layout_naming()
     root = Path(tempfile.mkdtemp(prefix="moe2dense-offload-bench-", dir=a.root))
     base = run_child("import", a)["vmhwm_kib"] * 1024
@@ -138,15 +139,15 @@ def main() -> None:
     for r in results:
         budget = 2.5 * (r["layer_gb"] + r["embed_gb"])
         gross, net = r["peak_gb"] / budget, (r["peak_gb"] - base / GB) / budget
-        bounded &= (net if a.small else gross) <= 1.0
+        bounded &= gross <= 1.0
         print(f"{r['layers']:>6} {r['teacher_gb']:>10.2f} {r['layer_gb']:>8.3f} {r['embed_gb']:>8.3f} "
               f"{r['peak_gb']:>8.2f} {budget:>9.2f} {gross:>11.2f} {net:>10.2f} {r['seconds']:>7.1f}")
     flat = results[-1]["peak_gb"] / results[0]["peak_gb"]
     print(f"(1) peak {results[-1]['layers']} layers / peak {results[0]['layers']} layers = {flat:.3f} (<= 1.15): "
           f"{'PASS' if flat <= 1.15 else 'FAIL'}")
-    print(f"(2) peak <= 2.5 x (one decoder layer + one embedding matrix)"
-          f"{', net of the import baseline (--small)' if a.small else ''}: {'PASS' if bounded else 'FAIL'}")
-    ok = flat <= 1.15 and bounded
+    print(f"(2) peak <= 2.5 x (one decoder layer + one embedding matrix): "
+          f"{'not judged (--small)' if a.small else 'PASS' if bounded else 'FAIL'}")
+    ok = flat <= 1.15 and (bounded or a.small)
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

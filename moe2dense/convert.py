@@ -72,7 +72,8 @@ class ConvertArgs:
 #: params key -> the flag that sets it: convert's errors name what the user typed.
 FLAGS = {
     "calibrate.max_tokens": "--calibration-tokens", "calibrate.batch_size": "--batch-size",
-    "calibrate.dtype": "--dtype", "calibrate.offload": "--offload", "score.method": "--method", "score.methods": "--method",
+    "calibrate.offload": "--offload",
+    "calibrate.dtype": "--dtype", "score.method": "--method", "score.methods": "--method",
     "score.options.do_acp.lam": "do_acp_lambda", "select.experts": "--experts", "group.method": "--group",
     "group.k": "--blocks", "group.align": "--align", "group.scaling": "--scaling", "assemble.dtype": "--student-dtype",
 }

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_convert import teacher  # noqa: F401  (the tiny Qwen3-MoE teacher with a tokenizer)
 from tiny_models import FAMILIES, tiny_config, tiny_model
 
 import moe2dense.calibrate.layerwise as LW
@@ -19,6 +20,7 @@ from moe2dense.arch import get_adapter
 from moe2dense.calibrate import capture as C
 from moe2dense.calibrate.capture import capture_checkpoint, expert_chunk
 from moe2dense.calibrate.store import read_meta, routing_path
+from moe2dense.convert import PLAN_FILE
 from moe2dense.params import ParamsError, parse_params
 from moe2dense.selection import score_frame, select_from_scores
 
@@ -91,7 +93,8 @@ def test_hidden_states_spill_to_a_memmap_that_is_removed(tmp_path, monkeypatch):
     spilled = _calibrate(ckpt, tmp_path / "spill", "layer", host_limit=0)
     assert [b.spilled_dir is None for b in buffers] == [True, False]
     assert not Path(buffers[1].spilled_dir).exists()  # removed afterwards
-    _assert_same_run(tmp_path / "ram", ram, tmp_path / "spill", spilled, get_adapter(tiny_config("qwen3_moe")).moe_layers)
+    layers = get_adapter(tiny_config("qwen3_moe")).moe_layers
+    _assert_same_run(tmp_path / "ram", ram, tmp_path / "spill", spilled, layers)
     for layer in ram:  # the same bytes went through the layers: bit-identical
         assert torch.equal(ram[layer].gram, spilled[layer].gram)
 
@@ -101,7 +104,8 @@ def test_spill_buffer_roundtrips_bfloat16(tmp_path):
     try:
         x = torch.randn(5, 3).to(torch.bfloat16)
         buf.data[1:4] = x[1:4]
-        assert buf.spilled and torch.equal(buf.data[1:4], x[1:4]) and (Path(buf.dir) / "hidden.bin").stat().st_size == 30
+        assert buf.spilled and torch.equal(buf.data[1:4], x[1:4])
+        assert (Path(buf.dir) / "hidden.bin").stat().st_size == 5 * 3 * 2
     finally:
         d = buf.dir
         buf.close()
@@ -155,7 +159,8 @@ def test_auto_logs_the_choice_and_why(tmp_path, monkeypatch, caplog):
 def test_bad_offload_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(ParamsError) as err:
         parse_params({"calibrate": {"offload": "disk"}}, "params.yaml")
-    assert "calibrate.offload: Input should be 'auto', 'layer' or 'none' (got 'disk')" in str(err.value).splitlines()[-1]
+    line = "calibrate.offload: Input should be 'auto', 'layer' or 'none' (got 'disk')"
+    assert line in str(err.value).splitlines()[-1]
     with pytest.raises(ValueError, match=r"^calibrate.offload 'disk': choose auto, layer, none$"):
         LW.check_offload("disk")
     ckpt = _save("qwen3_moe", tmp_path / "teacher")
@@ -195,3 +200,19 @@ def test_gram_from_fp32_slices_equals_the_whole_block(tmp_path, monkeypatch):
     for layer in whole:
         for field in ("gram", "norm_sum_all", "sqnorm_sum_all", "norm_sum_routed"):
             torch.testing.assert_close(getattr(whole[layer], field), getattr(sliced[layer], field), rtol=1e-5, atol=0)
+
+
+def test_convert_gives_the_same_student_in_both_modes(teacher, tmp_path, caplog):
+    """`convert --offload layer` and `--offload none`: the same plan and byte-identical student weights."""
+    students = {}
+    for mode in ("none", "layer"):
+        out = tmp_path / mode
+        with caplog.at_level("INFO"):
+            assert main(["convert", "--teacher", str(teacher), "--method", "do_acp", "--experts", "4", "--group",
+                         "output", "--calibration-tokens", "256", "--seq-len", "64", "--offload", mode,
+                         "--out", str(out)]) == 0
+        assert f"calibrate.offload: {mode} (as set)" in caplog.text
+        students[mode] = out
+    assert (students["none"] / PLAN_FILE).read_text() == (students["layer"] / PLAN_FILE).read_text()
+    weights = [(students[mode] / "model.safetensors").read_bytes() for mode in ("none", "layer")]
+    assert weights[0] == weights[1]
