@@ -433,7 +433,7 @@ def capture_layerwise(
     adapter, model, out_root = teacher.adapter, teacher.model, Path(out_root)
     n_moe = len(adapter.moe_layers)
     if writer_threads is None:  # one layer is captured at a time
-        writer_threads = min(1, len(os.sched_getaffinity(0)))
+        writer_threads = 1
     hooks = _Hooks(_WriterThreads(writer_threads, max_pending=2 * n_moe))
     labels, seen = [], _Tokens()
     for ids, domains in batches:
