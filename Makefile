@@ -86,6 +86,7 @@ bench-synthetic: $(STAMP)
 	python bench/prune_bench.py $(if $(FULL),,--small)
 	$(if $(FULL),,@echo "make bench: prune_bench.py ran --small (its memory ratios are information there); the pruning" \
 		"memory budget is for a 5 GB Qwen3-32B-wide teacher: \`make bench FULL=1\` or \`python bench/prune_bench.py\`")
+	python bench/calibrate_offload_memory.py $(if $(FULL),,--small)
 	$(if $(FULL),python bench/distill_loss_memory.py,@echo "make bench: skipped distill_loss_memory.py: the chunked loss" \
 		"alone peaks near 5 GB and the naive one takes what memory is free (minus 6 GB), for minutes:" \
 		"\`make bench FULL=1\` or \`python bench/distill_loss_memory.py\`")

@@ -150,6 +150,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="teacher dtype during calibration")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--offload", default="auto", help="auto | layer | none: the teacher during calibration whole "
+                   "(none), one decoder layer at a time (layer), or whichever fits (auto)")
     p.add_argument("--student-dtype", default="auto", help="auto (the teacher's) | float32 | bfloat16 | float16")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from moe2dense import params as P
 from moe2dense.arch import get_adapter
 from moe2dense.assemble import assemble
-from moe2dense.calibrate.capture import capture
+from moe2dense.calibrate.capture import capture_checkpoint
 from moe2dense.calibrate.store import read_meta
 from moe2dense.checkpoint import DTYPES, CheckpointReader
 from moe2dense.checks import calibrated_passes
@@ -37,7 +37,7 @@ from moe2dense.io import atomic_dir
 from moe2dense.plan import CalibrationInfo, build_plan, plan_scaling, write_plan
 from moe2dense.scoring import DO_ACP_LAMBDA
 from moe2dense.selection import check_budget, score_frame, score_options, select_from_scores
-from moe2dense.teacher.load import load_frozen, resolve_device
+from moe2dense.teacher.load import resolve_device
 from moe2dense.teacher.source import check_tokenizer, resolve_checkpoint, validate_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class ConvertArgs:
     seq_len: int | None = None  # None: min(2048, the teacher's context)
     batch_size: int = 8
     dtype: str = "float32"  # teacher during calibration
+    offload: str = "auto"  # calibrate.offload: auto | layer | none
     device: str = "auto"
     student_dtype: str = "auto"
     do_acp_lambda: float = DO_ACP_LAMBDA
@@ -71,6 +72,7 @@ class ConvertArgs:
 #: params key -> the flag that sets it: convert's errors name what the user typed.
 FLAGS = {
     "calibrate.max_tokens": "--calibration-tokens", "calibrate.batch_size": "--batch-size",
+    "calibrate.offload": "--offload",
     "calibrate.dtype": "--dtype", "score.method": "--method", "score.methods": "--method",
     "score.options.do_acp.lam": "do_acp_lambda", "select.experts": "--experts", "group.method": "--group",
     "group.k": "--blocks", "group.align": "--align", "group.scaling": "--scaling", "assemble.dtype": "--student-dtype",
@@ -88,7 +90,8 @@ def convert_params(args: ConvertArgs) -> P.Params:
     gets the pipeline's error, under the flag's name; one line). --device is checked by `resolve_device`: it also
     takes cuda:N, which calibrate.device does not."""
     data = {
-        "calibrate": {"max_tokens": args.calibration_tokens, "batch_size": args.batch_size, "dtype": args.dtype},
+        "calibrate": {"max_tokens": args.calibration_tokens, "batch_size": args.batch_size, "dtype": args.dtype,
+                      "offload": args.offload},
         "score": {"method": args.method, "methods": [args.method], "options": {"do_acp": {"lam": args.do_acp_lambda}}},
         "select": {"experts": args.experts},
         "group": {"method": args.group, "k": args.blocks, "align": args.align, "scaling": args.scaling},
@@ -232,13 +235,14 @@ def convert(args: ConvertArgs) -> dict:
         raise ValueError(f"{checkpoint}: the tokenizer produced token id {int(ids.max())} but config.json "
                          f"vocab_size is {c.vocab_size}: tokenizer and model do not match")
     cal, score, group = params.calibrate, params.score, params.group
-    model = load_frozen(checkpoint, DTYPES[cal.dtype], resolve_device(args.device, "--device"))
     batches = [(ids[i:i + cal.batch_size], domains[i:i + cal.batch_size]) for i in range(0, len(ids), cal.batch_size)]
     # From here on the stages' own calls: calibrate, score, select, group, assemble.
     with tempfile.TemporaryDirectory(prefix="moe2dense-calibration-") as calibration:
-        stats = capture(model, batches, calibration, needs=calibrated_passes(params), store_probs=cal.store_probs,
-                        row_group_rows=cal.row_group_rows, token_chunk=cal.token_chunk, progress=args.progress)
-        del model
+        stats = capture_checkpoint(checkpoint, batches, calibration, offload=cal.offload, dtype=DTYPES[cal.dtype],
+                                   device=resolve_device(args.device, "--device"), needs=calibrated_passes(params),
+                                   store_probs=cal.store_probs, row_group_rows=cal.row_group_rows,
+                                   token_chunk=cal.token_chunk, expert_pass_bytes=cal.expert_pass_mb * 2**20,
+                                   progress=args.progress)
         scores = score_frame(stats, score.methods, score_options(score))
         order = select_from_scores(scores, score.method, params.select.experts, adapter.top_k)
         with CheckpointReader(checkpoint) as reader:

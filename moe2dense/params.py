@@ -208,6 +208,9 @@ class CalibrateParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     token_chunk: int = Field(4096, ge=64)  # tokens per all-experts block: bounds the (E, chunk, H) buffer
     row_group_rows: int = Field(65_536, ge=256)
+    # whole teacher in memory (none), one decoder layer at a time (layer), or whichever fits (auto; calibrate.layerwise)
+    offload: Literal["auto", "layer", "none"] = "auto"
+    expert_pass_mb: int = Field(1024, ge=16)  # memory budget of one all-experts block: fewer tokens than token_chunk
 
 
 class ScoreParams(Section):

@@ -7,11 +7,13 @@ import logging
 import time
 
 from stages._runner import run
-from moe2dense.calibrate.capture import calibration_batches, capture
+from moe2dense.calibrate.capture import calibration_batches, capture_checkpoint
+from moe2dense.checkpoint import DTYPES
 from moe2dense.checks import calibrated_passes
 from moe2dense.io import atomic_dir, write_json, write_timings
 from moe2dense.params import load_params
-from moe2dense.teacher.load import load_teacher
+from moe2dense.teacher.load import resolve_device
+from moe2dense.teacher.source import teacher_checkpoint, validate_checkpoint_dir
 
 PACKED = "data/prepared/packed/calibration.parquet"
 OUT = "calibration"
@@ -22,12 +24,15 @@ def main() -> None:
     params = load_params()
     c = params.calibrate
     needs = calibrated_passes(params)  # what score and group will read
-    model = load_teacher(dtype=c.dtype, device=c.device)
+    teacher = teacher_checkpoint("models/teacher")  # a moved or truncated teacher fails here, naming the file
+    validate_checkpoint_dir(teacher)
     batches = calibration_batches(PACKED, c.batch_size, max_tokens=c.max_tokens or None)
     start = time.perf_counter()
     with atomic_dir(OUT) as out:
-        stats = capture(model, batches, out, needs=needs, store_probs=c.store_probs, row_group_rows=c.row_group_rows,
-                        token_chunk=c.token_chunk)
+        stats = capture_checkpoint(teacher, batches, out, offload=c.offload, dtype=DTYPES[c.dtype],
+                                   device=resolve_device(c.device), needs=needs, store_probs=c.store_probs,
+                                   row_group_rows=c.row_group_rows, token_chunk=c.token_chunk,
+                                   expert_pass_bytes=c.expert_pass_mb * 2**20)
     seconds = time.perf_counter() - start
     n_tokens = next(iter(stats.values())).n_tokens
     write_json(METRICS, {"tokens": n_tokens, "moe_layers": len(stats), "passes": sorted(needs),

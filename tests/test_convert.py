@@ -161,12 +161,12 @@ def test_convert_captures_the_stages_passes(teacher, tmp_path, monkeypatch, grou
     """The calibration passes are checks.calibrated_passes of the params convert built, as calibrate's are."""
     seen = []
 
-    def spy(model, batches, out_root, *, needs, **kw):
+    def spy(checkpoint, batches, out_root, *, needs, **kw):
         seen.append(sorted(needs))
-        return real(model, batches, out_root, needs=needs, **kw)
+        return real(checkpoint, batches, out_root, needs=needs, **kw)
 
-    real = convert_mod.capture
-    monkeypatch.setattr(convert_mod, "capture", spy)
+    real = convert_mod.capture_checkpoint
+    monkeypatch.setattr(convert_mod, "capture_checkpoint", spy)
     assert main(["convert", "--teacher", str(teacher), "--method", "sf", "--experts", "2", "--group", group,
                  "--calibration-tokens", "256", "--seq-len", "64", "--out", str(tmp_path / "dense")]) == 0
     assert seen == [passes]

@@ -16,9 +16,8 @@ kept per token in RAM: the accumulators are O(E^2) per layer, each routing write
 one batch, and about one batch of rows waits for the writer threads, so memory does not grow with the number of
 calibration tokens.
 
-Teachers larger than RAM (or GPU memory) would be captured layer by layer: load layer L's weights, run the stored
-hidden states of every calibration batch through it, keep its outputs for layer L + 1 on disk. This module runs the
-whole model at once, which covers the demo teacher and real teachers that fit on the device.
+Teachers larger than RAM (or GPU memory) are captured layer by layer (`capture_layerwise`, calibrate.offload:
+layer; the machinery is in `layerwise`): the same hooks on the same router modules, one decoder layer loaded at a time.
 """
 from __future__ import annotations
 
@@ -44,6 +43,20 @@ from moe2dense.data.packing import iter_packed_batches
 from moe2dense.scoring import CAPTURES, LayerStats
 
 F64 = torch.float64
+FP32_SLICE_BYTES = 64 * 2**20  # the fp32 slice of an all-experts block that norms and the Gram product read
+
+
+def _hidden(model: nn.Module) -> int:
+    return model.config.hidden_size
+
+
+def expert_chunk(adapter: Adapter, hidden: int, dtype: torch.dtype, token_chunk: int, budget_bytes: int) -> int:
+    """Tokens per all-experts block: the most whose buffers fit `budget_bytes` (calibrate.expert_pass_mb), at most
+    `token_chunk`. Per token and expert the pass holds about the gate/up product (2I), the activation's temporaries
+    (2I) and the output (H) in the weights' dtype, plus headroom for the activations that need more (gpt_oss's clamp):
+    E * (5I + 2H) * itemsize bytes."""
+    per_token = adapter.num_experts * (5 * adapter.intermediate_size + 2 * hidden) * dtype.itemsize
+    return max(1, min(token_chunk, budget_bytes // per_token))
 
 
 class _Batch:
@@ -77,11 +90,15 @@ class _WriterThreads:
             self._pending.popleft().result()
         self._pending.append(self._threads[writer_index % len(self._threads)].submit(fn, *args))
 
+    def wait(self) -> None:
+        """Wait for every queued append, re-raising the first error."""
+        while self._pending:
+            self._pending.popleft().result()
+
     def join(self) -> None:
         """Wait for every queued append (re-raising the first error) and stop the threads."""
         try:
-            while self._pending:
-                self._pending.popleft().result()
+            self.wait()
         finally:
             for t in self._threads:
                 t.shutdown(wait=True, cancel_futures=True)
@@ -91,7 +108,8 @@ class _LayerCapture:
     """Forward hook of one MoE layer's router: accumulates that layer's `LayerStats` sums and routing rows."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, layer: int, writer: RoutingWriter, submit: Callable,
-                 needs: set[str], store_probs: bool, token_chunk: int, device: torch.device):
+                 needs: set[str], store_probs: bool, token_chunk: int, device: torch.device,
+                 expert_pass_bytes: int = 2**30):
         self.model, self.adapter, self.layer, self.writer, self.submit = model, adapter, layer, writer, submit
         self.store_probs, self.token_chunk = store_probs, token_chunk
         self.routed, self.all = "routed_outputs" in needs, "all_outputs" in needs
@@ -110,6 +128,15 @@ class _LayerCapture:
         self._returns_probs = adapter.spec.router.returns_probs
         self.batch: _Batch | None = None
         self.shared_gate_sum = zeros(()) if adapter.spec.shared_gate_attr else None
+        if self.all:  # the all-experts block: at most token_chunk tokens, fewer where the budget says so
+            dtype = next(adapter.mlp(model, layer).experts.parameters()).dtype
+            self.token_chunk = expert_chunk(adapter, _hidden(model), dtype, token_chunk, expert_pass_bytes)
+            # fp32 slices of the block for the Gram product: never the whole block in fp32
+            self.slice_tokens = max(1, FP32_SLICE_BYTES // (adapter.num_experts * _hidden(model) * 4))
+
+    def release(self) -> None:
+        """Drop every reference to the model's weights (layer-by-layer calibration frees each layer after it)."""
+        self.model = self._experts = None
 
     def shared_gate_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """Sums sigmoid(gate logit) of the sigmoid-gated shared expert (qwen2_moe): assembly folds the shared
@@ -164,16 +191,21 @@ class _LayerCapture:
         self._add_routed(experts, norms, weights.reshape(-1)[order])
 
     def _all_experts(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
-        """Every expert on every token, `token_chunk` tokens at a time; routed norms come from the same block."""
+        """Every expert on every token, `token_chunk` tokens at a time; routed norms come from the same block.
+        Norms and the Gram matrix are computed from fp32 slices of `slice_tokens` tokens: fp32 products (half
+        precision would lose digits over the c*H terms) summed in float64, no fp32 copy of the whole block."""
         E = self.adapter.num_experts
         for s in range(0, x.shape[0], self.token_chunk):
             out = self.adapter.all_expert_outputs(self.model, self.layer, x[s:s + self.token_chunk])  # [E, c, H]
-            norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)  # [E, c]
+            norms = torch.empty(E, out.shape[1], dtype=torch.float32, device=out.device)
+            for a in range(0, out.shape[1], self.slice_tokens):
+                part = out[:, a:a + self.slice_tokens].float()
+                norms[:, a:a + self.slice_tokens] = torch.linalg.vector_norm(part, dim=-1)
+                flat = part.reshape(E, -1)
+                self.gram += (flat @ flat.T).to(F64)
+            del out
             self.norm_sum_all += norms.sum(1, dtype=F64)
             self.sqnorm_sum_all += norms.to(F64).square().sum(1)
-            # fp32 product per block (half-precision outputs would lose digits over c*H terms), float64 running sum.
-            flat = out.reshape(E, -1).float()
-            self.gram += (flat @ flat.T).to(F64)
             if self.routed:
                 idx = index[s:s + self.token_chunk]
                 self._add_routed(idx.reshape(-1), norms.T.gather(1, idx).reshape(-1),
@@ -187,6 +219,15 @@ class _LayerCapture:
             norm_sum_routed=cpu(self.norm_sum_routed), gnorm_sum_routed=cpu(self.gnorm_sum_routed),
             norm_sum_all=cpu(self.norm_sum_all), sqnorm_sum_all=cpu(self.sqnorm_sum_all), gram=cpu(self.gram),
         )
+
+
+def _check_args(needs: Iterable[str], token_chunk: int, writer_threads: int | None) -> set[str]:
+    needs = _check_needs(needs)
+    if token_chunk < 1:
+        raise ValueError(f"token_chunk must be >= 1, got {token_chunk}")
+    if writer_threads is not None and writer_threads < 0:
+        raise ValueError(f"writer_threads must be >= 0 or None, got {writer_threads}")
+    return needs
 
 
 def _check_needs(needs: Iterable[str]) -> set[str]:
@@ -220,17 +261,22 @@ class _Hooks:
         self.handles: list = []
 
     def attach(self, model: nn.Module, adapter: Adapter, out_root: Path, needs: set[str], store_probs: bool,
-               row_group_rows: int, token_chunk: int, device: torch.device) -> None:
+               row_group_rows: int, token_chunk: int, device: torch.device, expert_pass_bytes: int) -> None:
         for slot, layer in enumerate(adapter.moe_layers):
-            writer = RoutingWriter(out_root, layer, adapter.top_k, adapter.num_experts, store_probs, row_group_rows)
-            self.writers.append(writer)
-            self.layers[layer] = cap = _LayerCapture(model, adapter, layer, writer,
-                                                     partial(self.threads.submit, slot), needs, store_probs,
-                                                     token_chunk, device)
-            self.handles.append(adapter.router_module(model, layer).register_forward_hook(cap))
-            if cap.shared_gate_sum is not None:
-                gate = getattr(adapter.mlp(model, layer), adapter.spec.shared_gate_attr)
-                self.handles.append(gate.register_forward_hook(cap.shared_gate_hook))
+            self.attach_layer(slot, model, adapter, layer, out_root, needs, store_probs, row_group_rows, token_chunk,
+                              device, expert_pass_bytes)
+
+    def attach_layer(self, slot: int, model: nn.Module, adapter: Adapter, layer: int, out_root: Path,
+                     needs: set[str], store_probs: bool, row_group_rows: int, token_chunk: int,
+                     device: torch.device, expert_pass_bytes: int) -> None:
+        writer = RoutingWriter(out_root, layer, adapter.top_k, adapter.num_experts, store_probs, row_group_rows)
+        self.writers.append(writer)
+        self.layers[layer] = cap = _LayerCapture(model, adapter, layer, writer, partial(self.threads.submit, slot),
+                                                 needs, store_probs, token_chunk, device, expert_pass_bytes)
+        self.handles.append(adapter.router_module(model, layer).register_forward_hook(cap))
+        if cap.shared_gate_sum is not None:
+            gate = getattr(adapter.mlp(model, layer), adapter.spec.shared_gate_attr)
+            self.handles.append(gate.register_forward_hook(cap.shared_gate_hook))
 
     def finish(self) -> None:
         """Wait for every queued routing append and publish the routing files."""
@@ -247,6 +293,7 @@ class _Hooks:
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
+        self.handles.clear()
 
 
 def _run_batches(model: nn.Module, layers: dict[int, _LayerCapture], batches: Iterable, device: torch.device,
@@ -317,6 +364,7 @@ def capture(
     token_chunk: int = 4096,
     progress: bool = True,
     writer_threads: int | None = None,
+    expert_pass_bytes: int = 2**30,
 ) -> dict[int, LayerStats]:
     """Run the teacher over `batches` of (ids [B, S], domains [B]) and write a calibration run under `out_root`.
 
@@ -325,13 +373,10 @@ def capture(
     expected to be a temp dir that the caller renames on success; on error no routing file is published.
     `model` is a *ForCausalLM or its base model; only the base model runs (the LM head is not needed).
     `writer_threads`: background threads encoding routing row groups; None: one per usable CPU, at most one per
-    MoE layer; 0: write inline, in the forward's thread.
+    MoE layer; 0: write inline, in the forward's thread. `expert_pass_bytes`: memory budget of the all-experts block
+    (`expert_chunk`).
     """
-    needs = _check_needs(needs)
-    if token_chunk < 1:
-        raise ValueError(f"token_chunk must be >= 1, got {token_chunk}")
-    if writer_threads is not None and writer_threads < 0:
-        raise ValueError(f"writer_threads must be >= 0 or None, got {writer_threads}")
+    needs = _check_args(needs, token_chunk, writer_threads)
     adapter = get_adapter(model)
     if is_generic(adapter):  # a discovered family is used only once its blocks are reproduced (arch.generic)
         batches = with_verified_teacher(model, adapter, batches)
@@ -346,7 +391,8 @@ def capture(
     with _system_memory_pool():
         try:
             model.eval()
-            hooks.attach(model, adapter, out_root, needs, store_probs, row_group_rows, token_chunk, device)
+            hooks.attach(model, adapter, out_root, needs, store_probs, row_group_rows, token_chunk, device,
+                         expert_pass_bytes)
             seen = _run_batches(model, hooks.layers, batches, device, bar)
             hooks.finish()
         except BaseException:
@@ -357,6 +403,88 @@ def capture(
             model.train(was_training)
             bar.close()
     return _write_outputs(out_root, adapter, hooks.layers, seen, needs, store_probs)
+
+
+def capture_layerwise(
+    checkpoint: str | Path,
+    batches: Iterable[tuple[torch.Tensor | np.ndarray, list[str]]],
+    out_root: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    needs: set[str],
+    store_probs: bool = False,
+    row_group_rows: int = 65536,
+    token_chunk: int = 4096,
+    progress: bool = True,
+    writer_threads: int | None = None,
+    expert_pass_bytes: int = 2**30,
+    host_limit: int | None = None,
+) -> dict[int, LayerStats]:
+    """`capture` of the teacher at `checkpoint` in `dtype` on `device`, holding the embeddings and one decoder
+    layer at a time (calibrate.offload: layer; `layerwise`). The same hooks on the same router modules see the same
+    inputs, so the routing files and stats equal `capture`'s. `host_limit`: bytes of hidden states kept in RAM before
+    they spill to a memory-mapped file (None: a share of the available memory)."""
+    from moe2dense.calibrate.layerwise import LayerwiseTeacher, as_batches, run_layerwise
+
+    needs = _check_args(needs, token_chunk, writer_threads)
+    batches = as_batches(batches)
+    teacher = LayerwiseTeacher(checkpoint, dtype, device)
+    adapter, model, out_root = teacher.adapter, teacher.model, Path(out_root)
+    n_moe = len(adapter.moe_layers)
+    if writer_threads is None:  # one layer is captured at a time
+        writer_threads = 1
+    hooks = _Hooks(_WriterThreads(writer_threads, max_pending=2 * n_moe))
+    labels, seen = [], _Tokens()
+    for ids, domains in batches:
+        labels.append(_Batch(seen.n_sequences, *ids.shape, domains))
+        seen.add(*ids.shape, domains)
+    slots = {layer: slot for slot, layer in enumerate(adapter.moe_layers)}
+    current: list[_LayerCapture] = []
+
+    def on_layer(i: int, loaded: bool) -> None:
+        if i not in slots:
+            return
+        if loaded:
+            hooks.attach_layer(slots[i], model, adapter, i, out_root, needs, store_probs, row_group_rows,
+                               token_chunk, device, expert_pass_bytes)
+            current[:] = [hooks.layers[i]]
+        else:  # the layer is done: publish its routing file now rather than hold its writer's buffer to the end
+            hooks.detach()
+            hooks.threads.wait()
+            hooks.writers[-1].close()
+            for cap in current:
+                cap.release()
+            current.clear()
+
+    def on_batch(b: int) -> None:
+        for cap in current:
+            cap.batch = labels[b]
+
+    with _system_memory_pool():
+        try:
+            run_layerwise(teacher, batches, on_batch, on_layer, host_limit=host_limit, progress=progress)
+            hooks.finish()
+        except BaseException:
+            hooks.abort()
+            raise
+        finally:
+            hooks.detach()
+            teacher.close()
+    return _write_outputs(out_root, adapter, hooks.layers, seen, needs, store_probs)
+
+
+def capture_checkpoint(checkpoint: str | Path, batches: Iterable, out_root: str | Path, *, offload: str,
+                       dtype: torch.dtype, device: torch.device, **kwargs) -> dict[int, LayerStats]:
+    """Calibrate the teacher at `checkpoint` whole (`capture`) or layer by layer (`capture_layerwise`) as
+    calibrate.offload `offload` says (auto: `layerwise.choose_offload`); `kwargs` go to either."""
+    from moe2dense.calibrate.layerwise import choose_offload
+    from moe2dense.teacher.load import load_frozen
+
+    if choose_offload(offload, checkpoint, dtype, device) == "layer":
+        return capture_layerwise(checkpoint, batches, out_root, dtype=dtype, device=device, **kwargs)
+    kwargs.pop("host_limit", None)
+    return capture(load_frozen(checkpoint, dtype, device), batches, out_root, **kwargs)
 
 
 def calibration_batches(packed_path: str | Path, batch_rows: int, max_tokens: int | None = None
