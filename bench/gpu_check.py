@@ -155,9 +155,9 @@ def build_env(device: torch.device, s: Shape, root: Path) -> Env:
 
 
 def _load_teacher(env: Env):
-    from moe2dense.teacher.load import load_frozen
+    from moe2dense.teacher.load import load_frozen, run_dtype
 
-    return load_frozen(env.teacher_dir, torch.bfloat16 if env.cuda else torch.float32, env.device)
+    return load_frozen(env.teacher_dir, run_dtype(env.device), env.device)
 
 
 def _active_params(model) -> int:
@@ -184,6 +184,7 @@ def check_calibrate_whole(env: Env) -> Result:
     stats = capture(model, batches, env.root / "calibration", needs={"routing", "routed_outputs", "all_outputs"},
                     progress=False)
     env.sync()
+    WHOLE_STATS.update(stats)  # the layer-by-layer check compares its statistics with these
     seconds = time.perf_counter() - start
     tokens = s.calib_batches * s.batch * s.seq_len
     if sorted(stats) != list(range(s.layers)) or not (env.root / "calibration").is_dir():
@@ -192,11 +193,44 @@ def check_calibrate_whole(env: Env) -> Result:
                   note=f"{tokens:,} tokens, all passes")
 
 
+WHOLE_STATS: dict = {}  # layer -> LayerStats of "calibrate whole"
+
+
+def check_calibrate_layerwise(env: Env) -> Result:
+    """calibrate.offload: layer on the same checkpoint and tokens (only the embeddings and one decoder layer on the
+    device at a time): its statistics must match the whole-model pass's (bf16 kernels may differ in the last bits;
+    selection counts may move by a tie or two)."""
+    from moe2dense.calibrate.capture import capture_layerwise
+    from moe2dense.teacher.load import run_dtype
+
+    s, rng = env.shape, np.random.default_rng(1)  # the same batches as check_calibrate_whole
+    batches = [(rng.integers(2, 300, (s.batch, s.seq_len)), ["web"] * s.batch) for _ in range(s.calib_batches)]
+    if env.cuda:
+        torch.cuda.reset_peak_memory_stats(env.device)
+    env.sync()
+    start = time.perf_counter()
+    stats = capture_layerwise(env.teacher_dir, batches, env.root / "calibration_layer", dtype=run_dtype(env.device),
+                              device=env.device, needs={"routing", "routed_outputs", "all_outputs"}, progress=False)
+    env.sync()
+    seconds = time.perf_counter() - start
+    tokens = s.calib_batches * s.batch * s.seq_len
+    if sorted(stats) != sorted(WHOLE_STATS):
+        raise AssertionError(f"layer mode captured layers {sorted(stats)}, the whole model {sorted(WHOLE_STATS)}")
+    for layer, got in stats.items():
+        want = WHOLE_STATS[layer]
+        moved = (got.count.double() - want.count.double()).abs().sum().item() / max(1.0, want.count.sum().item())
+        if moved > 0.01:
+            raise AssertionError(f"layer {layer}: {moved:.1%} of the expert selections differ from the whole model")
+        for field in ("prob_sum", "weight_sum", "norm_sum_all", "gram"):
+            a, b = getattr(got, field), getattr(want, field)
+            if a is not None and not torch.allclose(a.double(), b.double(), rtol=5e-2,
+                                                    atol=1e-3 * b.abs().max().item()):
+                raise AssertionError(f"layer {layer}: {field} differs from the whole model's")
+    return Result("calibrate layer", True, tokens / seconds, note=f"{tokens:,} tokens, all passes, equal to whole")
+
+
 def layerwise_calibration_checks() -> list[tuple[str, Callable[[Env], Result]]]:
-    """LEAD: the layer-by-layer calibration check goes here once calibrate.offload is merged: a check that runs the
-    `layer` path (only the embeddings and one decoder layer materialised) on env.teacher_dir in bf16 and compares
-    its routing with check_calibrate_whole's output under env.root / "calibration". Until then: none."""
-    return []
+    return [("calibrate layer", check_calibrate_layerwise)]
 
 
 def _distill_worker(env: Env, strategy: str):

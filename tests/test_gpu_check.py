@@ -12,8 +12,8 @@ import torch
 from conftest import REPO
 
 SCRIPT = REPO / "bench" / "gpu_check.py"
-CHECKS = ["build models", "calibrate whole", "distill fsdp", "distill ddp", "teacher_logits", "lm-eval",
-          "time budget"]
+CHECKS = ["build models", "calibrate whole", "calibrate layer", "distill fsdp", "distill ddp", "teacher_logits",
+          "lm-eval", "time budget"]
 
 
 def _table(out: str) -> dict[str, list[str]]:
