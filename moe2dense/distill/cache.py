@@ -11,6 +11,7 @@ tail) is known exactly: 1 - sum exp(logprobs). The sparse-support losses use it 
 from __future__ import annotations
 
 import json
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,35 +27,127 @@ FILE = "teacher_logits.parquet"
 CACHE_GROUPS = 16  # decoded row groups a worker keeps (each batch_rows x seq_len x N x 8 bytes)
 
 
-def write_cached_logits(teacher, rows: np.ndarray, row_ids: np.ndarray, out: str | Path, *, top_n: int,
-                        temperature: float, batch_rows: int = 8, progress: bool = True,
-                        meta: dict | None = None) -> Path:
-    """Run the teacher over rows[row_ids] and write their top-N log-probs to `out`/teacher_logits.parquet."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def logits_schema(seq_len: int, top_n: int, temperature: float, meta: dict | None = None) -> pa.Schema:
+    """The cache's schema; its metadata is what CachedTeacher checks a run against."""
+    return pa.schema([("row", pa.int64()), ("indices", pa.list_(pa.int32(), seq_len * top_n)),
+                      ("logprobs", pa.list_(pa.float32(), seq_len * top_n))],
+                     metadata={"moe2dense": json.dumps({"top_n": top_n, "temperature": temperature,
+                                                        "seq_len": seq_len, **(meta or {})})})
+
+
+def batch_ranges(n_rows: int, batch_rows: int, parts: int) -> list[range]:
+    """Contiguous ranges of batch indices, one per part (empty ones dropped). Parts split at batch boundaries, so
+    every batch holds the same rows as on the single-worker path and its numbers are the same."""
+    batches = -(-n_rows // batch_rows)
+    return [r for r in (range(int(a[0]), int(a[-1]) + 1) for a in np.array_split(np.arange(batches), parts) if len(a))]
+
+
+def write_part(teacher, rows: np.ndarray, row_ids: np.ndarray, path: str | Path, *, top_n: int, temperature: float,
+               batch_rows: int = 8, batches: range | None = None, progress: bool = True,
+               meta: dict | None = None) -> Path:
+    """Run the teacher over the `batches` (all by default) of `batch_rows` rows of rows[row_ids] and write their top-N
+    log-probs to the Parquet file `path`, one row group per batch."""
+    path = Path(path)
     seq_len, vocab = rows.shape[1], teacher.config.vocab_size
     if top_n > vocab:
         raise ValueError(f"distill.cached_top_n = {top_n} exceeds the vocabulary ({vocab})")
     device = next(teacher.parameters()).device
-    schema = pa.schema([("row", pa.int64()), ("indices", pa.list_(pa.int32(), seq_len * top_n)),
-                        ("logprobs", pa.list_(pa.float32(), seq_len * top_n))],
-                       metadata={"moe2dense": json.dumps({"top_n": top_n, "temperature": temperature,
-                                                          "seq_len": seq_len, **(meta or {})})})
-    path = out / FILE
+    schema = logits_schema(seq_len, top_n, temperature, meta)
+    batches = range(-(-len(row_ids) // batch_rows)) if batches is None else batches
     with pq.ParquetWriter(path, schema, compression="lz4") as writer, torch.no_grad():
-        for s in tqdm(range(0, len(row_ids), batch_rows), desc="teacher logits", unit="batch", disable=not progress):
-            batch = row_ids[s:s + batch_rows]
+        for b in tqdm(batches, desc="teacher logits", unit="batch", disable=not progress):
+            batch = row_ids[b * batch_rows:(b + 1) * batch_rows]
             ids = torch.from_numpy(rows[batch].astype(np.int64)).to(device)
             logits = teacher(input_ids=ids, use_cache=False).logits.float() / temperature
             top = logits.log_softmax(-1).topk(top_n, dim=-1)
-            n = len(batch)
             writer.write_table(pa.table({
                 "row": pa.array(batch, pa.int64()),
                 "indices": pa.FixedSizeListArray.from_arrays(
                     pa.array(top.indices.to(torch.int32).reshape(-1).cpu().numpy()), seq_len * top_n),
                 "logprobs": pa.FixedSizeListArray.from_arrays(
                     pa.array(top.values.reshape(-1).cpu().numpy()), seq_len * top_n),
-            }, schema=schema), row_group_size=max(1, n))
+            }, schema=schema), row_group_size=max(1, len(batch)))
+    return path
+
+
+def write_cached_logits(teacher, rows: np.ndarray, row_ids: np.ndarray, out: str | Path, *, top_n: int,
+                        temperature: float, batch_rows: int = 8, progress: bool = True,
+                        meta: dict | None = None) -> Path:
+    """Run the teacher over rows[row_ids] and write their top-N log-probs to `out`/teacher_logits.parquet."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_part(teacher, rows, row_ids, out / FILE, top_n=top_n, temperature=temperature,
+                      batch_rows=batch_rows, progress=progress, meta=meta)
+
+
+def merge_parts(parts: list[Path], path: str | Path) -> Path:
+    """Stream the parts' row groups, in the parts' order (their batch ranges'), into one Parquet file at `path`: the
+    same schema, metadata and one row group per batch, so the same bytes as the single-worker file."""
+    stored = pq.read_schema(parts[0])
+    meta = json.loads(stored.metadata[b"moe2dense"])
+    # Rebuilt, not reused: Parquet reads the lists' child fields back as `element`, the writer named them `item`,
+    # and the Arrow schema embedded in the footer would differ.
+    schema = logits_schema(meta.pop("seq_len"), meta.pop("top_n"), meta.pop("temperature"), meta)
+    with pq.ParquetWriter(path, schema, compression="lz4") as writer:
+        for part in parts:
+            f = pq.ParquetFile(part)
+            if f.schema_arrow.metadata != stored.metadata or not f.schema_arrow.equals(stored):
+                raise ValueError(f"{part}: its schema or metadata differs from {parts[0]}'s; rerun teacher_logits")
+            for g in range(f.num_row_groups):
+                table = f.read_row_group(g).cast(schema)
+                writer.write_table(table, row_group_size=max(1, table.num_rows))
+    return Path(path)
+
+
+def _part_task(teacher_dir: str, rows_npy: str, row_ids: np.ndarray, path: str, batches: range, use_gpu: bool,
+               threads: int, top_k: int | None, kw: dict) -> str:
+    """One Ray worker's part: it loads the teacher itself on its device, in the dtype the distill workers run it in."""
+    from moe2dense.distill.data import open_rows
+    from moe2dense.teacher.load import load_frozen, run_dtype
+    from moe2dense.training import deterministic_algorithms
+
+    device = torch.device("cuda" if use_gpu else "cpu")  # Ray's num_gpus=1 leaves this worker its own GPU only
+    if not use_gpu:
+        # CPU matmuls split their sums by thread: the driver's thread count (Ray would set cpus_per_worker) keeps
+        # every batch's numbers those of a single worker on this machine.
+        torch.set_num_threads(threads)
+    # The cache is a DVC output: the same bytes on every rerun, and as the single-worker path writes.
+    with deterministic_algorithms(warn_only=True, cuda=use_gpu, fill_uninitialized_memory=True):
+        teacher = load_frozen(teacher_dir, run_dtype(device), device, top_k)
+        write_part(teacher, open_rows(rows_npy), row_ids, path, batches=batches, progress=False, **kw)
+    return path
+
+
+def write_cached_logits_ray(teacher_dir: str | Path, train_path: str | Path, row_ids: np.ndarray, out: str | Path, *,
+                            workers: int, use_gpu: bool, cpus_per_worker: int, top_n: int, temperature: float,
+                            top_k: int | None = None, batch_rows: int = 8, progress: bool = True,
+                            meta: dict | None = None) -> Path:
+    """`write_cached_logits` split over Ray: one task per worker (a GPU each, or `cpus_per_worker` CPUs) computes a
+    contiguous range of batches into its own part under `out`/.parts, reading the packed rows of `train_path` from
+    one memory-mapped decoded copy there (`decode_rows`, no copy per worker); the parts are then merged into
+    `out`/teacher_logits.parquet, the same file as one worker writes, and removed. The caller has validated the
+    checkpoint `teacher_dir` (teacher_config), started Ray (driver.start_ray) and chosen the workers (plan_workers)."""
+    import ray
+
+    from moe2dense.distill.data import decode_rows
+
+    out = Path(out)
+    parts_dir = out / ".parts"
+    rows_npy = decode_rows(train_path, parts_dir)
+    task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cpus_per_worker)(_part_task)
+    kw = dict(top_n=top_n, temperature=temperature, batch_rows=batch_rows, meta=meta)
+    ids_ref = ray.put(np.asarray(row_ids))
+    ranges = batch_ranges(len(row_ids), batch_rows, workers) or [range(0)]  # no rows: one empty part, as one worker
+    parts = [parts_dir / f"part-{i:05d}.parquet" for i in range(len(ranges))]
+    pending = [task.remote(str(Path(teacher_dir).resolve()), str(rows_npy.resolve()), ids_ref, str(part.resolve()), r,
+                           use_gpu, torch.get_num_threads(), top_k, kw) for part, r in zip(parts, ranges)]
+    with tqdm(total=len(pending), desc="teacher logits (parts)", unit="part", disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # a failed worker's error surfaces here
+            bar.update(len(done))
+    path = merge_parts(parts, out / FILE)
+    shutil.rmtree(parts_dir)
     return path
 
 
