@@ -19,7 +19,7 @@ from stages._runner import run
 from moe2dense.assemble import copy_tokenizer
 from moe2dense.baselines.runs import DENSE_TEACHER, RUNS, STUDENT, TEACHER
 from moe2dense.distill.cache import FILE as CACHE_FILE
-from moe2dense.distill.driver import prepare_distill
+from moe2dense.distill.driver import STORAGE, prepare_distill
 from moe2dense.distill.loop import student_state_from_checkpoint
 from moe2dense.io import atomic_dir, atomic_file, write_json, write_timings
 from moe2dense.params import load_params
@@ -27,7 +27,6 @@ from moe2dense.params import load_params
 TRAIN = "data/prepared/packed/train.parquet"
 EVAL = "data/prepared/packed/eval.parquet"
 CACHE = "teacher_logits"  # the MoE teacher's top-N log-probs (stage teacher_logits)
-STORAGE = ".distill_runs"  # Ray Train run dirs (checkpoints); resumable, never DVC-tracked
 DISTILLED_NOTE = """
 ## Distillation
 

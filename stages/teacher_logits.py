@@ -14,10 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from stages._runner import run
-from stages.distill import STORAGE
 from moe2dense.distill.cache import write_cached_logits, write_cached_logits_ray
 from moe2dense.distill.data import load_rows, seq_len_of
-from moe2dense.distill.driver import plan_workers, start_ray, visited_rows
+from moe2dense.distill.driver import STORAGE, plan_workers, start_ray, visited_rows
 from moe2dense.io import atomic_dir
 from moe2dense.params import load_params
 from moe2dense.teacher.load import load_teacher, resolve_device, run_dtype, teacher_config

@@ -39,6 +39,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 RAY_LOG = "ray.log"
 ROWS_DIR = "rows"  # under the run storage: the decoded training rows, shared by runs on the same split
 RAY_CONNECT_TIMEOUT_S = 10.0
+STORAGE = ".distill_runs"  # Ray run dirs of the stages (checkpoints, logs, decoded rows); never DVC-tracked
 
 
 def debug() -> bool:
