@@ -180,7 +180,7 @@ def test_render_puts_m2d_first_and_shows_before_and_after():
     assert rows[0].startswith("| M2D") and rows[1].startswith("| d2d")
     assert "| M2D (this pipeline's student) | 100 | models/teacher | 0.4000 | 0.04000 | 50.00 | 20.00 | 4000 |" in text
     assert "| random_init | 100 | models/teacher | 9.000 | 2.000 | — | — | — |" in text
-    assert "distillation wall clock ×0.6250, the teacher's forward per token ×0.2500" in text
+    assert "the workers' training time ×0.6250, the teacher's forward per token ×0.2500" in text
     assert "| demo_ppl_bible | bits_per_byte ↓ | 3.000 → 2.000 | 3.000 → 2.000 | 3.000 → 2.000 | 3.000 → 2.000 | " \
            "1.500 | 1.400 |" in text
     assert "MoE teacher: 300 parameters, held-out perplexity 12.50. dense teacher: 290 parameters" in text

@@ -2,7 +2,7 @@
 reports/baselines.md and the figure of the four distillation curves.
 
 Every run is read from what its stages wrote: metrics/distill.json and metrics/baselines/distill_<b>.json (sizes,
-held-out KL), eval/*.json (before and after distillation), timings/distill*.json (wall clock and speeds, which vary
+held-out KL), eval/*.json (before and after distillation), timings/distill*.json (training time and speeds, which vary
 run to run and are the only figures here that do), the teachers' metrics (held-out perplexity).
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def cost_ratio(m2d: dict | None, d2d: dict | None) -> dict:
-    """The paper's training-cost comparison: M2D's distillation wall clock over d2d's (below 1: M2D is cheaper),
+    """The paper's training-cost comparison: M2D's distillation training time (the workers' step loop) over d2d's
+    (below 1: M2D is cheaper),
     and the teacher forward's cost per token, MoE over dense (seconds per token = 1 / tokens per second)."""
     if not m2d or not d2d:
         return {}
@@ -87,14 +88,14 @@ def render(b: dict) -> str:
              "teacher.", ""]
     lines += [" ".join(f"{TEACHER_NAMES.get(name, name)} teacher: {_n(v['parameters'])} parameters, held-out "
                        f"perplexity {_n(v['perplexity'])}." for name, v in t.items()), ""]
-    lines += table(["model", "parameters", "teacher", "held-out KL before", "after", "distill wall clock (s)",
+    lines += table(["model", "parameters", "teacher", "held-out KL before", "after", "training time (s)",
                     "tokens/s", "teacher forward tokens/s"],
                    [[LABELS[r], _n(b[r]["parameters"]), b[r]["teacher"], _n(b[r]["heldout_kl_before"]),
                      _n(b[r]["heldout_kl_after"]), _n(b[r]["seconds"]), _n(b[r]["tokens_per_s"]),
                      _n(b[r]["teacher_forward_tokens_per_s"])] for r in rows], "lrlrrrrr")
     c = b.get("cost_m2d_over_d2d") or {}
     if c:
-        lines += ["", f"Training cost, M2D over d2d: distillation wall clock ×{_n(c.get('seconds'))}, the teacher's "
+        lines += ["", f"Training cost, M2D over d2d: the workers' training time ×{_n(c.get('seconds'))}, the teacher's "
                       f"forward per token ×{_n(c.get('teacher_forward_seconds_per_token'))} (below 1: M2D is "
                       "cheaper; the paper: 1/1.6 = 0.625 for Qwen3-30B-A3B against Qwen3-32B)."]
     lines += ["", "Before → after distillation (↑ higher is better, ↓ lower is better):", ""]
