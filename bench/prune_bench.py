@@ -147,7 +147,7 @@ def memory(a, root: Path) -> list[tuple[str, float, float]]:
         # --small: a 0.05 GB model next to ~0.5 GB of imports and allocator slack: the ratios are information only
         raw, net = (float("inf"), float("inf")) if a.small else (MEMORY_BUDGET, float("inf"))
         rows.append((f"(b) pruning peak RSS / (student + one layer), {label}", peak / ref, raw))
-        rows.append((f"(b) the same, net of the import-only child's peak", (peak - base_b) / ref, net))
+        rows.append(("(b) the same, net of the import-only child's peak", (peak - base_b) / ref, net))
         shutil.rmtree(out)
         os.sync()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -244,7 +244,7 @@ def main() -> None:
         rows = (memory(a, root) if "memory" in parts else []) + (capture(a, root) if "capture" in parts else [])
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\n| budget | measured | limit | |\n|---|---:|---:|---|")
+    print("\n| budget | measured | limit | |\n|---|---:|---:|---|")
     for name, value, limit in rows:
         print(f"| {name} | {value:.3f} | {limit} | {'PASS' if value <= limit else 'FAIL'} |")
     sys.exit(0 if all(v <= lim for _, v, lim in rows) else 1)

@@ -8,7 +8,6 @@ import io
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO
