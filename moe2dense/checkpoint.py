@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from moe2dense.quantized import dequantized_dtype, scheme_of
 from moe2dense.teacher.source import VOCAB_FILES
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -36,6 +37,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,  # block scales of ue8m0 fp8 checkpoints
 }
 _DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 # The weight dtypes a `dtype` param may name (calibrate, assemble, evaluate; params.py's Literals spell the same).
@@ -139,6 +141,23 @@ class CheckpointReader:
         for name, fname in (weight_map or {}).items():
             if name not in self._entries or self._entries[name].file.name != Path(fname).name:
                 raise ValueError(f"{self.path / INDEX_FILE} maps {name!r} to {fname}, which does not contain it")
+        # A quantized checkpoint (config.json's quantization_config) shows its float twin's tensors (quantized.py).
+        self.quantization, self._qconfig, self._packed, self._hidden = None, {}, {}, set()
+        self.dequantized_dtype = torch.bfloat16
+        config = self.path / "config.json"
+        if self.path.is_dir() and config.is_file():
+            try:
+                raw = json.loads(config.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{config}: not valid JSON ({e})") from None
+            qconfig = raw.get("quantization_config") if isinstance(raw, dict) else None
+            self.quantization = scheme_of(qconfig, config)
+            if self.quantization is not None:
+                self._qconfig, self.dequantized_dtype = dict(qconfig), dequantized_dtype(raw)
+                heads = {n: (e.dtype, e.shape) for n, e in self._entries.items()}
+                self._packed = self.quantization.pair(heads, self._qconfig)
+                self._hidden = {n for p in self._packed.values() for n in (p.values, p.scales)} - set(self._packed)
+                self._hidden |= {n for n in self._entries if n.endswith(self.quantization.extra_suffixes)}
 
     def _entry(self, name: str) -> _Entry:
         try:
@@ -147,22 +166,32 @@ class CheckpointReader:
             raise KeyError(f"tensor {name!r} not in checkpoint {self.path}") from None
 
     def keys(self) -> list[str]:
-        return sorted(self._entries)
+        """The float twin's tensor names: a quantized tensor's parts appear as the one tensor they store."""
+        return sorted((set(self._entries) - self._hidden) | set(self._packed))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._packed or (name in self._entries and name not in self._hidden)
+
+    def raw_keys(self) -> list[str]:
+        """The names as stored (quantized parts included)."""
+        return sorted(self._entries)
+
+    def is_quantized(self, name: str) -> bool:
+        return name in self._packed
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape
+        return self._packed[name].shape if name in self._packed else self._entry(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._entry(name).dtype
+        return self.dequantized_dtype if name in self._packed else self._entry(name).dtype
 
     def nbytes(self, name: str) -> int:
+        if name in self._packed:
+            return math.prod(self._packed[name].shape) * self.dequantized_dtype.itemsize
         return self._entry(name).nbytes
 
     def file_of(self, name: str) -> Path:
-        return self._entry(name).file
+        return self._entry(self._packed[name].values if name in self._packed else name).file
 
     def _fd(self, file: Path) -> int:
         if file not in self._fds:
@@ -179,15 +208,33 @@ class CheckpointReader:
         self.bytes_read += done
 
     def read(self, name: str) -> torch.Tensor:
-        """The whole tensor, in memory the tensor owns (not a view of a file mapping)."""
+        """The whole tensor, in memory the tensor owns (not a view of a file mapping); a quantized one dequantized
+        into `dequantized_dtype`."""
+        if name in self._packed:
+            return self.quantization.read(self, self._packed[name], None, self._qconfig, self.dequantized_dtype)
+        return self.read_raw(name)
+
+    def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """tensor[rows] along dim 0, reading only those rows' bytes (of a quantized tensor: only their parts)."""
+        if name in self._packed:
+            rows = [int(r) for r in rows]
+            bad = [r for r in rows if not 0 <= r < self._packed[name].shape[0]]
+            if bad:
+                raise IndexError(f"read_rows({name!r}): rows {bad[:10]} out of range for dim 0 of size "
+                                 f"{self._packed[name].shape[0]}")
+            return self.quantization.read(self, self._packed[name], rows, self._qconfig, self.dequantized_dtype)
+        return self.read_raw_rows(name, rows)
+
+    def read_raw(self, name: str) -> torch.Tensor:
+        """A tensor as stored."""
         e = self._entry(name)
         raw = torch.empty(e.nbytes, dtype=torch.uint8)
         self._pread_into(e.file, _as_bytes(raw), e.offset)
         return raw.view(e.dtype).reshape(e.shape)
 
-    def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
-        """tensor[rows] along dim 0, reading only those rows' bytes; each run of consecutive rows is one read
-        straight into the result, so nothing larger than the result is ever allocated."""
+    def read_raw_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """tensor[rows] along dim 0 as stored, reading only those rows' bytes; each run of consecutive rows is one
+        read straight into the result, so nothing larger than the result is ever allocated."""
         e = self._entry(name)
         if not e.shape:
             raise ValueError(f"read_rows({name!r}): tensor is 0-d")

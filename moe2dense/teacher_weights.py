@@ -2,7 +2,8 @@
 
 Grouping and assembly go through here so that a teacher is never loaded whole: each call reads only the tensors it
 names (for fused expert tensors, only the selected experts' rows) with `CheckpointReader`. Both on-disk layouts are
-handled: per-expert keys as `save_pretrained` writes them, and fused 3-D tensors (gpt_oss, state-dict dumps).
+handled: per-expert keys as `save_pretrained` writes them, and fused 3-D tensors (gpt_oss, state-dict dumps). A
+quantized teacher reads the same way: the reader dequantizes what it reads (moe2dense/quantized.py).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moe2dense.arch import Adapter, ExpertWeights, QuantizedModelError
+from moe2dense.arch import Adapter, ExpertWeights
 from moe2dense.arch.experts import MLP_PROJ, UP_ONLY_ACTS, mlp_from_tensors
 from moe2dense.checkpoint import CheckpointReader
 
@@ -39,21 +40,9 @@ def read_router_weight(reader: CheckpointReader, adapter: Adapter, layer: int) -
     return reader.read(_first_present(reader, candidates, f"router of layer {layer}"))
 
 
-def _check_not_quantized(reader: CheckpointReader, adapter: Adapter, layer: int) -> None:
-    prefix = f"{adapter.block_path(layer, disk=True)}.experts."
-    packed = [n for n in reader.keys() if n.startswith(prefix) and n.endswith(("_blocks", "_scales"))]
-    if packed:
-        raise QuantizedModelError(
-            f"{reader.path}: layer {layer}'s experts are stored quantized ({packed[0]}, ...). moe2dense needs "
-            "full-precision experts: load the model with its quantization config's dequantize option (GPT-OSS: "
-            "quantization_config=Mxfp4Config(dequantize=True)), save_pretrained a bf16 copy, and use that directory."
-        )
-
-
 def read_experts(reader: CheckpointReader, adapter: Adapter, layer: int, experts: Sequence[int]
                  ) -> dict[int, ExpertWeights]:
     """The routed experts `experts` of `layer` in canonical form, reading nothing else of the layer."""
-    _check_not_quantized(reader, adapter, layer)
     ids = sorted(set(int(e) for e in experts))
     names = adapter.expert_tensor_names(layer, reader.keys())
     if names in adapter.fused_name_sets(layer):  # fused: read the selected rows and renumber them 0..len(ids)-1

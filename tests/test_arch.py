@@ -344,19 +344,20 @@ def test_unsupported_variants():
 @pytest.mark.parametrize(
     "quantization_config", [{"quant_method": "mxfp4", "modules_to_not_convert": ["router"]}, Mxfp4Config()]
 )
-def test_quantized_gpt_oss_is_rejected_with_dequantize_hint(quantization_config):
+def test_published_quantization_is_accepted(quantization_config):
+    """GPT-OSS's MXFP4 (a dict or transformers' config object) and DeepSeek-V3's block FP8 are read dequantized."""
     config = GptOssConfig(num_hidden_layers=1)
     config.quantization_config = quantization_config
-    with pytest.raises(QuantizedModelError) as err:
-        get_adapter(config)
-    assert "mxfp4" in str(err.value) and "Mxfp4Config(dequantize=True)" in str(err.value)
-    assert "bf16 copy" in str(err.value)
-
-
-def test_any_quantization_config_is_rejected():
+    assert get_adapter(config).model_type == "gpt_oss"
     config = tiny_config("deepseek_v3")
     config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    with pytest.raises(QuantizedModelError, match=r"FineGrainedFP8Config\(dequantize=True\)"):
+    assert get_adapter(config).model_type == "deepseek_v3"
+
+
+def test_other_quantization_is_rejected_with_the_way_out():
+    config = tiny_config("qwen3_moe")
+    config.quantization_config = {"quant_method": "compressed-tensors"}
+    with pytest.raises(QuantizedModelError, match=r"'compressed-tensors'.*CompressedTensorsConfig"):
         get_adapter(config)
 
 

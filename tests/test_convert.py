@@ -104,20 +104,6 @@ def test_existing_output_is_refused_unless_overwrite(teacher, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_quantized_teacher_is_refused_with_how_to_dequantize(teacher, tmp_path, capsys):
-    q = tmp_path / "quantized"
-    q.mkdir()
-    for f in teacher.iterdir():
-        (q / f.name).write_bytes(f.read_bytes())
-    config = json.loads((q / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4"}
-    (q / "config.json").write_text(json.dumps(config))
-    assert main(["convert", "--teacher", str(q), "--method", "sf", "--experts", "2", "--out",
-                 str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "quantized (mxfp4)" in err and "dequantize" in err.lower()
-
-
 def test_failure_during_assembly_leaves_nothing_behind(teacher, tmp_path, monkeypatch):
     def broken(checkpoint, plan, out, **kw):
         (out / "model.safetensors").write_bytes(b"half")

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from moe2dense.quantized import scheme_of
+
 from .adapter import Adapter
-from .errors import QuantizedModelError, UnsupportedModelError
+from .errors import UnsupportedModelError
 from .families import FAMILIES, TEXT_MODEL_OF, UNWRAP_RECIPE
 from .generic import discover_spec, spec_for_raw
 
 _REGISTRY = {spec.model_type: spec for spec in FAMILIES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
-
-# How to get full-precision expert weights, by quantization_config.quant_method.
-_DEQUANTIZE_HINTS = {
-    "mxfp4": "from transformers import Mxfp4Config; AutoModelForCausalLM.from_pretrained(path, "
-    "quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16)",
-    "fp8": "from transformers import FineGrainedFP8Config; "
-    "AutoModelForCausalLM.from_pretrained(path, quantization_config=FineGrainedFP8Config(dequantize=True))",
-    "compressed-tensors": "from transformers import CompressedTensorsConfig; "
-    "AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True))",
-}
 
 
 def get_adapter(config: PreTrainedConfig | PreTrainedModel) -> Adapter:
@@ -33,7 +25,8 @@ def get_adapter(config: PreTrainedConfig | PreTrainedModel) -> Adapter:
         if model_type in TEXT_MODEL_OF:
             raise UnsupportedModelError(_wrapper(model_type))
         spec = discover_spec(config)  # the generic path (arch.generic), verified once weights load
-    _reject_quantized(config)
+    # A supported scheme (mxfp4, fp8) is dequantized as it is read (quantized.py); any other is refused here.
+    scheme_of(getattr(config, "quantization_config", None), f"this {config.model_type} checkpoint")
     return Adapter.from_config(spec, config)
 
 
@@ -47,20 +40,6 @@ def _wrapper(model_type: str) -> str:
             f"({TEXT_MODEL_OF[model_type]}): {UNWRAP_RECIPE}")
 
 
-def _reject_quantized(config: PreTrainedConfig) -> None:
-    qc = getattr(config, "quantization_config", None)
-    if not qc:
-        return
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "unknown")
-    method = str(getattr(method, "value", method))  # QuantizationMethod is a str Enum
-    hint = _DEQUANTIZE_HINTS.get(method, "load it dequantized with its quantization config's dequantize option")
-    raise QuantizedModelError(
-        f"this {config.model_type} checkpoint is quantized ({method}); moe2dense needs full-precision experts. "
-        f"Dequantize at load time ({hint}), then save_pretrained a bf16 copy and use that directory as the teacher."
-    )
-
-
-
 def check_config_keys(raw: dict, source: object) -> None:
     """Refuse a config.json (parsed as plain JSON) that lacks a size the adapter reads: transformers would fill it
     in silently with its library default (num_experts_per_tok=8, a default expert width), and the conversion would
@@ -68,6 +47,7 @@ def check_config_keys(raw: dict, source: object) -> None:
     model_type = raw.get("model_type")
     if model_type in TEXT_MODEL_OF:
         raise UnsupportedModelError(f"{source}: {_wrapper(model_type)}")
+    scheme_of(raw.get("quantization_config"), source)  # an unsupported quantization: refused before any weight
     spec = _REGISTRY.get(model_type) or spec_for_raw(raw, source)
     from transformers import CONFIG_MAPPING
 

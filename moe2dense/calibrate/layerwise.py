@@ -19,14 +19,10 @@ path's (tests/test_layerwise.py, every family).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
-import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +34,7 @@ from tqdm.auto import tqdm
 from moe2dense.arch import Adapter, get_adapter
 from moe2dense.arch.registry import is_generic
 from moe2dense.checkpoint import CheckpointReader
+from moe2dense.teacher.load import CheckpointModel, map_large_allocations, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,6 @@ OFFLOAD_MODES = ("auto", "layer", "none")
 # while loading (measured: issue 15); on a GPU the model also needs room for activations and the capture buffers.
 HOST_MARGIN, DEVICE_MARGIN = 2.0, 1.25
 HOST_BUFFER_SHARE = 0.25  # hidden-state buffer in RAM up to this share of available host memory, else memmap
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def check_offload(mode: str, key: str = "calibrate.offload") -> str:
@@ -92,32 +88,6 @@ def choose_offload(mode: str, checkpoint: str | Path, dtype: torch.dtype, device
     return choice
 
 
-def _libc():
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
-
-
-_LIBC = _libc()
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def release_freed_memory() -> None:
-    """glibc's malloc_trim (a no-op elsewhere): hand freed heap pages back to the OS after each layer."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-def map_large_allocations(threshold: int = 2**20) -> None:
-    """Serve every allocation of `threshold` bytes or more with its own mmap, returned to the OS when freed.
-    glibc raises its mmap threshold (up to 32 MiB) each time such a block is freed, after which a layer's tensors
-    come from the per-thread heaps, where the next layer's differently sized ones cannot all reuse them: the 8-layer
-    Qwen3-30B-shaped bench then peaked anywhere from 1.06x to 1.33x the 2-layer peak. A fixed threshold keeps it
-    flat. Process-wide and permanent (glibc has no way back to the dynamic threshold); costs a page fault per page of
-    each new large tensor."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
-
-
 class HiddenBuffer:
     """[n_tokens, hidden] in `dtype`: a host tensor when it fits in `host_limit` bytes, else a np.memmap file in a
     temp dir (removed by `close`). Rows of one batch are read and overwritten in place, layer after layer."""
@@ -146,101 +116,32 @@ class HiddenBuffer:
             self.dir = None
 
 
-class _Lazy:
-    """A checkpoint tensor read only when transformers' loader materialises it (`tensor[...]`), so a layer's
-    tensors are read one conversion at a time."""
-
-    def __init__(self, reader: CheckpointReader, name: str):
-        self.reader, self.name = reader, name
-
-    def __getitem__(self, _) -> torch.Tensor:
-        return self.reader.read(self.name)
-
-
-@contextlib.contextmanager
-def _quiet_sync_loading() -> Iterator[None]:
-    """Sequential loading (no reader threads holding every tensor of the layer at once) and no per-call progress bar
-    from transformers' loader."""
-    from transformers.utils import logging as hf_logging
-
-    old_env, bars = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD"), hf_logging.is_progress_bar_enabled()
-    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if old_env is None:
-            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
-        else:
-            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = old_env
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-class LayerwiseTeacher:
+class LayerwiseTeacher(CheckpointModel):
     """The teacher at `path` on the meta device; `load_layer` / `free_layer` materialise one decoder layer."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype, device: torch.device):
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.utils.generic import ContextManagers
-
-        self.path, self.dtype, self.device = Path(path), dtype, device
         map_large_allocations()
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        self.adapter = get_adapter(config)
+        super().__init__(path, dtype, device)
+        self.adapter = get_adapter(self.config)
         if is_generic(self.adapter):  # its blocks are verified against the whole model (arch.generic)
             raise ValueError(f"model_type {self.adapter.model_type!r} has no written family spec: "
                              "calibrate.offload: layer cannot verify it; use calibrate.offload: none")
-        cls = AutoModelForCausalLM._model_mapping[type(config)]
-        with ContextManagers(cls.get_init_context(dtype, False, False, None)):  # as from_pretrained builds it
-            self.model = cls(config)
-        self.model.eval().requires_grad_(False)
         self.decoder = Adapter.decoder(self.model)
-        self._dtype_plan = self.model._get_dtype_plan(dtype)
-        self._mapping = get_model_conversion_mapping(self.model)
-        self.reader = CheckpointReader(path)
-        n = config.num_hidden_layers
-        self._layer_keys: list[list[str]] = [[] for _ in range(n)]
-        other = []
-        for key in self.reader.keys():
-            m = _LAYER_KEY.search(key)
-            if m is None:
-                if not key.startswith("lm_head."):  # the head is never run during calibration
-                    other.append(key)
-            elif int(m.group(1)) < n:  # beyond: multi-token-prediction layers, not part of the forward
-                self._layer_keys[int(m.group(1))].append(key)
-        self._load(other)
-        self._check_loaded(self.decoder, "embeddings and norms", skip=lambda name: name.startswith("layers."))
-        # What from_pretrained does after loading: non-persistent buffers (rotary inv_freq) computed on the device
-        # by the model's own init; every parameter still on meta stays there.
-        self.model._move_missing_keys_from_meta_to_device(set(), {"": device}, None, None)
-        self.model._initialize_missing_keys(False)
-
-    def _load(self, keys: list[str]) -> None:
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-
-        config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self._dtype_plan, weight_mapping=self._mapping,
-                                     device_map={"": self.device})
-        with _quiet_sync_loading():
-            convert_and_load_state_dict_in_model(self.model, {k: _Lazy(self.reader, k) for k in keys}, config)
-
-    def _check_loaded(self, module: nn.Module, what: str, skip=lambda name: False) -> None:
-        left = [n for n, p in module.named_parameters() if p.is_meta and not skip(n)]
-        if left:
-            raise ValueError(f"{self.path}: {what} incomplete after loading, e.g. {left[:3]} not in the checkpoint")
+        # the head is never run during calibration
+        self.load([k for k in self.other_keys if not k.startswith("lm_head.")])
+        self.check_loaded(self.decoder, "embeddings and norms", skip=lambda name: name.startswith("layers."))
+        self.init_buffers()
 
     @property
     def num_layers(self) -> int:
-        return len(self._layer_keys)
+        return len(self.layer_keys)
 
     def layer(self, i: int) -> nn.Module:
         return self.decoder.layers[i]
 
     def load_layer(self, i: int) -> nn.Module:
-        self._load(self._layer_keys[i])
-        self._check_loaded(self.layer(i), f"decoder layer {i}")
+        self.load(self.layer_keys[i])
+        self.check_loaded(self.layer(i), f"decoder layer {i}")
         return self.layer(i)
 
     def free_layer(self, i: int) -> None:
@@ -251,9 +152,6 @@ class LayerwiseTeacher:
         for name, module in self.decoder.named_children():
             if name != "layers":
                 module.to("meta")
-
-    def close(self) -> None:
-        self.reader.close()
 
 
 class _Stop(Exception):

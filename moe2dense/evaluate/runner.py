@@ -155,9 +155,9 @@ def model_size(model: torch.nn.Module) -> dict[str, Any]:
 
 def load_model(path: str | Path, p: EvaluateParams):
     """The HF checkpoint at `path` (teacher pointer dirs resolved) and its tokenizer, offline, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from moe2dense.teacher.load import resolve_device
+    from moe2dense.teacher.load import from_checkpoint, resolve_device
     from moe2dense.teacher.source import POINTER, teacher_checkpoint
 
     if not any((Path(path) / f).is_file() for f in ("config.json", POINTER)):
@@ -165,8 +165,7 @@ def load_model(path: str | Path, p: EvaluateParams):
     ckpt = teacher_checkpoint(path)
     dtype = "auto" if p.dtype == "auto" else DTYPES[p.dtype]
     device = resolve_device(p.device, "evaluate.device")
-    # device_map: the weights go straight to the device (no whole copy on the host first when it is a GPU)
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, device_map=device, local_files_only=True)
+    model = from_checkpoint(ckpt, dtype, device)  # a quantized teacher is dequantized layer by layer as it loads
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path if (Path(path) / "tokenizer.json").exists() else ckpt),
                                               local_files_only=True)
