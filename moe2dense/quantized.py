@@ -51,7 +51,7 @@ class Packed:
 class Scheme:
     """One quant_method: how its raw tensors pair into float tensors, and how a pair dequantizes."""
     method: str
-    published: str  # which published checkpoints use it (README, errors)
+    published: tuple[str, ...]  # published checkpoints stored this way (the README's table lists them)
     pair: Callable[[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict], dict[str, Packed]]
     # (reader, packed, rows or None, qconfig, dtype) -> the float tensor (those rows of dim 0 only)
     read: Callable[[CheckpointReader, Packed, Sequence[int] | None, dict, torch.dtype], torch.Tensor]
@@ -194,10 +194,9 @@ def _read_fp8(reader: CheckpointReader, p: Packed, rows: Sequence[int] | None, q
 
 
 SCHEMES: dict[str, Scheme] = {s.method: s for s in (
-    Scheme("mxfp4", "openai/gpt-oss-20b, openai/gpt-oss-120b", _pair_mxfp4, _read_mxfp4),
-    Scheme("fp8", "deepseek-ai/DeepSeek-V3 and -R1, moonshotai/Kimi-K2, Qwen/Qwen3-*-FP8, MiniMaxAI/MiniMax-M2, "
-           "zai-org/GLM-4.5-FP8 (block-wise fp8 with weight_scale_inv)", _pair_fp8, _read_fp8,
-           extra_suffixes=(".activation_scale", ".input_scale")),
+    Scheme("mxfp4", ("openai/gpt-oss-20b", "openai/gpt-oss-120b"), _pair_mxfp4, _read_mxfp4),
+    Scheme("fp8", ("deepseek-ai/DeepSeek-V3", "-V3.1", "-R1", "Qwen/Qwen3-30B-A3B-FP8", "Qwen/Qwen3-235B-A22B-FP8",
+                   "MiniMaxAI/MiniMax-M2"), _pair_fp8, _read_fp8, extra_suffixes=(".activation_scale", ".input_scale")),
 )}
 
 # The way out for a scheme moe2dense does not read, by quant_method.

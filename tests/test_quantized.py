@@ -314,3 +314,13 @@ def test_broken_packed_tensors_are_refused(tmp_path):
               d / "model.safetensors")
     with pytest.raises(QuantizedModelError, match=r"needs \(3, 1\)"):
         CheckpointReader(d)
+
+
+def test_readme_lists_each_scheme_and_its_checkpoints():
+    from moe2dense.quantized import SCHEMES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
+    for method, scheme in SCHEMES.items():
+        assert method in rows, f"README's quantized-teacher table has no row for {method}"
+        assert all(f"`{c}`" in rows[method] for c in scheme.published), method
