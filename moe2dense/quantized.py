@@ -62,24 +62,35 @@ class Scheme:
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+def _mxfp4_table(dtype: torch.dtype) -> torch.Tensor:
+    """Every (scale byte, value byte) -> the byte's two values (low nibble first) times 2^(scale-127), in `dtype`,
+    each pair stored as one integer word: [256 * 256]. Exact: an e2m1 value times a power of two needs two
+    significant bits, and the fp32 products are rounded once into `dtype`, as a dequantize-then-cast would."""
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
+    pairs = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # byte b -> (lut[b & 15], lut[b >> 4])
+    products = torch.ldexp(pairs.expand(256, 256, 2), (torch.arange(256) - 127)[:, None, None])  # [scale, byte, 2]
+    word = {2: torch.int32, 4: torch.int64}[dtype.itemsize]
+    return products.to(dtype).contiguous().view(word).reshape(-1)
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[..., rows, G, 16] uint8 blocks and [..., rows, G] uint8 e8m0 scales -> [..., G*32, rows] in `dtype`.
-    Exact: an e2m1 value times a power of two needs two significant bits, which bf16 and fp32 have."""
+    """[..., rows, G, 16] uint8 blocks and [..., rows, G] uint8 e8m0 scales -> [..., G*32, rows] in `dtype`: one
+    table lookup per byte (`_mxfp4_table`), then the transpose into the float parameter's layout."""
     if blocks.dim() < 4 or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
         raise QuantizedModelError(f"mxfp4 blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)}: expected "
                                   "[experts, rows, G, 16] and [experts, rows, G]")
     *lead, rows, groups, _ = blocks.shape
-    lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
+    table = _mxfp4_table(dtype)
     out = torch.empty(*lead, groups * 32, rows, dtype=dtype)
-    flat_blocks, flat_scales, flat_out = blocks.reshape(-1, rows, groups, 16), scales.reshape(-1, rows, groups), \
-        out.reshape(-1, groups * 32, rows)
+    flat_blocks, flat_scales = blocks.reshape(-1, rows, groups, 16), scales.reshape(-1, rows, groups)
+    flat_out = out.reshape(-1, groups * 32, rows)
     step = max(1, _CHUNK_ELEMENTS // (groups * 32))  # rows per step
     for m in range(flat_blocks.shape[0]):
         for r0 in range(0, rows, step):
             blk = flat_blocks[m, r0:r0 + step]
-            vals = torch.stack((lut[(blk & 0x0F).long()], lut[(blk >> 4).long()]), dim=-1)  # [r, G, 16, 2]
-            vals = torch.ldexp(vals.reshape(*blk.shape[:2], 32), flat_scales[m, r0:r0 + step, :, None].int() - 127)
-            flat_out[m, :, r0:r0 + step] = vals.reshape(vals.shape[0], groups * 32).T.to(dtype)
+            idx = (flat_scales[m, r0:r0 + step].int() * 256)[..., None] + blk.int()
+            vals = table.index_select(0, idx.reshape(-1)).view(dtype).reshape(blk.shape[0], groups * 32)
+            flat_out[m, :, r0:r0 + step] = vals.T
     return out
 
 
@@ -135,9 +146,12 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     for m in range(flat_w.shape[0]):
         for r0 in range(0, R, step):
             w = flat_w[m, r0:r0 + step].float()
-            sc = flat_s[m, r0 // bm:(r0 + w.shape[0] + bm - 1) // bm]
-            sc = sc.repeat_interleave(bm, 0)[:w.shape[0]].repeat_interleave(bn, 1)[:, :C]
-            flat_out[m, r0:r0 + w.shape[0]] = (w * sc).to(dtype)
+            rows, sc = w.shape[0], flat_s[m, r0 // bm:(r0 + w.shape[0] + bm - 1) // bm]
+            if rows % bm == 0 and C % bn == 0:  # whole blocks: scale them in place through a blocked view
+                w.view(rows // bm, bm, C // bn, bn).mul_(sc[:, None, :, None])
+            else:  # a ragged edge (DeepSeek's grid is ceil(R/bm) x ceil(C/bn)): one scale per element
+                w.mul_(sc.repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :C])
+            flat_out[m, r0:r0 + rows] = w.to(dtype)
     return out
 
 
