@@ -87,6 +87,10 @@ bench-synthetic: $(STAMP)
 	$(if $(FULL),,@echo "make bench: prune_bench.py ran --small (its memory ratios are information there); the pruning" \
 		"memory budget is for a 5 GB Qwen3-32B-wide teacher: \`make bench FULL=1\` or \`python bench/prune_bench.py\`")
 	python bench/calibrate_offload_memory.py $(if $(FULL),,--small)
+	python bench/quantized_convert.py $(if $(FULL),,--small)
+	$(if $(FULL),,@echo "make bench: quantized_convert.py ran --small (its ratios are information there); the budgets are" \
+		"for 2-layer teachers at GPT-OSS-20B and DeepSeek-V3 widths (~15 GB of disk, ~6 min):" \
+		"\`make bench FULL=1\` or \`python bench/quantized_convert.py\`")
 	$(if $(FULL),python bench/distill_loss_memory.py,@echo "make bench: skipped distill_loss_memory.py: the chunked loss" \
 		"alone peaks near 5 GB and the naive one takes what memory is free (minus 6 GB), for minutes:" \
 		"\`make bench FULL=1\` or \`python bench/distill_loss_memory.py\`")

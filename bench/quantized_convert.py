@@ -13,7 +13,8 @@ Each checkpoint is converted in a fresh child process by the CLI's entry point (
 --method do_acp --offload layer --dtype bfloat16`, CPU), which reports its VmHWM (peak RSS) and the convert's wall
 time. The students of the two variants must be byte-identical (the same model, read two ways).
 
-Budgets (PASS/FAIL), per family: peak RSS quantized / twin <= 1.15; time quantized / twin <= 1.5.
+Budgets (PASS/FAIL), per family: the two students byte-identical; peak RSS quantized / twin <= 1.15; time quantized /
+twin <= 1.5 (the ratios are judged at published widths only: at --small widths fixed costs dominate them).
 
     python bench/quantized_convert.py            # published widths: ~6 + 8 GB bf16 teachers, ~20 GB of disk at once
     python bench/quantized_convert.py --small    # quick self-check (`make bench` without FULL)
@@ -183,6 +184,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens")
     ap.add_argument("--repeats", type=int, default=2, help="converts per checkpoint, alternating; the minimum counts")
     ap.add_argument("--small", action="store_true", help="quick self-check at small widths")
+    ap.add_argument("--families", nargs="+", choices=["gpt_oss", "deepseek_v3"], default=["gpt_oss", "deepseek_v3"])
     ap.add_argument("--root", default=None, help="where the temp dir goes (default: the system temp dir)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("teacher", "data", "out", "keep"):
@@ -198,7 +200,7 @@ def main() -> None:
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     rows, ok = [], True
     try:
-        for make in (gpt_oss_config, deepseek_config):
+        for make in [{"gpt_oss": gpt_oss_config, "deepseek_v3": deepseek_config}[f] for f in a.families]:
             config = make(a, a.small)
             check_layout_naming(config)
             start = time.perf_counter()
@@ -220,7 +222,8 @@ def main() -> None:
                        for f in sorted((root / "student-quantized").glob("*.safetensors")))
             peak_ratio = best["quantized"]["peak"] / best["bf16"]["peak"]
             time_ratio = best["quantized"]["seconds"] / best["bf16"]["seconds"]
-            passed = peak_ratio <= 1.15 and time_ratio <= 1.5 and same
+            # at --small widths fixed costs dominate: the ratios are printed, not judged; the students always are
+            passed = same and (a.small or (peak_ratio <= 1.15 and time_ratio <= 1.5))
             ok &= passed
             rows.append((config.model_type, raw_t / GB, raw_q / GB, best["bf16"]["peak"] * 1024 / GB,
                          best["quantized"]["peak"] * 1024 / GB, peak_ratio, best["bf16"]["seconds"],
@@ -237,7 +240,8 @@ def main() -> None:
     for (fam, tb, qb, pb, pq, pr, sb, sq, tr, same, _) in rows:
         print(f"{fam:<12} {tb:>7.2f} {qb:>8.2f} {pb:>9.2f} {pq:>7.2f} {pr:>8.3f} {sb:>7.1f} {sq:>7.1f} {tr:>8.3f} "
               f"{str(same):>12}")
-    print("budgets: peak q/b <= 1.15, time q/b <= 1.5, students byte-identical")
+    print("budgets: students byte-identical; peak q/b <= 1.15 and time q/b <= 1.5"
+          f"{' (not judged at --small widths)' if a.small else ''}")
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

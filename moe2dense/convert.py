@@ -168,7 +168,7 @@ def _check(args: ConvertArgs, params: P.Params) -> _Checked:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-    adapter = get_adapter(config)  # unsupported family / quantized experts fail here
+    adapter = get_adapter(config)  # an unsupported family or quantization scheme fails here
     K, g = params.select.experts, params.group
     try:
         check_budget(K, adapter.top_k, adapter.num_experts)

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CHUNK_ELEMENTS = 1 << 24  # fp32 working set of one dequantization step (64 MiB), whatever the tensor's size
+# Elements per dequantization step: its scratch buffers (a few MiB) are allocated once per tensor and stay in cache
+# step after step; fresh buffers of a whole tensor would cost more in page faults than the arithmetic does.
+_STEP_ELEMENTS = 1 << 20
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -84,13 +86,17 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     out = torch.empty(*lead, groups * 32, rows, dtype=dtype)
     flat_blocks, flat_scales = blocks.reshape(-1, rows, groups, 16), scales.reshape(-1, rows, groups)
     flat_out = out.reshape(-1, groups * 32, rows)
-    step = max(1, _CHUNK_ELEMENTS // (groups * 32))  # rows per step
+    step = max(1, _STEP_ELEMENTS // (groups * 32))  # rows per step
+    idx = torch.empty(min(step, rows) * groups * 16, dtype=torch.int32)  # scratch, reused step after step
+    words = torch.empty(idx.numel(), dtype=table.dtype)
     for m in range(flat_blocks.shape[0]):
         for r0 in range(0, rows, step):
             blk = flat_blocks[m, r0:r0 + step]
-            idx = (flat_scales[m, r0:r0 + step].int() * 256)[..., None] + blk.int()
-            vals = table.index_select(0, idx.reshape(-1)).view(dtype).reshape(blk.shape[0], groups * 32)
-            flat_out[m, :, r0:r0 + step] = vals.T
+            n = blk.shape[0] * groups * 16
+            i = idx[:n].view(blk.shape)
+            i.copy_(blk).add_(flat_scales[m, r0:r0 + step, :, None].int() * 256)
+            torch.index_select(table, 0, idx[:n], out=words[:n])
+            flat_out[m, :, r0:r0 + step] = words[:n].view(dtype).view(blk.shape[0], groups * 32).T
     return out
 
 
@@ -119,6 +125,9 @@ def _read_mxfp4(reader: CheckpointReader, p: Packed, rows: Sequence[int] | None,
 
 
 # --------------------------------------------------------------------------------------------------------------- fp8
+_FP8_VALUE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _scale_values(scales: torch.Tensor) -> torch.Tensor:
     """fp32 multipliers from stored inverse scales: fp32/bf16 as they are; e8m0 (a uint8 or float8_e8m0fnu
     exponent byte) as 2^(s-127)."""
@@ -130,7 +139,8 @@ def _scale_values(scales: torch.Tensor) -> torch.Tensor:
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None,
                    dtype: torch.dtype) -> torch.Tensor:
     """float8 [..., R, C] and scales [..., ceil(R/bm), ceil(C/bn)] (`block` None: one scale) -> [..., R, C] in
-    `dtype`: each value times its block's scale in fp32, rounded once to `dtype`."""
+    `dtype`: each value times its block's scale in fp32, rounded once to `dtype` (what `(w.float() * s).to(dtype)`
+    gives, the float8 bytes become float16 by integer shifts, in scratch buffers that stay in cache)."""
     *lead, R, C = weight.shape
     bm, bn = block if block else (max(R, 1), max(C, 1))
     want = (*lead, math.ceil(R / bm), math.ceil(C / bn))
@@ -140,23 +150,43 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     if tuple(s.shape) != want:
         raise QuantizedModelError(f"fp8 weight {tuple(weight.shape)} with block {block}: expected scales {want}, "
                                   f"got {tuple(scale_inv.shape)}")
+    if weight.dtype not in _FP8_VALUE_DTYPES:
+        raise QuantizedModelError(f"fp8 weight of dtype {weight.dtype}: expected one of {_FP8_VALUE_DTYPES}")
+    e4m3 = weight.dtype == torch.float8_e4m3fn
+    # float8 bits -> float16 bits, exactly: e5m2 is fp16's top byte; e4m3fn's exponent/mantissa shifted by 7 is
+    # fp16 at 2^-8 of the value (bias 15 vs 7), so its scales take the factor 2^8 (exact: a power of two).
+    s = s * (256.0 if e4m3 else 1.0)
     out = torch.empty(weight.shape, dtype=dtype)
-    flat_w, flat_s, flat_out = weight.reshape(-1, R, C), s.reshape(-1, *want[-2:]), out.reshape(-1, R, C)
-    step = max(1, _CHUNK_ELEMENTS // max(C * bm, 1)) * bm  # whole row blocks per step
+    flat_w, flat_s, flat_out = weight.reshape(-1, R, C).view(torch.int8), s.reshape(-1, *want[-2:]), \
+        out.reshape(-1, R, C)
+    step = max(1, _STEP_ELEMENTS // max(C * bm, 1)) * bm  # whole row blocks per step
+    # Scratch reused step after step, so it stays in cache and nothing is allocated per step (a mixed-dtype
+    # torch.mul allocates its fp32 cast each time: with layer mode's 1 MiB mmap threshold, ~10x slower).
+    n = min(step, R) * C
+    bits, wide, magnitudes = torch.empty(n, dtype=torch.int16), torch.empty(n), torch.empty(n, dtype=torch.int8)
+    full = C // bn * bn  # columns in whole blocks
     for m in range(flat_w.shape[0]):
         for r0 in range(0, R, step):
-            w = flat_w[m, r0:r0 + step].float()
-            rows, sc = w.shape[0], flat_s[m, r0 // bm:(r0 + w.shape[0] + bm - 1) // bm]
-            if rows % bm == 0 and C % bn == 0:  # whole blocks: scale them in place through a blocked view
-                w.view(rows // bm, bm, C // bn, bn).mul_(sc[:, None, :, None])
-            else:  # a ragged edge (DeepSeek's grid is ceil(R/bm) x ceil(C/bn)): one scale per element
-                w.mul_(sc.repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :C])
-            flat_out[m, r0:r0 + rows] = w.to(dtype)
+            w8 = flat_w[m, r0:r0 + step]
+            rows = w8.shape[0]
+            x = bits[:rows * C].view(rows, C).copy_(w8)  # sign-extended
+            if e4m3:
+                x.bitwise_left_shift_(7).bitwise_and_(~0x4000)  # the sign to bit 15, the exponent bias to fp16's
+            else:
+                x.bitwise_left_shift_(8)
+            f = wide[:rows * C].view(rows, C).copy_(x.view(torch.float16))
+            sc = flat_s[m, r0 // bm:(r0 + rows + bm - 1) // bm].repeat_interleave(bm, 0)[r0 % bm:r0 % bm + rows]
+            if full:  # in fp32, then rounded once into `dtype`
+                f[:, :full].unflatten(1, (full // bn, bn)).mul_(sc[:, :full // bn, None])
+            if full < C:  # the ragged last column block
+                f[:, full:].mul_(sc[:, -1:])
+            if e4m3 and int(torch.bitwise_and(w8, 0x7F, out=magnitudes[:rows * C].view(rows, C)).max()) == 0x7F:
+                f[(w8 & 0x7F) == 0x7F] = float("nan")  # e4m3fn's NaN (it has no inf), which the shifts made finite
+            flat_out[m, r0:r0 + rows].copy_(f)
     return out
 
 
 _FP8_SCALE = (".weight_scale_inv", "_scale_inv")  # per-module Linear weights; fused expert parameters
-_FP8_VALUE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _fp8_block(qconfig: dict) -> tuple[int, int] | None:

@@ -8,22 +8,22 @@ unsupported scheme or a broken packed format is refused in one line before any w
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tiny_models import tiny_config
+
+from quantize import numpy_fp8, numpy_mxfp4, quantize_checkpoint, quantize_fp8
 
 from moe2dense.__main__ import main
 from moe2dense.arch import QuantizedModelError, get_adapter
 from moe2dense.checkpoint import CheckpointReader
 from moe2dense.convert import PLAN_FILE
 from moe2dense.data.tokenizer import train_bpe
-from moe2dense.quantized import FP4_E2M1, dequantize_fp8, dequantize_mxfp4
+from moe2dense.quantized import dequantize_fp8, dequantize_mxfp4
 from moe2dense.teacher.load import load_frozen
 from moe2dense.teacher.source import validate_checkpoint_dir
 
@@ -31,121 +31,44 @@ CPU = torch.device("cpu")
 FP8_BLOCK = [16, 16]  # DeepSeek-V3 publishes [128, 128]; the tiny model needs smaller blocks to have several
 
 
-# ------------------------------------------------------------------------------------------ quantizers (test-side)
-def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, in, out] float -> blocks uint8 [E, out, in/32, 16], scales uint8 [E, out, in/32]: per 32 input values one
-    e8m0 exponent floor(log2(amax)) - 2 (e2m1's largest exponent), values rounded to the nearest e2m1 (OCP MX)."""
-    E, n_in, n_out = w.shape
-    x = w.transpose(1, 2).float().reshape(E, n_out, n_in // 32, 32)
-    amax = x.abs().amax(-1)
-    exp = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -127)).clamp(-127, 127)
-    v = x / torch.exp2(exp)[..., None]
-    mags = torch.tensor(FP4_E2M1[:8])
-    idx = (v.abs()[..., None] - mags).abs().argmin(-1) + 8 * (v < 0).long()
-    packed = (idx[..., 0::2] | (idx[..., 1::2] << 4)).to(torch.uint8)
-    return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
-
-
-def numpy_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
-    """The reference: [E, out, G, 16] / [E, out, G] -> float32 [E, in, out]."""
-    b, s = blocks.numpy(), scales.numpy().astype(np.int32) - 127
-    vals = np.asarray(FP4_E2M1, dtype=np.float32)[np.stack([b & 0x0F, b >> 4], axis=-1)]  # [E, out, G, 16, 2]
-    with np.errstate(over="ignore"):  # 4 x 2^127 and up are inf in float32, as in every dequantizer
-        vals = np.ldexp(vals.reshape(*b.shape[:-1], 32), s[..., None]).astype(np.float32)
-    return vals.reshape(b.shape[0], b.shape[1], -1).transpose(0, 2, 1)
-
-
-def quantize_fp8(w: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, C] -> float8_e4m3fn [R, C] and fp32 weight_scale_inv [ceil(R/bm), ceil(C/bn)] = block amax / 448."""
-    R, C = w.shape
-    bm, bn = block
-    q = torch.empty(R, C, dtype=torch.float8_e4m3fn)
-    s = torch.empty(math.ceil(R / bm), math.ceil(C / bn))
-    for i in range(s.shape[0]):
-        for j in range(s.shape[1]):
-            blk = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float()
-            s[i, j] = blk.abs().max().clamp(min=1e-12) / 448.0
-            q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = (blk / s[i, j]).to(torch.float8_e4m3fn)
-    return q, s
-
-
-def numpy_fp8(q: torch.Tensor, s: torch.Tensor, block: list[int]) -> np.ndarray:
-    R, C = q.shape
-    full = np.repeat(np.repeat(s.float().numpy(), block[0], 0), block[1], 1)[:R, :C]
-    return (q.float().numpy() * full).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------ checkpoints (test-side)
-def _gpt_oss_config():
+# --------------------------------------------------------------------------------------------------- checkpoints
+def quantizable_config(scheme: str):
+    """The tiny family a published scheme goes with: gpt_oss (experts 32 wide: MXFP4 packs 32 input values per
+    scale) for mxfp4, deepseek_v3 for fp8."""
+    if scheme == "fp8":
+        return tiny_config("deepseek_v3")
     config = tiny_config("gpt_oss")
-    config.hidden_size, config.intermediate_size = 64, 32  # MXFP4 packs 32 input values per scale
+    config.hidden_size, config.intermediate_size = 64, 32
     return config
 
 
-def _deepseek_config():
-    return tiny_config("deepseek_v3")
-
-
-FAMILIES = {
-    "mxfp4": (_gpt_oss_config, {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}),
-    "fp8": (_deepseek_config, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                               "weight_block_size": FP8_BLOCK}),
-}
-
-
-def _fp8_quantized(name: str, t: torch.Tensor) -> bool:
-    """DeepSeek-V3's published split: every decoder Linear in fp8, the router, norms, embeddings and head in bf16."""
-    return ".layers." in name and name.endswith(".weight") and t.dim() == 2 and not name.endswith("mlp.gate.weight")
-
-
-def _write_pair(quantized: dict, twin: dict, q_dir: Path, twin_dir: Path, qconfig: dict) -> None:
-    save_file(quantized, q_dir / "model.safetensors", metadata={"format": "pt"})
-    save_file(twin, twin_dir / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((twin_dir / "config.json").read_text())
-    (q_dir / "config.json").write_text(json.dumps({**config, "quantization_config": qconfig}, indent=2))
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=["mxfp4", "fp8"])
 def pair(request, tmp_path_factory) -> tuple[str, Path, Path]:
     """(scheme, quantized dir, float twin dir): a bf16 tiny teacher with a tokenizer, quantized by the definitions
-    above; the twin holds the reference (NumPy) dequantization of the same tensors."""
+    in tests/quantize.py; the twin holds the reference (NumPy) dequantization of the same tensors."""
+    from transformers import AutoModelForCausalLM
+
     scheme = request.param
-    make_config, qconfig = FAMILIES[scheme]
     root = tmp_path_factory.mktemp(scheme)
     q_dir, twin_dir = root / "quantized", root / "twin"
     texts = [f"In the beginning {i} the word was {i * 7} and the light was good.\n" * 3 for i in range(200)]
     for d in (q_dir, twin_dir):
         d.mkdir()
         train_bpe(texts, vocab_size=300, min_frequency=2, out_dir=d)
-    config = make_config()
+    config = quantizable_config(scheme)
     config.vocab_size, config.max_position_embeddings = 320, 256
     torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("_bias") and ".experts." in name:
-                p.normal_(0.0, 0.1)
+                p.normal_(0.0, 0.1)  # gpt_oss inits expert biases to zero
     model.to(torch.bfloat16).save_pretrained(twin_dir)
-    float_sd = load_file(twin_dir / "model.safetensors")
-    quantized, twin = {}, {}
-    for name, t in float_sd.items():
-        if scheme == "mxfp4" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            blocks, scales = quantize_mxfp4(t)
-            quantized[f"{name}_blocks"], quantized[f"{name}_scales"] = blocks, scales
-            twin[name] = torch.from_numpy(numpy_mxfp4(blocks, scales)).to(torch.bfloat16).contiguous()
-        elif scheme == "fp8" and _fp8_quantized(name, t):
-            q, s = quantize_fp8(t, FP8_BLOCK)
-            quantized[name], quantized[name.removesuffix("weight") + "weight_scale_inv"] = q, s
-            twin[name] = torch.from_numpy(numpy_fp8(q, s, FP8_BLOCK)).to(torch.bfloat16)
-        else:
-            quantized[name] = twin[name] = t
+    twin = quantize_checkpoint(twin_dir, q_dir, scheme, FP8_BLOCK)
+    save_file(twin, twin_dir / "model.safetensors", metadata={"format": "pt"})
     for f in twin_dir.glob("*.json"):
-        if f.name not in ("config.json",) and not (q_dir / f.name).exists():
+        if not (q_dir / f.name).exists():
             shutil.copy(f, q_dir / f.name)
-    _write_pair(quantized, twin, q_dir, twin_dir, qconfig)
     return scheme, q_dir, twin_dir
 
 
@@ -324,3 +247,29 @@ def test_readme_lists_each_scheme_and_its_checkpoints():
     for method, scheme in SCHEMES.items():
         assert method in rows, f"README's quantized-teacher table has no row for {method}"
         assert all(f"`{c}`" in rows[method] for c in scheme.published), method
+
+
+def test_teacher_stage_records_a_quantized_checkpoint_as_it_is(pair, tmp_path):
+    """`teacher.source` pointing at a published quantized checkpoint: validated, recorded by a pointer (no copy of its
+    weights), its scheme in the metrics."""
+    from moe2dense.teacher.build import record_real_teacher
+
+    scheme, q_dir, _ = pair
+    out = tmp_path / "teacher"
+    out.mkdir()
+    metrics = record_real_teacher(str(q_dir), out)
+    assert metrics["quantization"] == scheme and metrics["num_experts"] == 8 and not list(out.glob("*.safetensors"))
+    assert json.loads((out / "source.json").read_text())["path"] == str(q_dir.resolve())
+
+
+def test_fp8_e5m2_and_nan_bytes_dequantize_as_torch_converts_them():
+    """The float8 -> float16 bit shifts agree with torch's own conversion on all 256 bytes of both formats, NaN
+    included (e4m3fn's 0x7F / 0xFF), across a ragged block grid."""
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(3, 1)  # [3, 256]: a 2 x 2 grid of 2 x 128
+    scales = torch.tensor([[0.5, 3.0], [0.25, 1.0]])
+    for fmt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        w = every.view(fmt)
+        expected = w.float() * scales.repeat_interleave(2, 0)[:3].repeat_interleave(128, 1)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = dequantize_fp8(w, scales, (2, 128), dtype)
+            torch.testing.assert_close(got, expected.to(dtype), rtol=0, atol=0, equal_nan=True, msg=str(fmt))

@@ -17,8 +17,9 @@ from tiny_models import FAMILIES
 
 
 
-def make_checkpoint(family: str, path):
-    """A tiny random checkpoint of `family` with a byte-level BPE tokenizer of its own, as a user's dir would be."""
+def make_checkpoint(family: str, path, config=None, quantize: str | None = None):
+    """A tiny random checkpoint of `family` (or of `config`) with a byte-level BPE tokenizer of its own, as a user's
+    dir would be; `quantize` (mxfp4, fp8) publishes it quantized, as tests/quantize.py writes the formats."""
     import torch
     from tiny_models import tiny_config
     from transformers import AutoModelForCausalLM
@@ -26,12 +27,19 @@ def make_checkpoint(family: str, path):
     from moe2dense.data.tokenizer import train_bpe
 
     torch.manual_seed(0)
-    config = tiny_config(family)
+    config = config or tiny_config(family)
     tok = train_bpe(["In the beginning God created the heaven and the earth. def f(x): return x"] * 30,
                     vocab_size=300, min_frequency=1, out_dir=path)
     config.vocab_size = len(tok)
     config.eos_token_id, config.bos_token_id, config.pad_token_id = tok.eos_token_id, tok.eos_token_id, None
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config)
+    if quantize is None:
+        model.save_pretrained(path)
+        return config
+    from quantize import quantize_checkpoint
+
+    model.to(torch.bfloat16).save_pretrained(path.parent / "float")
+    quantize_checkpoint(path.parent / "float", path, quantize, [16, 16])
     return config
 
 
@@ -106,10 +114,30 @@ def distill_step() -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stages_on_every_family(family, tmp_path, monkeypatch):
-    from moe2dense.arch import get_adapter
+    ckpt = tmp_path / "ckpt"
+    run_every_stage(make_checkpoint(family, ckpt), ckpt, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4", "fp8"])
+def test_stages_on_a_quantized_teacher(scheme, tmp_path, monkeypatch):
+    """GPT-OSS as published (MXFP4 experts) and DeepSeek-V3 as published (block FP8): every stage reads the teacher
+    as it is, and evaluate runs on the teacher itself, dequantized as it loads."""
+    from test_quantized import quantizable_config
 
     ckpt = tmp_path / "ckpt"
-    config = make_checkpoint(family, ckpt)
+    config = make_checkpoint(None, ckpt, quantizable_config(scheme), quantize=scheme)
+    run_every_stage(config, ckpt, tmp_path, monkeypatch)
+    assert json.loads((tmp_path / "work/metrics/teacher.json").read_text())["quantization"] == scheme
+    student = json.loads((tmp_path / "work/models/student/config.json").read_text())
+    assert "quantization_config" not in student
+    monkeypatch.setattr("sys.argv", ["stages.evaluate", "teacher"])
+    run_stages(tmp_path / "work", monkeypatch, ["evaluate"])
+    assert json.loads((tmp_path / "work/eval/teacher.json").read_text())["demo_ppl_code"]["byte_perplexity"] > 1
+
+
+def run_every_stage(config, ckpt, tmp_path, monkeypatch) -> None:
+    from moe2dense.arch import get_adapter
+
     adapter = get_adapter(config)
     work = small_params(tmp_path, ckpt, experts=adapter.top_k + 1)
 

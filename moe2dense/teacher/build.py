@@ -84,8 +84,8 @@ def build_demo_teacher(t: TeacherParams, data_dir: Path, out: Path, progress: bo
 
 
 def moe_shape(config) -> dict:
-    """What the metrics say of a real MoE teacher; an unsupported family or quantized experts fail here, with what
-    to do."""
+    """What the metrics say of a real MoE teacher; an unsupported family or quantization fails here, with what to
+    do."""
     from moe2dense.arch import get_adapter
 
     adapter = get_adapter(config)
@@ -103,11 +103,12 @@ def dense_shape(config) -> dict:
 
 
 def record_real_teacher(source: str, out: Path, shape=moe_shape) -> dict:
-    """Validate a real checkpoint offline (config, family, not quantized, weights, tokenizer) and write a pointer
-    dir instead of copying the weights. `shape(config)`: the family check and the metrics it adds (moe_shape,
-    dense_shape)."""
+    """Validate a real checkpoint offline (config, family, a quantization moe2dense reads, weights, tokenizer) and
+    write a pointer dir instead of copying the weights. `shape(config)`: the family check and the metrics it adds
+    (moe_shape, dense_shape)."""
     from transformers import AutoConfig
 
+    from moe2dense.quantized import quant_method
     from moe2dense.teacher.source import check_tokenizer, validate_checkpoint_dir
 
     path = resolve_checkpoint(source)
@@ -119,6 +120,7 @@ def record_real_teacher(source: str, out: Path, shape=moe_shape) -> dict:
     for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
         if (path / name).is_file():
             shutil.copy2(path / name, out / name)
+    quantization = getattr(config, "quantization_config", None)  # read dequantized, layer by layer (quantized.py)
     record = {"source": source, "path": str(path), "model_type": config.model_type, "weights": files}
     (out / POINTER).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return {
@@ -126,5 +128,6 @@ def record_real_teacher(source: str, out: Path, shape=moe_shape) -> dict:
         "trained": False,
         "model_type": config.model_type,
         **described,
+        **({"quantization": quant_method(quantization)} if quantization else {}),
         "weight_files": len(files),
     }
