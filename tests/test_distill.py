@@ -29,7 +29,7 @@ from moe2dense.checkpoint import CheckpointReader
 from moe2dense.data.packing import PackedWriter
 from moe2dense.distill.cache import CachedTeacher, write_cached_logits
 from moe2dense.distill.data import load_rows, step_rows, worker_micro_rows
-from moe2dense.distill.driver import plan_workers, run_distill, visited_rows
+from moe2dense.distill.driver import plan_workers, run_distill, runtime_env, visited_rows
 from moe2dense.distill.loop import student_state_from_checkpoint
 from moe2dense.heldout import kl as heldout_kl
 from moe2dense.params import DistillParams
@@ -85,7 +85,7 @@ def setup(tmp_path_factory):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
     yield
     ray.shutdown()
 

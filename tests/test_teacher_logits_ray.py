@@ -15,6 +15,7 @@ from moe2dense.distill.cache import FILE, batch_ranges, merge_parts, write_cache
     write_part
 from moe2dense.distill.data import load_rows
 from moe2dense.teacher.load import load_frozen
+from test_distill import ray_cluster  # noqa: F401  (the module's local Ray, a fixture)
 from tiny_models import tiny_config
 
 KW = dict(top_n=6, temperature=2.0, batch_rows=4, meta={"teacher_top_k": 1})
@@ -66,15 +67,6 @@ def test_merge_refuses_parts_of_another_cache(setup, tmp_path):
                    **{**KW, "temperature": 1.0})
     with pytest.raises(ValueError, match="b.parquet: its schema or metadata differs"):
         merge_parts([a, b], tmp_path / FILE)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_ray_workers_write_the_single_worker_file(setup, ray_cluster, tmp_path):

@@ -144,6 +144,17 @@ def _actor_output_to_file(path: Path) -> None:
         "ray_print_logs", lambda data: ray_worker.print_worker_logs(data, sink))
 
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and each phase of
+# a run (workers up, reports, finish) waits for a poll: 0.25 s takes ~5 s off every run's fixed cost (13.5 -> 8.8 s
+# for an empty 2-worker fit on 2 cores); a poll is one small RPC per worker. A value the user exported wins.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+def runtime_env(**extra) -> dict:
+    """The job's Ray runtime_env: TRAIN_ENV (the user's own values first) for every actor, wherever it runs."""
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in TRAIN_ENV.items()}, **extra}
+
+
 def start_ray(log_file: Path | None = None) -> dict:
     """Connect to RAY_ADDRESS or start a local instance; returns the cluster's resources. With `log_file` (and no
     MOE2DENSE_DEBUG), Ray's logs go there instead of the terminal; an already connected Ray is left as it is."""
@@ -160,7 +171,7 @@ def start_ray(log_file: Path | None = None) -> dict:
             _ray_logs_to_file(log_file)
         if address:
             try:
-                ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}, log_to_driver=True,
+                ray.init(address=address, runtime_env=runtime_env(py_modules=[str(PACKAGE_DIR)]), log_to_driver=True,
                          configure_logging=not quiet)
             except (ConnectionError, RuntimeError) as err:  # something answers there, but not a Ray GCS
                 raise ValueError(f"RAY_ADDRESS = {address}: could not join a Ray cluster there "
@@ -169,7 +180,8 @@ def start_ray(log_file: Path | None = None) -> dict:
             # Local workers import this checkout's code (a DVC experiment runs in a temp copy of the repo).
             os.environ["PYTHONPATH"] = os.pathsep.join(
                 [str(PACKAGE_DIR.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=not quiet)
+            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=not quiet,
+                     runtime_env=runtime_env())
         if quiet:
             _actor_output_to_file(log_file)
             log.info("Ray's logs: %s (MOE2DENSE_DEBUG=1 shows them here)", log_file)
