@@ -173,6 +173,7 @@ def test_bad_expert_count_fails_before_calibration(tmp_path, monkeypatch, capsys
     ckpt = tmp_path / "ckpt"
     make_checkpoint("qwen3_moe", ckpt)
     work = small_params(tmp_path, ckpt, experts=9)  # E = 8
+    monkeypatch.setattr("sys.argv", ["stages"])  # stages.teacher parses its argv: not pytest's
     run_stages(work, monkeypatch, ["prepare", "teacher"])
     from stages._runner import run
     from stages.calibrate import main
