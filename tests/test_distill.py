@@ -256,24 +256,26 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
 
 
-# Runs the stage with every from_pretrained of the teacher's checkpoint raising: its driver must load none.
-NO_TEACHER_IN_DRIVER = """
-import os, runpy, sys
+def no_teacher_in_driver(stage: str) -> str:
+    """`python -c` code running `stage` with every from_pretrained of the teacher's checkpoint raising: its driver
+    must load none (stages.distill; stages.teacher_logits on its Ray path)."""
+    return f"""
+import runpy, sys
 from pathlib import Path
 from transformers import PreTrainedModel
 teacher, real = Path("models/teacher").resolve(), PreTrainedModel.from_pretrained.__func__
 def guarded(cls, path, *args, **kwargs):
     if Path(path).resolve() == teacher:
-        raise AssertionError(f"the driver loaded the teacher {path}")
+        raise AssertionError(f"the driver loaded the teacher {{path}}")
     return real(cls, path, *args, **kwargs)
 PreTrainedModel.from_pretrained = classmethod(guarded)
 print("teacher loads guarded", file=sys.stderr)
-runpy.run_module("stages.distill", run_name="__main__", alter_sys=True)
+runpy.run_module({stage!r}, run_name="__main__", alter_sys=True)
 """
 
 
 def _stage(repo: Path, guard: bool = False, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *(["-c", NO_TEACHER_IN_DRIVER] if guard else ["-m", "stages.distill"])],
+    return subprocess.run([sys.executable, *(["-c", no_teacher_in_driver("stages.distill")] if guard else ["-m", "stages.distill"])],
                           cwd=repo, capture_output=True, text=True, env={**STAGE_ENV, **env}, timeout=600)
 
 

@@ -15,7 +15,7 @@ from moe2dense.distill.cache import FILE, batch_ranges, merge_parts, write_cache
     write_part
 from moe2dense.distill.data import load_rows
 from moe2dense.teacher.load import load_frozen
-from test_distill import ray_cluster  # noqa: F401  (the module's local Ray, a fixture)
+from test_distill import no_teacher_in_driver, ray_cluster  # noqa: F401  (ray_cluster: the module's local Ray)
 from tiny_models import tiny_config
 
 KW = dict(top_n=6, temperature=2.0, batch_rows=4, meta={"teacher_top_k": 1})
@@ -79,21 +79,6 @@ def test_ray_workers_write_the_single_worker_file(setup, ray_cluster, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == [FILE]  # parts and decoded rows removed
 
 
-# The stage with every from_pretrained of the teacher's checkpoint raising: on the Ray path its driver loads none.
-NO_TEACHER_IN_DRIVER = """
-import runpy, sys
-from pathlib import Path
-from transformers import PreTrainedModel
-teacher, real = Path("models/teacher").resolve(), PreTrainedModel.from_pretrained.__func__
-def guarded(cls, path, *args, **kwargs):
-    if Path(path).resolve() == teacher:
-        raise AssertionError(f"the driver loaded the teacher {path}")
-    return real(cls, path, *args, **kwargs)
-PreTrainedModel.from_pretrained = classmethod(guarded)
-runpy.run_module("stages.teacher_logits", run_name="__main__", alter_sys=True)
-"""
-
-
 @pytest.mark.slow  # two stage subprocesses (~30 s)
 def test_stage_on_ray_writes_the_single_worker_file_without_loading_the_teacher(setup, ray_cluster, tmp_path):
     import os
@@ -124,7 +109,7 @@ def test_stage_on_ray_writes_the_single_worker_file_without_loading_the_teacher(
         params = yaml.safe_load((REPO / "tests/smoke_params.yaml").read_text())
         params["distill"].update(teacher_logits="cached", cached_top_n=6, tokens=16 * 4 * 5, workers=workers)
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
-        cmd = ["-c", NO_TEACHER_IN_DRIVER] if workers > 1 else ["-m", "stages.teacher_logits"]
+        cmd = ["-c", no_teacher_in_driver("stages.teacher_logits")] if workers > 1 else ["-m", "stages.teacher_logits"]
         proc = subprocess.run([sys.executable, *cmd], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert sorted(p.name for p in (repo / "teacher_logits").iterdir()) == ["cache.json", FILE]
